@@ -1,0 +1,34 @@
+# Every target depends on `install`, which is idempotent and quick when nothing changed.
+VENV      := .venv
+PY        := $(VENV)/bin/python
+CIVIC     := $(VENV)/bin/civic
+STAMP_DIR := $(VENV)
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-all test-kernels bench-kv bench-kernels clean-results
+
+install:
+	@bash scripts/install.sh
+
+# Builds the default model if needed, serves it with --model-impl civic, asks one question
+# about a real photograph, prints the answer, visual tokens, prompt tokens and TTFT.
+demo: install
+	$(PY) -m civic_vllm.demo
+
+# Unit, kernel (Triton interpreter) and end-to-end tests (real `vllm serve` over HTTP).
+# Exits non-zero when no test ran.
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: install
+	$(PY) -m pytest -q
+
+test-kernels: install
+	$(PY) -m pytest tests/kernels -q
+
+bench-kv: install
+	$(PY) -m benchmarks.kv_blocks
+
+bench-kernels: install
+	$(PY) -m benchmarks.kernels.bench_kernels

@@ -1,0 +1,177 @@
+"""Start and stop a real ``vllm serve`` process: one helper for the demo, tests and benchmarks.
+
+The server always binds to 127.0.0.1, logs to a file (printed on failure) and is
+stopped with SIGTERM then SIGKILL, so no stray server outlives its caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def vllm_executable() -> str:
+    """The `vllm` console script of the running interpreter's environment."""
+    candidate = Path(sys.executable).with_name("vllm")
+    return str(candidate) if candidate.exists() else (shutil.which("vllm") or "vllm")
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    civic: bool = True
+    port: int = 0  # 0: pick a free port
+    max_model_len: int = 4096
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    images_per_prompt: int = 4
+    dtype: str = "bfloat16"
+    kv_cache_gib: float | None = 1.0  # VLLM_CPU_KVCACHE_SPACE; None: use kv_cache_bytes
+    kv_cache_bytes: int | None = None
+    civic_defaults: dict = field(default_factory=dict)  # server-wide civic_* kwargs
+    trust_request_mm_kwargs: bool = True
+    prefix_caching: bool = True
+    api_key: str | None = None
+    extra_args: Sequence[str] = ()
+    extra_env: dict = field(default_factory=dict)
+
+    def command(self) -> list[str]:
+        args = [
+            vllm_executable(), "serve", self.model,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--enforce-eager", "--dtype", self.dtype,
+            "--max-model-len", str(self.max_model_len),
+            "--limit-mm-per-prompt", json.dumps({"image": self.images_per_prompt, "video": 0}),
+            "--seed", "0",
+        ]
+        if self.civic:
+            args += ["--model-impl", "civic"]
+        if self.civic_defaults:
+            args += ["--mm-processor-kwargs", json.dumps(self.civic_defaults)]
+        if self.trust_request_mm_kwargs:
+            args.append("--trust-request-mm-kwargs")
+        if self.max_num_batched_tokens:
+            args += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
+        if self.max_num_seqs:
+            args += ["--max-num-seqs", str(self.max_num_seqs)]
+        if not self.prefix_caching:
+            args.append("--no-enable-prefix-caching")
+        if self.kv_cache_gib is None and self.kv_cache_bytes:
+            args += ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
+        if self.api_key:
+            args += ["--api-key", self.api_key]
+        return args + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override --kv-cache-memory-bytes
+        if self.kv_cache_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update({k: str(v) for k, v in self.extra_env.items()})
+        return env
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class VllmServer:
+    """``with VllmServer(ServerConfig(...)) as server: server.url``"""
+
+    def __init__(self, config: ServerConfig, *, startup_timeout: float = 300.0, log_path: Path | None = None):
+        if config.port == 0:
+            config.port = free_port()
+        self.config = config
+        self.startup_timeout = startup_timeout
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.port}"
+
+    def start(self) -> VllmServer:
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            self.config.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.config.environment(),
+            start_new_session=True,  # its own process group: stop() reaches the engine core too
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"vllm serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"vllm serve not healthy after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (vLLM drains and exits), then SIGKILL the whole group if it hangs."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        try:  # stragglers of the group (engine core) must not outlive the server
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        return requests.get(self.url + "/metrics", timeout=10).text
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def metric_value(metrics_text: str, name: str) -> float:
+    """Sum of all samples of one metric in Prometheus text format (0 when absent)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

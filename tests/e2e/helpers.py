@@ -1,0 +1,64 @@
+"""Chat calls shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import openai
+from PIL import Image
+
+from civic_vllm.client import civic_body, image_message
+
+QUESTIONS = ["Describe this image.", "What is in the picture?", "What color is the shape?"]
+
+
+@dataclass
+class Reply:
+    token_ids: list[int]
+    logprobs: list[float]
+    prompt_tokens: int
+    text: str
+
+
+def client_for(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(server, images, question="Describe this image.", *, ratio=None, max_tokens=8, **settings) -> Reply:
+    client = client_for(server)
+    body = {"return_tokens_as_token_ids": True, **civic_body(ratio, **settings)}
+    response = client.chat.completions.create(
+        model=server.config.model,
+        messages=image_message(question, images),
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=True,
+        extra_body=body,
+    )
+    choice = response.choices[0]
+    content = choice.logprobs.content
+    return Reply(
+        token_ids=[int(t.token.split(":", 1)[1]) for t in content],
+        logprobs=[t.logprob for t in content],
+        prompt_tokens=response.usage.prompt_tokens,
+        text=choice.message.content,
+    )
+
+
+def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A structured image (gradient + blocks) so retention has something to choose."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+    image = base.astype(np.uint8)
+    for _ in range(4):
+        cx, cy = rng.integers(0, width), rng.integers(0, height)
+        size = int(rng.integers(16, 64))
+        image[max(cy - size, 0) : cy + size, max(cx - size, 0) : cx + size] = rng.integers(0, 255, 3)
+    return Image.fromarray(image)
+
+
+def merged_tokens(width: int, height: int) -> int:
+    """Tokens of an image whose sides are multiples of 32 and within the tiny preset's pixel bounds."""
+    return (width // 32) * (height // 32)

@@ -1,0 +1,51 @@
+import math
+
+import pytest
+
+from civic_vllm.settings import CivicSettings, CivicSettingsError, strip_civic_kwargs
+
+
+def test_defaults_keep_everything():
+    settings = CivicSettings.from_mm_kwargs({})
+    assert settings.ratio == 1.0 and settings.policy == "civic" and settings.min_tokens == 1
+
+
+def test_reads_only_civic_keys():
+    settings = CivicSettings.from_mm_kwargs({"civic_ratio": 0.25, "civic_policy": "pool", "max_pixels": 10})
+    assert (settings.ratio, settings.policy) == (0.25, "pool")
+
+
+@pytest.mark.parametrize("ratio", [1, 1.0, 0.5, 1 / 3, 1e-6])
+def test_valid_ratios(ratio):
+    assert CivicSettings.from_mm_kwargs({"civic_ratio": ratio}).ratio == float(ratio)
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.0000001, 2, math.nan, math.inf, -math.inf, "0.5", "abc", None, True, [0.5]])
+def test_invalid_ratios_name_the_key_and_range(ratio):
+    with pytest.raises(CivicSettingsError) as err:
+        CivicSettings.from_mm_kwargs({"civic_ratio": ratio})
+    assert "civic_ratio" in str(err.value) and "(0, 1]" in str(err.value)
+    assert isinstance(err.value, ValueError)  # vLLM maps ValueError to HTTP 400
+
+
+def test_unknown_key_lists_known_keys():
+    with pytest.raises(CivicSettingsError, match="unknown setting 'civic_ratoi'.*civic_ratio"):
+        CivicSettings.from_mm_kwargs({"civic_ratoi": 0.5})
+
+
+def test_unknown_policy_lists_choices():
+    with pytest.raises(CivicSettingsError, match="civic_policy must be one of civic, pool, random, full"):
+        CivicSettings.from_mm_kwargs({"civic_policy": "magic"})
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "2", True])
+def test_invalid_min_tokens(value):
+    with pytest.raises(CivicSettingsError, match="civic_min_tokens"):
+        CivicSettings.from_mm_kwargs({"civic_min_tokens": value})
+
+
+def test_round_trip_and_strip():
+    settings = CivicSettings(ratio=0.5, policy="random", min_tokens=4)
+    kwargs = settings.as_mm_kwargs()
+    assert CivicSettings.from_mm_kwargs(kwargs) == settings
+    assert strip_civic_kwargs({**kwargs, "max_pixels": 7}) == {"max_pixels": 7}
