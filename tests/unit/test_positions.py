@@ -115,4 +115,5 @@ def test_bad_spans_rejected():
     with pytest.raises(ValueError):
         expand_image_spans([IMG] * 3, [ImageSpan(offset=0, num_kept=3, num_full=2)])
     with pytest.raises(ValueError):
-        expand_image_spans([IMG] * 3, [ImageSpan(offset=0, num_kept=2, num_full=4), ImageSpan(offset=1, num_kept=1, num_full=4)])
+        overlapping = [ImageSpan(offset=0, num_kept=2, num_full=4), ImageSpan(offset=1, num_kept=1, num_full=4)]
+        expand_image_spans([IMG] * 3, overlapping)

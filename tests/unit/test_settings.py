@@ -20,7 +20,10 @@ def test_valid_ratios(ratio):
     assert CivicSettings.from_mm_kwargs({"civic_ratio": ratio}).ratio == float(ratio)
 
 
-@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.0000001, 2, math.nan, math.inf, -math.inf, "0.5", "abc", None, True, [0.5]])
+BAD_RATIOS = [0, 0.0, -0.1, 1.0000001, 2, math.nan, math.inf, -math.inf, "0.5", "abc", None, True, [0.5]]
+
+
+@pytest.mark.parametrize("ratio", BAD_RATIOS)
 def test_invalid_ratios_name_the_key_and_range(ratio):
     with pytest.raises(CivicSettingsError) as err:
         CivicSettings.from_mm_kwargs({"civic_ratio": ratio})
