@@ -83,6 +83,7 @@ class ServerConfig:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override --kv-cache-memory-bytes
+        env.pop("TRITON_INTERPRET", None)  # a test-session setting; the server must not inherit it
         if self.kv_cache_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
         env.setdefault("TOKENIZERS_PARALLELISM", "false")

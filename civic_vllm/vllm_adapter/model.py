@@ -41,6 +41,7 @@ from civic_vllm.positions import (
     expand_image_spans,
     kept_grid_cells,
 )
+from civic_vllm.retention.plan import ImageRetention
 from civic_vllm.settings import CivicSettings
 from civic_vllm.vllm_adapter.processor import (
     NUM_KEPT_KEY,
@@ -49,7 +50,7 @@ from civic_vllm.vllm_adapter.processor import (
     CivicQwen3VLProcessingInfo,
     policy_name,
 )
-from civic_vllm.vllm_adapter.vision import ImageRetention, encode_images_compact
+from civic_vllm.vllm_adapter.vision import encode_images_compact
 
 logger = logging.getLogger("vllm.civic")
 

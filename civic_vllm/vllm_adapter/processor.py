@@ -22,6 +22,7 @@ budget and profiling, and any request may ask for ratio 1.0, so N is the bound.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 import torch
 from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLMultiModalProcessor,
@@ -31,8 +32,8 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
 from civic_vllm.budget import num_merged_tokens, num_retained
-from civic_vllm.vllm_adapter import metrics
 from civic_vllm.settings import POLICY_CHOICES, CivicSettings, strip_civic_kwargs
+from civic_vllm.vllm_adapter import metrics
 
 NUM_KEPT_KEY = "civic_num_kept"
 POLICY_ID_KEY = "civic_policy_id"

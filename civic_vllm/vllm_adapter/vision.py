@@ -20,26 +20,7 @@ import torch
 import torch.nn as nn
 
 from civic_vllm.kernels import gather_merge_project, gather_rows
-from civic_vllm.retention import content_seed, get_policy
-
-GROUP_ROWS = 4  # patch rows per merged token (2x2 spatial merge)
-
-
-@dataclass(frozen=True)
-class ImageRetention:
-    """What to keep for one image: K merged tokens chosen by ``policy``."""
-
-    grid_hw: tuple[int, int]  # merged grid (rows, cols)
-    num_kept: int
-    policy: str
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid_hw[0] * self.grid_hw[1]
-
-    @property
-    def keeps_all(self) -> bool:
-        return self.num_kept == self.num_tokens
+from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, select_kept_tokens
 
 
 @dataclass
@@ -73,47 +54,17 @@ def encode_images_compact(
             taps.append(hidden.squeeze(1))  # merged later, only for kept groups
     hidden = hidden.squeeze(1)
 
-    kept = select_tokens(hidden, pixel_values, grid_thw, retention)
+    kept = select_kept_tokens(hidden, pixel_values, grid_thw, retention)
     sizes = [len(k) for k in kept]
     if all(r.keeps_all for r in retention):
         # Nothing dropped: run the stock mergers on the untouched rows (bit-identical to vanilla).
         merged = [visual.merger(hidden)] + [m(t) for m, t in zip(visual.deepstack_merger_list, taps)]
     else:
-        offsets = torch.tensor([0] + sizes_full(retention)[:-1], device=hidden.device).cumsum(0)
-        group_index = torch.cat([k + o for k, o in zip(kept, offsets.tolist())])
+        starts = torch.tensor([0] + [r.num_tokens for r in retention[:-1]]).cumsum(0).tolist()
+        group_index = torch.cat([k + start for k, start in zip(kept, starts)])
         merged = merge_kept_groups(visual, hidden, taps, group_index)
     embeddings = torch.cat(merged, dim=1).split(sizes)
     return CompactImageEmbeddings(embeddings=list(embeddings), kept_indices=kept)
-
-
-def sizes_full(retention: Sequence[ImageRetention]) -> list[int]:
-    return [r.num_tokens for r in retention]
-
-
-def select_tokens(
-    hidden: torch.Tensor,
-    pixel_values: torch.Tensor,
-    grid_thw: Sequence[Sequence[int]],
-    retention: Sequence[ImageRetention],
-) -> list[torch.Tensor]:
-    """Per image, the sorted raster indices of kept merged tokens.
-
-    Scores come from the vision tower's final hidden states, averaged over each
-    2x2 patch group (the rows the merger would fuse into one token).
-    """
-    group_features = hidden.view(-1, GROUP_ROWS, hidden.shape[-1]).mean(dim=1)
-    per_image_features = group_features.split(sizes_full(retention))
-    patches_per_image = [t * h * w for t, h, w in grid_thw]
-    per_image_pixels = pixel_values.split(patches_per_image)
-    kept = []
-    for features, pixels, plan in zip(per_image_features, per_image_pixels, retention):
-        if plan.keeps_all:
-            kept.append(torch.arange(plan.num_tokens, device=hidden.device))
-            continue
-        # Seeded from the pixels so every tensor-parallel rank draws the same subset.
-        seed = content_seed(pixels) if plan.policy == "random" else None
-        kept.append(get_policy(plan.policy).select(features, plan.grid_hw, plan.num_kept, seed=seed))
-    return kept
 
 
 def merge_kept_groups(

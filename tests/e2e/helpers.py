@@ -25,9 +25,11 @@ def client_for(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def chat(server, images, question="Describe this image.", *, ratio=None, max_tokens=8, **settings) -> Reply:
+def chat(
+    server, images, question="Describe this image.", *, ratio=None, max_tokens=8, ignore_eos=False, **settings
+) -> Reply:
     client = client_for(server)
-    body = {"return_tokens_as_token_ids": True, **civic_body(ratio, **settings)}
+    body = {"return_tokens_as_token_ids": True, "ignore_eos": ignore_eos, **civic_body(ratio, **settings)}
     response = client.chat.completions.create(
         model=server.config.model,
         messages=image_message(question, images),
