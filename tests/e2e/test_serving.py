@@ -128,3 +128,17 @@ def _data_url(image):
     from civic_vllm.client import image_data_url
 
     return image_data_url(image)
+
+
+def test_model_impl_civic_refuses_other_architectures(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=256, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    result = subprocess.run(
+        [vllm_executable(), "serve", str(tmp_path), "--model-impl", "civic", "--port", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "--model-impl civic supports Qwen3VLForConditionalGeneration only" in result.stdout + result.stderr
+    assert "LlamaForCausalLM" in result.stdout + result.stderr
