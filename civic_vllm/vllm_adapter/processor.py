@@ -29,6 +29,7 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLProcessingInfo,
 )
 from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from civic_vllm.budget import num_merged_tokens, num_retained
@@ -71,15 +72,32 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
         # Fail fast with a clear message (HTTP 400) before any image work.
         self.info.get_civic_settings(inputs.hf_processor_mm_kwargs)
         result = super().apply(inputs, timing_ctx)
-        # Items served from vLLM's sender-side cache arrive as None: nothing to count.
-        images = [item for item in result["mm_kwargs"].get("image", []) if item is not None]
-        if images:
-            merge = self.info.get_hf_config().vision_config.spatial_merge_size
-            metrics.record_images(
-                [num_merged_tokens(item["image_grid_thw"].data.tolist(), merge) for item in images],
-                [int(item[NUM_KEPT_KEY].data) for item in images],
-            )
+        self._record_metrics(inputs, result)
         return result
+
+    def _record_metrics(self, inputs, result) -> None:
+        """N from the image size, K from the placeholder run: both exist on processor-cache hits too."""
+        placeholders = result["mm_placeholders"].get("image", [])
+        if not placeholders or "image" not in inputs.mm_data_items:
+            return
+        images = inputs.mm_data_items["image"]
+        if not isinstance(images, ImageProcessorItems):
+            return  # precomputed embeddings: nothing was retained here
+        hf_kwargs = strip_civic_kwargs(inputs.hf_processor_mm_kwargs)
+        image_processor = self.info.get_image_processor(**hf_kwargs)
+        totals, kept = [], []
+        for index, placeholder in enumerate(placeholders):
+            if images.get(index) is None:  # referenced by uuid only: size unknown
+                continue
+            size = images.get_image_size(index)
+            totals.append(
+                self.info.get_num_image_tokens(
+                    image_width=size.width, image_height=size.height,
+                    image_processor=image_processor, mm_kwargs=hf_kwargs,
+                )
+            )
+            kept.append(placeholder.length)
+        metrics.record_images(totals, kept)
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
         settings = self.info.get_civic_settings(hf_kwargs)

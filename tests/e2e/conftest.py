@@ -6,21 +6,18 @@ through bf16 rounding: the tests then compare exact token ids.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from civic_vllm.model_factory import make_model
+from civic_vllm.model_factory import default_model_dir
 from civic_vllm.serving import ServerConfig, VllmServer
 
-ROOT = Path(__file__).resolve().parents[2]
 # Small enough that a 3-image prompt is prefilled in several chunks.
 CHUNK_TOKENS = 256
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
-    return str(make_model("tiny", ROOT / "models" / "tiny", seed=0))
+    return str(default_model_dir("tiny"))
 
 
 def _server(model: str, *, civic: bool, **overrides) -> VllmServer:
