@@ -5,8 +5,10 @@ greedy tokens and logits) and training/distillation (the student runs this path)
 It shares only the selection stage with the vLLM adapter; compaction, positions
 and DeepStack rows are built here independently and explicitly:
 
-* the vision tower runs on every patch (``last_hidden_state`` feeds selection),
-* kept rows of the merged output and of every DeepStack level are indexed out,
+* the vision blocks up to each image's exit layer run on every patch; at the exit
+  layer the kept 2x2 groups' rows (and their rotary embeddings) are indexed out
+  and the later blocks run on them; DeepStack levels are merged when tapped, as HF
+  does, and their merged rows are indexed with the same groups,
 * position ids are HF's own ``get_rope_index`` of the *unpruned* prompt,
   restricted to the kept columns,
 * the language model runs on the compact sequence with those positions.
@@ -18,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from civic_vllm.retention.plan import ImageRetention, select_kept_tokens
+from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_image_tokens
 
 
 @dataclass
@@ -55,9 +58,8 @@ def build_compact_batch(
     """
     core = model.model
     image_token_id = model.config.image_token_id
-    vision = core.visual(pixel_values.type(core.visual.dtype), grid_thw=image_grid_thw, return_dict=True)
     seed_pixels = pixel_values if seed_pixels is None else seed_pixels
-    kept = select_kept_tokens(vision.last_hidden_state, seed_pixels, image_grid_thw.tolist(), plans)
+    merged, deepstack, kept = compact_vision(core.visual, pixel_values, image_grid_thw, plans, seed_pixels)
 
     starts = torch.tensor([0] + [p.num_tokens for p in plans[:-1]]).cumsum(0).tolist()
     kept_global = torch.cat([k + s for k, s in zip(kept, starts)])
@@ -75,15 +77,67 @@ def build_compact_batch(
     compact_ids = input_ids[:, keep]
     embeds = core.get_input_embeddings()(compact_ids)
     mask = compact_ids == image_token_id
-    embeds = embeds.masked_scatter(mask[..., None], vision.pooler_output[kept_global].to(embeds.dtype))
+    embeds = embeds.masked_scatter(mask[..., None], merged.to(embeds.dtype))
     return CompactBatch(
         input_ids=compact_ids,
         position_ids=full_positions[:, :, keep],
         inputs_embeds=embeds,
         visual_pos_masks=mask,
-        deepstack_embeds=[level[kept_global].to(embeds.dtype) for level in vision.deepstack_features],
+        deepstack_embeds=[level.to(embeds.dtype) for level in deepstack],
         kept_indices=kept,
     )
+
+
+def compact_vision(
+    visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, plans: Sequence[ImageRetention], seed_pixels
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """HF's vision tower with CIVIC retention at each image's exit layer.
+
+    Returns the merged rows of the kept tokens [sum K, D], the same for every DeepStack
+    level, and each image's kept raster indices.
+    """
+    from transformers.vision_utils import (
+        get_vision_attention_seqlens,
+        get_vision_interpolation_indices_and_weights,
+        get_vision_position_ids,
+    )
+
+    indices, weights = get_vision_interpolation_indices_and_weights(
+        grid_thw,
+        num_grid_per_side=visual.num_grid_per_side,
+        mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners,
+        spatial_merge_size=visual.config.spatial_merge_size,
+    )
+    cu_seqlens, _ = get_vision_attention_seqlens(grid_thw, visual.config)
+    hidden = visual.patch_embed(pixel_values.type(visual.dtype))
+    hidden = hidden + (visual.pos_embed(indices) * weights[:, :, None]).sum(1).to(hidden.dtype)
+    cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
+    depth = len(visual.blocks)
+    groups = [plan.num_tokens for plan in plans]
+    kept: list[torch.Tensor | None] = [None] * len(plans)
+    image_pixels = seed_pixels.split(patch_counts(grid_thw.tolist()))
+    taps: list[torch.Tensor] = []  # merged rows, one per current group
+    for block_index, block in enumerate(visual.blocks):
+        hidden = block(hidden, cu_seqlens=cu_seqlens, position_embeddings=(cos, sin))
+        if block_index in visual.deepstack_visual_indexes:
+            merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(block_index)]
+            taps.append(merger(hidden))
+        selecting = [i for i, plan in enumerate(plans) if plan.selects_after(block_index, depth)]
+        if not selecting:
+            continue
+        image_rows = hidden.split([GROUP_ROWS * g for g in groups])
+        for i in selecting:
+            kept[i] = select_image_tokens(image_rows[i], image_pixels[i], plans[i])
+        surviving = [kept[i] if i in selecting else torch.arange(g) for i, g in enumerate(groups)]
+        starts = torch.tensor([0] + groups[:-1]).cumsum(0).tolist()
+        group_index = torch.cat([s + start for s, start in zip(surviving, starts)])
+        row_index = (group_index[:, None] * GROUP_ROWS + torch.arange(GROUP_ROWS)).flatten()
+        hidden, cos, sin = hidden[row_index], cos[row_index], sin[row_index]
+        taps = [tap[group_index] for tap in taps]
+        groups = [len(s) for s in surviving]
+        cu_seqlens = F.pad(torch.tensor([GROUP_ROWS * g for g in groups]).cumsum(0, dtype=torch.int32), (1, 0))
+    return visual.merger(hidden), taps, kept
 
 
 def compact_logits(model, batch: CompactBatch) -> torch.Tensor:

@@ -45,6 +45,11 @@ class CivicSettings(BaseModel):
     min_tokens: int = 1
     """Floor on kept tokens per image, so tiny images at small ratios keep something useful."""
 
+    exit_layer: int | None = None
+    """Vision blocks that run on all patches before retention; None: all of them (retention on
+    the encoder output). Smaller values let the later blocks run on kept tokens only. The upper
+    bound (the vision depth) is checked by the processor, which knows the model."""
+
     @field_validator("ratio", mode="before")
     @classmethod
     def _check_ratio(cls, value: Any) -> float:
@@ -63,6 +68,23 @@ class CivicSettings(BaseModel):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"must be an integer >= 1, got {value!r}")
         return value
+
+    @field_validator("exit_layer", mode="before")
+    @classmethod
+    def _check_exit_layer(cls, value: Any) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"must be an integer >= 1 (vision blocks run before retention) or null, got {value!r}")
+        return value
+
+    def check_vision_depth(self, depth: int) -> None:
+        """Settings that need the model: the exit layer must name one of its vision blocks."""
+        if self.exit_layer is not None and self.exit_layer > depth:
+            raise CivicSettingsError(
+                f"Invalid CIVIC setting: civic_exit_layer must be between 1 and {depth} "
+                f"(this model's vision blocks) or null, got {self.exit_layer}"
+            )
 
     @classmethod
     def from_mm_kwargs(cls, mm_kwargs: Mapping[str, Any] | None) -> CivicSettings:

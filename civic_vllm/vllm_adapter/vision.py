@@ -1,26 +1,33 @@
-"""The compact vision encoder pass: select on the encoder output, then merge only what is kept.
+"""The compact vision-encoder pass: select on encoder states, then run on kept rows only.
 
 vLLM private API touched here: the submodules of ``Qwen3_VisionTransformer``
-(input_norm, patch_embed, prepare_encoder_metadata, blocks, merger,
-deepstack_merger_list, deepstack_visual_indexes; vLLM 0.33 qwen3_vl.py:561-905).
-Why: the stock forward runs the merger and every DeepStack merger on all N
-merged tokens inside the block loop. CIVIC keeps the raw DeepStack taps, picks K
-groups once the blocks are done, gathers their 2x2 patch rows contiguously and runs
-the mergers on K rows only. How: the block loop below is the stock one, verbatim
-in effect; only what happens after it differs. Future: if vLLM grows a hook after
-the vision blocks, this becomes a callback.
+(input_norm, patch_embed, prepare_encoder_metadata, attn_backend, blocks, merger,
+deepstack_merger_list, deepstack_visual_indexes; vLLM 0.33 qwen3_vl.py:561-905) and
+``MMEncoderAttention``'s cu_seqlens helpers.
+Why: the stock forward runs every block on all patches and the merger and every
+DeepStack merger on all N merged tokens inside the block loop. CIVIC selects K
+groups per image after its exit layer (by default after the last block), gathers
+their 2x2 patch rows contiguously together with their rotary embeddings and any
+DeepStack taps already taken, runs the remaining blocks on those rows only
+(per-image sequence boundaries recomputed), and the mergers on K rows.
+How: the block loop is the stock one; compaction happens between blocks.
+Future: if vLLM grows a hook between vision blocks, this becomes a callback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
+from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderAttention
 
 from civic_vllm.kernels import gather_merge_project, gather_rows
-from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, select_kept_tokens
+from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_image_tokens
+
+SEQUENCE_KEYS = ("cu_seqlens", "max_seqlen", "sequence_lengths")
 
 
 @dataclass
@@ -33,38 +40,82 @@ def encode_images_compact(
     visual: nn.Module,
     pixel_values: torch.Tensor,
     grid_thw: Sequence[Sequence[int]],
-    retention: Sequence[ImageRetention],
+    plans: Sequence[ImageRetention],
 ) -> CompactImageEmbeddings:
-    """Run the whole vision tower, keep ``retention[i].num_kept`` tokens of image i."""
+    """Run the vision tower, keeping ``plans[i].num_kept`` tokens of image i."""
+    depth = len(visual.blocks)
     metadata = visual.prepare_encoder_metadata(list(grid_thw))
     hidden = visual.input_norm(pixel_values.to(device=visual.device, non_blocking=True), visual.dtype)
     hidden = visual.patch_embed(hidden) + metadata["pos_embeds"]
-    hidden = hidden.unsqueeze(1)
+    rotary = [metadata["rotary_pos_emb_cos"], metadata["rotary_pos_emb_sin"]]
+    sequences = {key: metadata.get(key) for key in SEQUENCE_KEYS}
+    seed_pixels = pixel_values.split(patch_counts(grid_thw))
+    groups = [plan.num_tokens for plan in plans]  # merged tokens per image in the current rows
+    kept: list[torch.Tensor | None] = [None] * len(plans)
     taps: list[torch.Tensor] = []
-    for layer, block in enumerate(visual.blocks):
-        hidden = block(
-            hidden,
-            cu_seqlens=metadata["cu_seqlens"],
-            rotary_pos_emb_cos=metadata["rotary_pos_emb_cos"],
-            rotary_pos_emb_sin=metadata["rotary_pos_emb_sin"],
-            max_seqlen=metadata["max_seqlen"],
-            sequence_lengths=metadata.get("sequence_lengths"),
-        )
-        if layer in visual.deepstack_visual_indexes:
-            taps.append(hidden.squeeze(1))  # merged later, only for kept groups
-    hidden = hidden.squeeze(1)
 
-    kept = select_kept_tokens(hidden, pixel_values, grid_thw, retention)
-    sizes = [len(k) for k in kept]
-    if all(r.keeps_all for r in retention):
-        # Nothing dropped: run the stock mergers on the untouched rows (bit-identical to vanilla).
+    for block_index, block in enumerate(visual.blocks):
+        hidden = block(
+            hidden.unsqueeze(1),
+            cu_seqlens=sequences["cu_seqlens"],
+            rotary_pos_emb_cos=rotary[0],
+            rotary_pos_emb_sin=rotary[1],
+            max_seqlen=sequences["max_seqlen"],
+            sequence_lengths=sequences["sequence_lengths"],
+        ).squeeze(1)
+        if block_index in visual.deepstack_visual_indexes:
+            taps.append(hidden)
+        selecting = [i for i, plan in enumerate(plans) if plan.selects_after(block_index, depth)]
+        if not selecting:
+            continue
+        image_rows = hidden.split([GROUP_ROWS * g for g in groups])
+        for i in selecting:
+            kept[i] = select_image_tokens(image_rows[i], seed_pixels[i], plans[i])
+        compacting = {i: kept[i] for i in selecting if not plans[i].keeps_all}
+        if block_index == depth - 1 or not compacting:
+            continue  # after the last block the mergers do the gathering
+        index = layout_index(groups, compacting)
+        hidden, cos, sin, *taps = gather_rows([hidden, *rotary, *taps], index, rows_per_index=GROUP_ROWS)
+        rotary = [cos, sin]
+        for i, indices in compacting.items():
+            groups[i] = len(indices)
+        sequences = sequence_metadata(visual, [GROUP_ROWS * g for g in groups])
+
+    final = {i: kept[i] for i, plan in enumerate(plans) if plan.selects_after(depth - 1, depth) and not plan.keeps_all}
+    if final:
+        merged = merge_kept_groups(visual, hidden, taps, layout_index(groups, final))
+    else:  # every row left is a kept row: the stock mergers, bit-identical to vanilla at ratio 1
         merged = [visual.merger(hidden)] + [m(t) for m, t in zip(visual.deepstack_merger_list, taps)]
-    else:
-        starts = torch.tensor([0] + [r.num_tokens for r in retention[:-1]]).cumsum(0).tolist()
-        group_index = torch.cat([k + start for k, start in zip(kept, starts)])
-        merged = merge_kept_groups(visual, hidden, taps, group_index)
-    embeddings = torch.cat(merged, dim=1).split(sizes)
-    return CompactImageEmbeddings(embeddings=list(embeddings), kept_indices=kept)
+    embeddings = torch.cat(merged, dim=1).split([len(k) for k in kept])
+    return CompactImageEmbeddings(embeddings=list(embeddings), kept_indices=list(kept))
+
+
+def layout_index(groups: Sequence[int], replace: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """Group indices into the current rows: ``replace[i]`` for those images, all groups for the rest."""
+    starts = np.concatenate([[0], np.cumsum(groups)[:-1]]).tolist()
+    device = next(iter(replace.values())).device
+    parts = [
+        (replace[i] if i in replace else torch.arange(count, device=device)) + start
+        for i, (count, start) in enumerate(zip(groups, starts))
+    ]
+    return torch.cat(parts)
+
+
+def sequence_metadata(visual: nn.Module, rows_per_image: Sequence[int]) -> dict[str, torch.Tensor | None]:
+    """cu_seqlens / max_seqlen / sequence_lengths for the compacted rows (one sequence per image).
+
+    The same backend-specific helpers vLLM's ``prepare_encoder_metadata`` uses.
+    """
+    cu_seqlens = np.concatenate([[0], np.cumsum(rows_per_image)]).astype(np.int32)
+    backend, device = visual.attn_backend, visual.device
+    return {
+        "cu_seqlens": MMEncoderAttention.maybe_recompute_cu_seqlens(
+            backend, cu_seqlens, visual.hidden_size, visual.tp_size, device,
+            fp8_padded_hidden_size=visual.fp8_padded_hidden_size,
+        ),
+        "max_seqlen": torch.tensor(MMEncoderAttention.compute_max_seqlen(backend, cu_seqlens), dtype=torch.int32),
+        "sequence_lengths": MMEncoderAttention.maybe_compute_seq_lens(backend, cu_seqlens, device),
+    }
 
 
 def merge_kept_groups(

@@ -30,7 +30,7 @@ def hf(tiny_model):
     return model, AutoProcessor.from_pretrained(tiny_model)
 
 
-def reference(hf, images, question, ratio, policy):
+def reference(hf, images, question, ratio, policy, exit_layer=None):
     model, processor = hf
     messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -39,7 +39,8 @@ def reference(hf, images, question, ratio, policy):
     plans = []
     for _, h, w in inputs["image_grid_thw"].tolist():
         n = (h // merge) * (w // merge)
-        plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio), policy=policy))
+        plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio), policy=policy,
+                                    exit_layer=exit_layer))
     raw = processor.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
     batch = build_compact_batch(
         model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
@@ -70,3 +71,26 @@ def test_other_policies_match_hf_reference(civic_server, hf, policy):
     assert served.prompt_tokens == prompt_len
     assert served.token_ids == tokens
     assert served.logprobs == pytest.approx(logprobs, abs=2e-3)
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2, 3])
+@pytest.mark.parametrize("ratio", [0.5, 1 / 3], ids=["r0.5", "r0.33"])
+def test_early_exit_matches_hf_reference(civic_server, hf, ratio, exit_layer):
+    """Retention after vision block L: later blocks, DeepStack taps and mergers see kept rows only."""
+    images = [make_image(w, h, seed=3 * w + h) for w, h in THREE_IMAGES]
+    question = "What is in the picture?"
+    prompt_len, tokens, logprobs = reference(hf, images, question, ratio, "civic", exit_layer)
+    served = chat(civic_server, images, question, ratio=ratio, exit_layer=exit_layer,
+                  max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert served.prompt_tokens == prompt_len
+    assert served.token_ids == tokens
+    assert served.logprobs == pytest.approx(logprobs, abs=2e-3)
+
+
+def test_early_exit_changes_the_encoder_output(civic_server):
+    """Guards the test above against an exit layer that is silently ignored."""
+    images = [make_image(448, 448, seed=5)]
+    late = chat(civic_server, images, ratio=1 / 3, max_tokens=MAX_TOKENS, ignore_eos=True)
+    early = chat(civic_server, images, ratio=1 / 3, exit_layer=1, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert early.prompt_tokens == late.prompt_tokens
+    assert early.logprobs != pytest.approx(late.logprobs, abs=1e-4)

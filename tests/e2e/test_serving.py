@@ -40,6 +40,34 @@ def test_ratio_one_is_token_identical_to_vanilla(civic_server, vanilla_server, s
     assert civic.logprobs == pytest.approx(vanilla.logprobs, abs=1e-4)
 
 
+@pytest.mark.parametrize("exit_layer", [1, 2, 4])
+def test_ratio_one_is_identical_to_vanilla_at_any_exit_layer(civic_server, vanilla_server, exit_layer):
+    image = make_image(640, 320, seed=exit_layer)
+    civic = chat(civic_server, [image], ratio=1.0, exit_layer=exit_layer)
+    assert civic.token_ids == chat(vanilla_server, [image]).token_ids
+
+
+@pytest.mark.parametrize("exit_layer", [0, 5, -1, 1.5, "2", True])
+def test_invalid_exit_layer_is_a_clear_400(civic_server, exit_layer):
+    with pytest.raises(Exception) as err:
+        chat(civic_server, [make_image(64, 64)], max_tokens=2, ratio=0.5, exit_layer=exit_layer)
+    assert "400" in str(err.value) and "civic_exit_layer" in str(err.value)
+
+
+def test_batch_mixing_sizes_ratios_and_exit_layers_matches_serial(civic_server):
+    jobs = [(SIZES[i % 3], ratio, exit_layer) for i, (ratio, exit_layer) in
+            enumerate([(1 / 3, 1), (0.5, None), (0.25, 2), (1.0, 3), (1 / 3, 4), (0.1, 1)])]
+
+    def run(job):
+        (w, h), ratio, exit_layer = job
+        return chat(civic_server, [make_image(w, h, seed=w + 2 * h)], ratio=ratio, exit_layer=exit_layer)
+
+    serial = [run(job) for job in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        concurrent = list(pool.map(run, jobs))
+    assert [c.token_ids for c in concurrent] == [s.token_ids for s in serial]
+
+
 def test_server_default_ratio_is_one(civic_server, vanilla_server):
     image = make_image(448, 448, seed=3)
     assert chat(civic_server, [image]).token_ids == chat(vanilla_server, [image]).token_ids

@@ -52,3 +52,22 @@ def test_round_trip_and_strip():
     kwargs = settings.as_mm_kwargs()
     assert CivicSettings.from_mm_kwargs(kwargs) == settings
     assert strip_civic_kwargs({**kwargs, "max_pixels": 7}) == {"max_pixels": 7}
+
+
+def test_exit_layer_default_and_values():
+    assert CivicSettings.from_mm_kwargs({}).exit_layer is None
+    assert CivicSettings.from_mm_kwargs({"civic_exit_layer": 3}).exit_layer == 3
+    assert CivicSettings.from_mm_kwargs({"civic_exit_layer": None}).exit_layer is None
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "3", True])
+def test_invalid_exit_layer(value):
+    with pytest.raises(CivicSettingsError, match="civic_exit_layer"):
+        CivicSettings.from_mm_kwargs({"civic_exit_layer": value})
+
+
+def test_exit_layer_beyond_the_vision_depth():
+    settings = CivicSettings.from_mm_kwargs({"civic_exit_layer": 5})
+    settings.check_vision_depth(5)
+    with pytest.raises(CivicSettingsError, match="between 1 and 4"):
+        settings.check_vision_depth(4)
