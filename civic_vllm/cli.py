@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--no-weights", action="store_true", help="config, tokenizer and processor only")
     make.set_defaults(handler=_make_model)
+
+    from civic_vllm.planner import add_plan_parser
+
+    add_plan_parser(commands)
     return parser
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_image_tokens
+from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_after_block
 
 
 @dataclass
@@ -123,12 +123,9 @@ def compact_vision(
         if block_index in visual.deepstack_visual_indexes:
             merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(block_index)]
             taps.append(merger(hidden))
-        selecting = [i for i, plan in enumerate(plans) if plan.selects_after(block_index, depth)]
+        selecting = select_after_block(block_index, depth, hidden, groups, image_pixels, plans, kept)
         if not selecting:
             continue
-        image_rows = hidden.split([GROUP_ROWS * g for g in groups])
-        for i in selecting:
-            kept[i] = select_image_tokens(image_rows[i], image_pixels[i], plans[i])
         surviving = [kept[i] if i in selecting else torch.arange(g) for i, g in enumerate(groups)]
         starts = torch.tensor([0] + groups[:-1]).cumsum(0).tolist()
         group_index = torch.cat([s + start for s, start in zip(surviving, starts)])

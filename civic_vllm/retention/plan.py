@@ -58,5 +58,27 @@ def select_image_tokens(patch_rows: torch.Tensor, seed_pixels: torch.Tensor, pla
     return get_policy(plan.policy).select(features, plan.grid_hw, plan.num_kept, seed=seed)
 
 
+def select_after_block(
+    block_index: int,
+    depth: int,
+    hidden: torch.Tensor,
+    groups: Sequence[int],
+    seed_pixels: Sequence[torch.Tensor],
+    plans: Sequence[ImageRetention],
+    kept: list[torch.Tensor | None],
+) -> list[int]:
+    """Select for every image whose exit layer ends at ``block_index``; fills ``kept``.
+
+    ``hidden`` holds all images' current patch rows, image i owning 4 * groups[i]
+    consecutive rows. Returns the indices of the images that selected.
+    """
+    selecting = [i for i, plan in enumerate(plans) if plan.selects_after(block_index, depth)]
+    if selecting:
+        image_rows = hidden.split([GROUP_ROWS * g for g in groups])
+        for i in selecting:
+            kept[i] = select_image_tokens(image_rows[i], seed_pixels[i], plans[i])
+    return selecting
+
+
 def patch_counts(grid_thw: Sequence[Sequence[int]]) -> list[int]:
     return [t * h * w for t, h, w in grid_thw]

@@ -25,7 +25,7 @@ import torch.nn as nn
 from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderAttention
 
 from civic_vllm.kernels import gather_merge_project, gather_rows
-from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_image_tokens
+from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_after_block
 
 SEQUENCE_KEYS = ("cu_seqlens", "max_seqlen", "sequence_lengths")
 
@@ -65,12 +65,7 @@ def encode_images_compact(
         ).squeeze(1)
         if block_index in visual.deepstack_visual_indexes:
             taps.append(hidden)
-        selecting = [i for i, plan in enumerate(plans) if plan.selects_after(block_index, depth)]
-        if not selecting:
-            continue
-        image_rows = hidden.split([GROUP_ROWS * g for g in groups])
-        for i in selecting:
-            kept[i] = select_image_tokens(image_rows[i], seed_pixels[i], plans[i])
+        selecting = select_after_block(block_index, depth, hidden, groups, seed_pixels, plans, kept)
         compacting = {i: kept[i] for i in selecting if not plans[i].keeps_all}
         if block_index == depth - 1 or not compacting:
             continue  # after the last block the mergers do the gathering

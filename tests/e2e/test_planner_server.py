@@ -1,0 +1,222 @@
+"""``civic plan`` against a live ``vllm serve --model-impl civic``: exact prompt tokens and KV blocks.
+
+One server (the session's ``civic_server``: tiny model, fp32, CPU, 1 GiB KV pool, block size
+128, --max-num-batched-tokens 256) answers every case; the planner runs on the same checkpoint
+with ``--question`` (so template and question tokens are exact), ``--device cpu --dtype
+float32 --kv-cache-memory 1GiB``.
+
+How vLLM 0.32 counts KV blocks, established from its source and checked here:
+
+* the pool has ``kv_cache_bytes // bytes_per_block`` blocks, reported as ``num_gpu_blocks`` in
+  the ``vllm:cache_config_info`` labels; block 0 is the *null block* and is never handed out;
+* ``vllm:kv_cache_usage_perc`` = 1 - free / (num_gpu_blocks - 1) (BlockPool.get_usage): the
+  null block is excluded from both sides, so blocks in use = usage x (num_gpu_blocks - 1),
+  an integer. (usage x num_gpu_blocks is off by used/(num_gpu_blocks-1) and is not.) vLLM's
+  start-up line "Maximum concurrency ... x" divides num_gpu_blocks *with* the null block;
+* the step that samples output token g holds prompt + g - 1 KV slots, ceil(../block_size)
+  blocks: the planner's KV blocks for ``--max-tokens g``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import re
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+from helpers import chat, make_image
+
+from civic_vllm import planner
+from civic_vllm.client import civic_body, image_message
+from civic_vllm.serving import metric_value
+
+pytestmark = pytest.mark.e2e
+
+QUESTION = "What shapes and colours are in this picture? Answer briefly."
+KV_CACHE = "1GiB"  # ServerConfig's default kv_cache_gib=1.0 -> VLLM_CPU_KVCACHE_SPACE=1
+
+# (image sizes, ratio): sizes off the 32-pixel grid, below min_pixels (64x64 is upscaled to
+# 256x256), large (1344x1344 = 1764 tokens) and lopsided; 1, 2 and 3 images; r in {1, 1/2, 1/3, 0.1}.
+PROMPT_CASES = [
+    ([(500, 375)], 1.0),
+    ([(500, 375)], 0.1),
+    ([(64, 64)], 1 / 3),
+    ([(1344, 1344)], 0.5),
+    ([(1500, 100)], 1 / 3),
+    ([(1000, 700), (333, 517)], 1 / 3),
+    ([(640, 480), (640, 480)], 1.0),
+    ([(640, 480), (97, 1234), (500, 375)], 0.1),
+    ([(448, 448), (600, 601), (31, 900)], 0.5),
+]
+BLOCK_CASES = [
+    ([(500, 375)], 1 / 3),
+    ([(1344, 1344)], 1.0),
+    ([(640, 480), (97, 1234), (500, 375)], 0.1),
+]
+LAG_TOKENS = 16  # how far the server may be ahead of the tokens the client has read
+
+
+def _ratio_arg(ratio: float) -> str:
+    return "1/3" if ratio == 1 / 3 else repr(ratio)
+
+
+def planner_argv(model: str, sizes, ratio: float, max_tokens: int = 1) -> list[str]:
+    """``civic plan`` flags for this server and request."""
+    argv = ["--model", model, "--question", QUESTION, "--ratio", _ratio_arg(ratio),
+            "--max-tokens", str(max_tokens), "--device", "cpu", "--dtype", "float32",
+            "--kv-cache-memory", KV_CACHE]
+    for width, height in sizes:
+        argv += ["--image", f"{width}x{height}"]
+    return argv
+
+
+def run_planner(model: str, sizes, ratio: float, max_tokens: int = 1) -> dict:
+    """``civic plan ... --json`` in-process, as an operator would run it for this server."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = planner.main([*planner_argv(model, sizes, ratio, max_tokens), "--json"])
+    assert code == 0, err.getvalue()
+    return json.loads(out.getvalue())
+
+
+def images_for(sizes):
+    return [make_image(w, h, seed=i + w) for i, (w, h) in enumerate(sizes)]
+
+
+def cache_config(server) -> dict[str, str]:
+    for line in server.metrics().splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            return dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+    raise AssertionError("vllm:cache_config_info not in /metrics")
+
+
+@pytest.fixture(scope="module")
+def pool(civic_server) -> dict[str, int]:
+    labels = cache_config(civic_server)
+    return {"num_blocks": int(labels["num_gpu_blocks"]), "block_size": int(labels["block_size"])}
+
+
+@pytest.mark.parametrize(("sizes", "ratio"), PROMPT_CASES,
+                         ids=[f"{len(s)}img-{'+'.join(f'{w}x{h}' for w, h in s)}-r{r:.3g}" for s, r in PROMPT_CASES])
+def test_prompt_tokens_equal_usage_prompt_tokens(civic_server, sizes, ratio):
+    plan = run_planner(civic_server.config.model, sizes, ratio)
+    civic = plan["scenarios"][1]
+    assert plan["text"]["exact"]
+    served = chat(civic_server, images_for(sizes), QUESTION, ratio=ratio, max_tokens=1).prompt_tokens
+    assert civic["prompt_tokens"] == served
+    if ratio == 1.0:  # ratio 1 is vanilla (token-identical, tests/e2e/test_serving.py)
+        assert plan["scenarios"][0]["prompt_tokens"] == served
+
+
+def test_pool_blocks_equal_the_servers(civic_server, pool):
+    plan = run_planner(civic_server.config.model, [(448, 448)], 1.0)
+    assert plan["kv"]["block_size"] == pool["block_size"] == 128
+    assert plan["memory"]["num_blocks"] == pool["num_blocks"]
+    assert plan["memory"]["usable_blocks"] == pool["num_blocks"] - 1
+
+
+class _Stream:
+    """One streaming chat held in decode (ignore_eos); ``tokens`` is what the client has read."""
+
+    def __init__(self, server, sizes, ratio: float, max_tokens: int):
+        self.tokens = 0
+        self.prompt_tokens: int | None = None
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        body = {
+            "model": server.config.model, "messages": image_message(QUESTION, images_for(sizes)),
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            **civic_body(ratio),
+        }
+        self.response = requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=120)
+        self.response.raise_for_status()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self.response.iter_lines():
+                if self.stop.is_set() or line == b"data: [DONE]":
+                    break
+                if line.startswith(b"data: "):
+                    usage = json.loads(line[6:]).get("usage") or {}
+                    self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+                    self.tokens = usage.get("completion_tokens", self.tokens)
+        except Exception as exc:  # noqa: BLE001 - closing the response ends the loop with an error
+            if not self.stop.is_set():
+                self.error = exc
+
+    def close(self) -> None:
+        """Closing the connection makes vLLM abort the request and free its blocks."""
+        self.stop.set()
+        self.response.close()
+        self.thread.join(timeout=30)
+
+
+def _wait_idle(server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = server.metrics()
+        if (metric_value(text, "vllm:num_requests_running") == 0
+                and metric_value(text, "vllm:kv_cache_usage_perc") == 0):
+            return
+        time.sleep(0.1)
+    raise AssertionError("server did not become idle")
+
+
+@pytest.mark.parametrize(("sizes", "ratio"), BLOCK_CASES,
+                         ids=[f"{len(s)}img-r{r:.3g}" for s, r in BLOCK_CASES])
+def test_kv_blocks_of_a_request_held_in_decode(civic_server, pool, sizes, ratio):
+    """Blocks in use while one request decodes == the planner's blocks for --max-tokens g.
+
+    The client reads /metrics while the stream runs; a sample taken between having read lo and
+    hi output tokens may reflect any step from lo - 1 to hi + LAG_TOKENS. Where the planner's
+    count is the same for that whole window (most samples: blocks hold 128 tokens) it must match
+    exactly; elsewhere it must be one of the window's counts. Sampling stops once two block
+    counts have each matched twice, i.e. decode has crossed a block boundary; the request may
+    decode up to max_model_len, so a slow /metrics on a busy machine still gets its samples.
+    """
+    model = planner.load_model(civic_server.config.model)
+    parser = planner.add_plan_parser(argparse.ArgumentParser().add_subparsers())
+    base = planner.request_from_args(parser.parse_args(planner_argv(civic_server.config.model, sizes, ratio)))
+
+    @functools.cache
+    def planned_blocks(output_tokens: int) -> int:
+        plan = planner.make_plan(model, planner.PlanRequest(**{**base.__dict__, "max_tokens": output_tokens}))
+        return plan.scenarios[1].kv_blocks
+
+    usable = pool["num_blocks"] - 1  # the null block is not in kv_cache_usage_perc's denominator
+    prompt_tokens = run_planner(civic_server.config.model, sizes, ratio)["scenarios"][1]["prompt_tokens"]
+    _wait_idle(civic_server)
+    stream = _Stream(civic_server, sizes, ratio, civic_server.config.max_model_len - prompt_tokens)
+    samples, exact = [], Counter()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and stream.thread.is_alive():
+            lo = stream.tokens
+            text = civic_server.metrics()
+            hi = stream.tokens
+            if lo < 1 or metric_value(text, "vllm:num_requests_running") != 1:
+                continue
+            blocks = metric_value(text, "vllm:kv_cache_usage_perc") * usable
+            assert blocks == pytest.approx(round(blocks), abs=1e-6), (blocks, usable)
+            window = {planned_blocks(g) for g in range(max(lo - 1, 1), hi + LAG_TOKENS + 1)}
+            samples.append((lo, hi, round(blocks), sorted(window)))
+            assert round(blocks) in window, samples[-1]
+            if len(window) == 1:
+                exact[round(blocks)] += 1
+                if sum(n >= 2 for n in exact.values()) >= 2:
+                    break
+    finally:
+        stream.close()
+    assert stream.error is None, stream.error
+    assert stream.prompt_tokens == prompt_tokens
+    assert sum(n >= 2 for n in exact.values()) >= 2, f"no block boundary crossed with exact samples: {samples}"
