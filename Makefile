@@ -32,3 +32,21 @@ bench-kv: install
 
 bench-kernels: install
 	$(PY) -m benchmarks.kernels.bench_kernels
+
+# Serving benchmark: vanilla vs --model-impl civic under locust load (bench preset, fixed KV pool).
+# Writes benchmarks/results/serve.json, serve/ (CSVs, plots, summary.md). QUICK=1: a few minutes.
+.PHONY: bench-serve
+bench-serve: install
+	QUICK="$(QUICK)" $(PY) -m benchmarks.serve
+
+# Soak: locust against --model-impl civic (tiny preset) for SOAK_SECONDS (default 600) with mixed
+# ratios, sizes and image counts; checks 0 failures and RSS growth < 5% after the warm-up.
+# Writes benchmarks/results/soak.json and soak.png. SOAK_SECONDS=120 make soak: two minutes.
+.PHONY: soak
+soak: install
+	$(PY) -m benchmarks.soak
+
+# Lints and schema-validates deploy/ (hadolint, kubernetes-validate, yamllint, docker compose config).
+.PHONY: test-deploy
+test-deploy: install
+	$(PY) -m pytest tests/unit/test_deploy.py -q

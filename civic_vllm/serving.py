@@ -162,6 +162,21 @@ class VllmServer:
     def metrics(self) -> str:
         return requests.get(self.url + "/metrics", timeout=10).text
 
+    IDLE_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+
+    def wait_until_idle(self, timeout: float = 60.0) -> dict[str, float]:
+        """Poll /metrics until no request runs or waits and no KV block is in use; the last values.
+
+        A non-zero value in the result after the timeout means something leaked.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.metrics()
+            values = {name: metric_value(text, name) for name in self.IDLE_METRICS}
+            if all(v == 0 for v in values.values()) or time.monotonic() > deadline:
+                return values
+            time.sleep(0.5)
+
     def __enter__(self) -> VllmServer:
         return self.start()
 

