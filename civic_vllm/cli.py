@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.set_defaults(handler=_make_model)
 
     from civic_vllm.planner import add_plan_parser
+    from civic_vllm.viz import add_viz_parser
 
     add_plan_parser(commands)
+    add_viz_parser(commands)
     return parser
 
 
