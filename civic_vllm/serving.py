@@ -103,6 +103,7 @@ class VllmServer:
             config.port = free_port()
         self.config = config
         self.startup_timeout = startup_timeout
+        self._own_log = log_path is None  # a temporary log is removed when the server stops
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
 
@@ -148,6 +149,8 @@ class VllmServer:
         except ProcessLookupError:
             pass
         self._log.close()
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
         return self.process.returncode
 
     def log_tail(self, lines: int = 60) -> str:
