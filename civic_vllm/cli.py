@@ -27,11 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--no-weights", action="store_true", help="config, tokenizer and processor only")
     make.set_defaults(handler=_make_model)
 
+    from civic_vllm.data.shapes import add_data_parser
     from civic_vllm.planner import add_plan_parser
+    from civic_vllm.training.train import add_train_parser
     from civic_vllm.viz import add_viz_parser
 
     add_plan_parser(commands)
     add_viz_parser(commands)
+    add_data_parser(commands)
+    add_train_parser(commands)
     return parser
 
 

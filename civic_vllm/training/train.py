@@ -1,0 +1,636 @@
+"""Train a small Qwen3-VL (HF ``Qwen3VLForConditionalGeneration``) from scratch on civic-shapes.
+
+Why it looks like this (see /work/shared/synth-task.md, "Training notes"):
+
+* data is generated on the fly from a saved ``numpy`` generator: no epochs, no overfitting,
+  and a resumed run continues the very same stream;
+* each image is one multi-turn chat of all its questions (3 for a single-object image, about 7
+  for a multi-object one), so one vision pass teaches several answers;
+* the loss is the token-mean cross-entropy *per answer*, then a (task-weighted) mean over the
+  answers of the step: otherwise the 20 tokens of a box would drown the one-token answers;
+* fp32 on one thread (bf16 autocast was 6.5x slower on this CPU);
+* the schedule (linear warmup, cosine decay) runs on training CPU-seconds, because the budget
+  is CPU time and step cost varies with image size;
+* the state (model, AdamW, schedule position, data/torch RNG, step) is written atomically every
+  few minutes and on SIGTERM / Ctrl-C, so ``--resume`` loses at most a few minutes;
+* the exported directory is the same layout ``model_factory.make_model`` writes (same
+  tokenizer, processor and chat template), with trained bf16 weights: HF and vLLM load it.
+
+The token sequence is built here segment by segment (so answer spans are known exactly); a
+unit test checks it equals what the chat template + ``Qwen3VLProcessor`` produce, which is what
+serving will feed the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from civic_vllm import model_factory as mf
+from civic_vllm.data import shapes
+from civic_vllm.model_factory import ModelPreset, TextDims, VisionDims
+
+__all__ = [
+    "SHAPES_PRESET", "MICRO_PRESET", "Recipe", "ChatEncoder", "Encoded", "train", "train_step",
+    "quick_eval", "eval_samples", "export_model", "load_state", "add_train_parser",
+]
+
+# The spec's probe shape (text 256 x 4, vision 192 x 4). vLLM CPU: text head_dim 64 is a
+# supported attention size; vision 192 / 3 heads = 64; mrope_section sums to head_dim / 2.
+SHAPES_PRESET = ModelPreset(
+    name="civic-shapes-tiny",
+    description="civic-shapes student/teacher: text 256 x 4 layers, vision 192 x 4 layers, trained from scratch.",
+    text=TextDims(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, intermediate_size=768, mrope_section=(12, 10, 10), max_position_embeddings=32_768,
+    ),
+    vision=VisionDims(
+        depth=4, hidden_size=192, intermediate_size=768, num_heads=3, out_hidden_size=256,
+        deepstack_visual_indexes=(1, 2, 3),
+    ),
+)
+# Seconds-fast shape for tests of the training machinery (not for accuracy).
+MICRO_PRESET = ModelPreset(
+    name="civic-shapes-micro",
+    description="Unit tests of the training loop only.",
+    text=TextDims(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, intermediate_size=128, mrope_section=(6, 5, 5), max_position_embeddings=4096,
+    ),
+    vision=VisionDims(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        deepstack_visual_indexes=(0, 1),
+    ),
+)
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in (SHAPES_PRESET, MICRO_PRESET)}
+
+STATE_FILE = "state.pt"
+CURVE_FILE = "curve.jsonl"
+EXPORT_DIR = "model"
+TRAIN_MARKER = "civic_train.json"
+EVAL_SEED = 1_000_003  # the quick-eval set; training streams use other seeds
+
+
+@dataclass
+class Recipe:
+    """Everything that decides what is learnt; saved in the state so a resume uses the same."""
+
+    lr: float = 1e-3
+    vision_lr_mult: float = 1.0  # the vision tower's learning rate = lr * this
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_frac: float = 0.05  # cosine decays to lr * this at the end of the budget
+    clip_norm: float = 1.0
+    images_per_step: int = 4
+    p_single: float = 0.5  # fraction of single-object images (colour, shape, box questions)
+    per_presence_task: int = 3  # has_color and has_shape questions per multi-object image
+    single_presence: int = 0  # ... and per single-object image (extra answers per vision pass)
+    task_weights: dict[str, float] = field(default_factory=dict)  # per-answer loss weight, default 1
+    # Curriculum: for this budget fraction, only image sizes of <= small_max_pixels. Fewer
+    # visual tokens per object make the first image -> answer signal easier to find (measured).
+    small_images_until: float = 0.0
+    small_max_pixels: int = 320 * 448
+    seed: int = 0
+
+    def weight(self, task: str) -> float:
+        return float(self.task_weights.get(task, 1.0))
+
+
+@dataclass
+class Encoded:
+    """One chat as model inputs; ``answer_of[i]`` is the answer index token i belongs to, or -1."""
+
+    input_ids: torch.Tensor  # [1, L]
+    mm_token_type_ids: torch.Tensor  # [1, L]
+    pixel_values: torch.Tensor  # [patches, C * T * P * P]
+    image_grid_thw: torch.Tensor  # [1, 3]
+    answer_of: torch.Tensor  # [L]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "mm_token_type_ids": self.mm_token_type_ids,
+                "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+
+
+class ChatEncoder:
+    """Token ids of an image chat exactly as the model factory's chat template + processor make them.
+
+    Every user turn is ``<|im_start|>user\\n[image]question<|im_end|>\\n`` (the image, first, in
+    turn one only, as an HF/vLLM client sends image-then-text), every assistant turn
+    ``<|im_start|>assistant\\nanswer<|im_end|>\\n``; no system prompt. An answer's tokens and its
+    closing ``<|im_end|>`` are its training targets (so the model learns to stop).
+    """
+
+    def __init__(self, preset: ModelPreset = SHAPES_PRESET) -> None:
+        self.processor = mf.build_processor(preset)
+        self.tokenizer = self.processor.tokenizer
+        ids = mf.special_token_ids()
+        self.im_start, self.im_end = ids["<|im_start|>"], ids["<|im_end|>"]
+        self.vision = [ids["<|vision_start|>"], ids["<|image_pad|>"], ids["<|vision_end|>"]]
+        self.pad_id = ids["<|endoftext|>"]
+        self.merge = preset.vision.spatial_merge_size ** 2
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - a few hundred distinct strings, encoder lives all run
+    def text(self, s: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(s, add_special_tokens=False))
+
+    def encode(self, image: Image.Image, questions: Sequence[str], answers: Sequence[str] | None) -> Encoded:
+        """All turns; with ``answers=None`` the chat ends in a generation prompt after the last question."""
+        pix = self.processor.image_processor(images=[image], return_tensors="pt")
+        grid = pix["image_grid_thw"]
+        n_image = int(grid.prod()) // self.merge
+        nl = self.text("\n")
+        ids: list[int] = []
+        owner: list[int] = []
+
+        def add(tokens: Sequence[int], answer: int = -1) -> None:
+            ids.extend(tokens)
+            owner.extend([answer] * len(tokens))
+
+        for k, question in enumerate(questions):
+            add([self.im_start, *self.text("user\n")])
+            if k == 0:
+                start, pad, end = self.vision
+                add([start, *[pad] * n_image, end])
+            add([*self.text(question), self.im_end, *nl])
+            add([self.im_start, *self.text("assistant\n")])
+            if answers is not None:
+                add([*self.text(answers[k]), self.im_end], answer=k)
+                add(nl)
+        input_ids = torch.tensor([ids])
+        return Encoded(
+            input_ids=input_ids,
+            mm_token_type_ids=(input_ids == self.vision[1]).long(),
+            pixel_values=pix["pixel_values"],
+            image_grid_thw=grid,
+            answer_of=torch.tensor(owner),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Model, loss, step
+# --------------------------------------------------------------------------------------
+
+
+def build_model(preset: ModelPreset, seed: int):
+    """A freshly initialised fp32 HF Qwen3-VL of ``preset`` (HF's own init, seeded)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = mf.build_config(preset, dtype="float32")
+    model = Qwen3VLForConditionalGeneration(cfg).float()
+    model.train()
+    return model
+
+
+def answer_losses(model, enc: Encoded) -> torch.Tensor:
+    """Mean cross-entropy of each answer's tokens: shape [n_answers]."""
+    hidden = model.model(**enc.model_inputs(), use_cache=False).last_hidden_state[0]
+    target_owner = enc.answer_of[1:]
+    pos = torch.nonzero(target_owner >= 0).squeeze(1)
+    logits = model.lm_head(hidden[pos])  # only where a target is, the LM head is 1/3 of the FLOPs
+    ce = F.cross_entropy(logits, enc.input_ids[0, pos + 1], reduction="none")
+    owner = target_owner[pos]
+    n = int(owner.max()) + 1
+    sums = torch.zeros(n, dtype=ce.dtype).index_add(0, owner, ce)
+    return sums / torch.bincount(owner, minlength=n).to(ce.dtype)
+
+
+def param_groups(model, recipe: Recipe) -> list[dict[str, Any]]:
+    """Vision / language x decay / no-decay (norms, biases and embeddings are not decayed)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = defaultdict(list)
+    for name, p in model.named_parameters():
+        vision = name.startswith("model.visual.")
+        decay = p.ndim >= 2 and "embed" not in name
+        groups[(vision, decay)].append(p)
+    return [
+        {"params": ps, "weight_decay": recipe.weight_decay if decay else 0.0,
+         "lr_mult": recipe.vision_lr_mult if vision else 1.0, "name": f"{'vision' if vision else 'text'}"
+         f"{'' if decay else '_nodecay'}"}
+        for (vision, decay), ps in sorted(groups.items())
+    ]
+
+
+def lr_factor(recipe: Recipe, step: int, progress: float) -> float:
+    """Linear warmup over steps, then cosine from 1 to ``min_lr_frac`` over the budget fraction."""
+    warm = min(1.0, (step + 1) / max(1, recipe.warmup_steps))
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    return warm * (recipe.min_lr_frac + (1 - recipe.min_lr_frac) * cos)
+
+
+def sample_chats(
+    rng: np.random.Generator, recipe: Recipe, progress: float
+) -> list[tuple[shapes.Scene, list[shapes.QA]]]:
+    """The step's images and questions; early on (``small_images_until``) only the cheap sizes."""
+    sizes = shapes.IMAGE_SIZES
+    if progress < recipe.small_images_until:
+        sizes = tuple(s for s in sizes if s[0] * s[1] <= recipe.small_max_pixels)
+    chats = []
+    for _ in range(recipe.images_per_step):
+        kind = "single" if rng.random() < recipe.p_single else "multi"
+        scene = shapes.sample_scene(rng, kind, sizes)
+        chats.append((scene, shapes.scene_questions(rng, scene, recipe.per_presence_task, recipe.single_presence)))
+    return chats
+
+
+def train_step(model, optimizer, encoder: ChatEncoder, rng: np.random.Generator, recipe: Recipe,
+               progress: float) -> dict[str, list[float]]:
+    """One optimizer step over ``images_per_step`` chats; returns per-task answer losses.
+
+    Chats are forwarded one at a time (no padding waste, one graph in memory) and their
+    gradients accumulate, scaled so the step loss is the weighted mean over all its answers.
+    """
+    chats = sample_chats(rng, recipe, progress)
+    total_w = sum(recipe.weight(qa.task) for _, qas in chats for qa in qas)
+    optimizer.zero_grad(set_to_none=True)
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for scene, qas in chats:
+        enc = encoder.encode(scene.image, [q.question for q in qas], [q.answer for q in qas])
+        losses = answer_losses(model, enc)
+        w = torch.tensor([recipe.weight(q.task) for q in qas])
+        ((losses * w).sum() / total_w).backward()
+        for qa, loss in zip(qas, losses.tolist()):
+            by_task[qa.task].append(loss)
+    if recipe.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
+    optimizer.step()
+    return by_task
+
+
+# --------------------------------------------------------------------------------------
+# Quick evaluation (greedy HF generate on the full-token model)
+# --------------------------------------------------------------------------------------
+
+
+def eval_samples(n_per_task: int, seed: int = EVAL_SEED) -> list[tuple[Image.Image, dict[str, Any]]]:
+    """A fixed held-out set: ``n_per_task`` samples of every task, as (image, JSONL record)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for task in shapes.TASKS:
+        for i in range(n_per_task):
+            image, qa = shapes.generate_sample(rng, task)
+            out.append((image, shapes.record(f"e{task}{i:04d}", "", qa)))
+    return out
+
+
+def load_jsonl_samples(path: str | Path) -> list[tuple[Image.Image, dict[str, Any]]]:
+    """A civic-shapes JSONL file (image paths relative to it) as (image, record) pairs."""
+    path = Path(path)
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(Image.open(path.parent / r["image"]).convert("RGB"), r) for r in recs]
+
+
+@torch.inference_mode()
+def generate_answer(model, encoder: ChatEncoder, image: Image.Image, question: str, max_new_tokens: int = 24) -> str:
+    enc = encoder.encode(image, [question], None)
+    model.model.rope_deltas = None  # it persists across generate calls
+    out = model.generate(
+        **enc.model_inputs(), attention_mask=torch.ones_like(enc.input_ids), max_new_tokens=max_new_tokens,
+        do_sample=False, eos_token_id=encoder.im_end, pad_token_id=encoder.pad_id,
+    )
+    return encoder.tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def quick_eval(model, encoder: ChatEncoder, samples: Sequence[tuple[Image.Image, dict[str, Any]]]) -> dict[str, Any]:
+    """Accuracy overall, per task, and small/large (by ``size``) for single-object tasks."""
+    was_training = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = defaultdict(list)
+    examples: dict[str, str] = {}
+    for image, rec in samples:
+        text = generate_answer(model, encoder, image, rec["question"])
+        ok = shapes.is_correct(rec, text)
+        hits[rec["task"]].append(ok)
+        hits["overall"].append(ok)
+        if "size" in rec:
+            hits[f"{rec['task']}_{'small' if rec['size'] <= shapes.SMALL_MAX else 'large'}"].append(ok)
+        examples.setdefault(rec["task"], f"{rec['answer']} -> {text!r}")
+    model.train(was_training)
+    acc = {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
+    return {"acc": acc, "n": len(samples), "examples": examples}
+
+
+# --------------------------------------------------------------------------------------
+# State, export
+# --------------------------------------------------------------------------------------
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _preset_from_dict(d: dict[str, Any]) -> ModelPreset:
+    def dims(cls, values: dict[str, Any]):
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    return ModelPreset(name=d["name"], text=dims(TextDims, d["text"]), vision=dims(VisionDims, d["vision"]),
+                       description=d.get("description", ""))
+
+
+def load_state(work_dir: str | Path) -> dict[str, Any]:
+    """The resumable state a run wrote to ``work_dir`` (everything but tensors is plain data)."""
+    return torch.load(Path(work_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def export_model(model, preset: ModelPreset, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """A clean checkpoint dir (config, bf16 safetensors, tokenizer, processor, chat template).
+
+    Files other than the weights are written by the model factory, so the tokenizer and
+    processor are byte-identical to the random-weight checkpoints'. ``civic_train.json``
+    (not the factory's marker) records the training, so ``make_model`` never overwrites it.
+    Built in a sibling temp dir and renamed into place.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / TRAIN_MARKER).exists():
+        raise FileExistsError(f"{out} exists and was not written by civic train; not touching it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        mf._write_checkpoint(preset, tmp, seed=0, weights=False, dtype="bfloat16")
+        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / TRAIN_MARKER).write_text(json.dumps({"preset": asdict(preset), **(info or {})}, indent=2) + "\n")
+        mf._make_readable(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+class _Stop:
+    """SIGTERM sets a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> _Stop:
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *_: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _append_jsonl(path: Path, rec: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_curve(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint (their steps are re-run)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(
+    model_dir_out: str | Path,
+    *,
+    minutes: float = 150.0,
+    resume: bool = False,
+    threads: int = 1,
+    recipe: Recipe | None = None,
+    preset: ModelPreset = SHAPES_PRESET,
+    max_steps: int | None = None,
+    eval_every_min: float = 5.0,
+    eval_per_task: int = 25,
+    checkpoint_every_min: float = 5.0,
+    log_every: int = 20,
+    export: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Train until ``minutes`` training CPU-minutes (or ``max_steps``) are spent; return the work dir.
+
+    ``model_dir_out`` is a working directory: ``state.pt`` (resumable), ``curve.jsonl``
+    (learning curve), ``model/`` (exported checkpoint, written at the end). With ``resume``
+    the recipe and model shape come from ``state.pt``; ``minutes`` / ``max_steps`` may extend
+    the budget (the cosine then stretches from where it is).
+    """
+    from tqdm import tqdm
+
+    torch.set_num_threads(threads)
+    work = Path(model_dir_out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    curve = work / CURVE_FILE
+    if resume and not (work / STATE_FILE).exists():
+        raise FileNotFoundError(f"nothing to resume: {work / STATE_FILE} does not exist")
+    state = load_state(work) if resume else None
+    if state is not None:
+        recipe = Recipe(**state["recipe"])
+        preset = _preset_from_dict(state["preset"])
+    elif (work / STATE_FILE).exists():
+        raise FileExistsError(f"{work / STATE_FILE} exists: pass resume=True (--resume) or use another directory")
+    recipe = recipe or Recipe()
+    model = build_model(preset, recipe.seed)
+    optimizer = torch.optim.AdamW(param_groups(model, recipe), lr=recipe.lr, betas=(0.9, 0.95), eps=1e-8)
+    rng = np.random.default_rng([recipe.seed, 1])
+    step, train_cpu, total_cpu, wall = 0, 0.0, 0.0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["data_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step, train_cpu, total_cpu, wall = state["step"], state["train_cpu_s"], state["total_cpu_s"], state["wall_s"]
+        _truncate_curve(curve, step)
+    else:
+        curve.write_text("")
+        (work / "recipe.json").write_text(json.dumps(
+            {"recipe": asdict(recipe), "preset": asdict(preset), "minutes": minutes, "max_steps": max_steps,
+             "params": sum(p.numel() for p in model.parameters())}, indent=2) + "\n")
+    budget_s = minutes * 60.0
+    encoder = ChatEncoder(preset)
+    evalset = eval_samples(eval_per_task) if eval_per_task > 0 else []
+
+    def progress_of(step: int, cpu: float) -> float:
+        return max(cpu / budget_s, step / max_steps if max_steps else 0.0)
+
+    def save() -> None:
+        _atomic_torch_save({
+            "version": 1, "step": step, "train_cpu_s": train_cpu, "total_cpu_s": total_cpu, "wall_s": wall,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": {"budget_minutes": minutes, "max_steps": max_steps, "progress": progress_of(step, train_cpu)},
+            "data_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "recipe": asdict(recipe), "preset": asdict(preset),
+        }, work / STATE_FILE)
+
+    def stamp() -> dict[str, Any]:
+        return {"step": step, "cpu_min": round(train_cpu / 60, 3), "cpu_min_total": round(total_cpu / 60, 3),
+                "wall_min": round(wall / 60, 3)}
+
+    def run_eval() -> None:
+        t0 = time.process_time()
+        res = quick_eval(model, encoder, evalset)
+        _append_jsonl(curve, {**stamp(), "eval": res["acc"], "examples": res["examples"],
+                              "eval_cpu_s": round(time.process_time() - t0, 1)})
+        bar.write(f"[eval step {step} @ {train_cpu / 60:.1f} cpu-min] {res['acc']}")
+
+    next_eval = (math.floor(train_cpu / 60 / eval_every_min) + 1) * eval_every_min * 60
+    window: dict[str, list[float]] = defaultdict(list)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    last_ckpt = wall0
+    bar = tqdm(total=round(budget_s / 60, 1), initial=round(min(train_cpu, budget_s) / 60, 1), unit="cpu-min",
+               disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 60.0, dynamic_ncols=True)
+
+    def done() -> bool:
+        return train_cpu >= budget_s or (max_steps is not None and step >= max_steps)
+
+    with _Stop() as stop:
+        while not done() and not stop.requested:
+            t0 = time.process_time()
+            frac = progress_of(step, train_cpu)
+            factor = lr_factor(recipe, step, frac)
+            for g in optimizer.param_groups:
+                g["lr"] = recipe.lr * g["lr_mult"] * factor
+            for task, losses in train_step(model, optimizer, encoder, rng, recipe, frac).items():
+                window[task].extend(losses)
+            step += 1
+            dt = time.process_time() - t0
+            train_cpu += dt
+            bar.update(round(min(train_cpu, budget_s) / 60, 1) - bar.n)
+            now_cpu, now_wall = time.process_time(), time.monotonic()
+            total_cpu += now_cpu - cpu0
+            wall += now_wall - wall0
+            cpu0, wall0 = now_cpu, now_wall
+            if step % log_every == 0 or done():
+                by_task = {t: round(float(np.mean(v)), 4) for t, v in sorted(window.items())}
+                loss = float(np.mean([np.mean(v) for v in window.values()]))
+                _append_jsonl(curve, {**stamp(), "lr": recipe.lr * factor, "loss": round(loss, 4),
+                                      "loss_by_task": by_task})
+                bar.set_postfix(step=step, loss=f"{loss:.3f}", lr=f"{recipe.lr * factor:.2e}")
+                window.clear()
+            if evalset and (train_cpu >= next_eval or done()):
+                run_eval()
+                next_eval = (math.floor(train_cpu / 60 / eval_every_min) + 1) * eval_every_min * 60
+            if time.monotonic() - last_ckpt >= checkpoint_every_min * 60 or done():
+                save()
+                last_ckpt = time.monotonic()
+            total_cpu += time.process_time() - cpu0  # eval / checkpoint time
+            wall += time.monotonic() - wall0
+            cpu0, wall0 = time.process_time(), time.monotonic()
+        if stop.requested:
+            save()
+            bar.write(f"stopped at step {step}; state saved, continue with --resume")
+    bar.close()
+    if export and done():
+        export_model(model, preset, work / EXPORT_DIR, {"recipe": asdict(recipe), **stamp()})
+    return work
+
+
+def export_from_state(work_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Export the model of a (possibly running) run's last checkpoint, without training."""
+    state = load_state(work_dir)
+    preset = _preset_from_dict(state["preset"])
+    model = build_model(preset, 0)
+    model.load_state_dict(state["model"])
+    info = {"recipe": state["recipe"], "step": state["step"], "cpu_min": round(state["train_cpu_s"] / 60, 3)}
+    return export_model(model, preset, out_dir or Path(work_dir) / EXPORT_DIR, info)
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def _task_weight(text: str) -> tuple[str, float]:
+    task, _, value = text.partition("=")
+    if task not in shapes.TASKS or not value:
+        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT with TASK in {shapes.TASKS}, got {text!r}")
+    return task, float(value)
+
+
+def _train_cmd(args: argparse.Namespace) -> int:
+    if args.export_only:
+        print(export_from_state(args.out))
+        return 0
+    recipe = Recipe(
+        lr=args.lr, vision_lr_mult=args.vision_lr_mult, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, images_per_step=args.images_per_step, p_single=args.p_single,
+        single_presence=args.single_presence,
+        task_weights=dict(args.task_weight), small_images_until=args.small_images_until,
+        small_max_pixels=args.small_max_pixels, seed=args.seed,
+    )
+    work = train(
+        args.out, minutes=args.minutes, resume=args.resume, threads=args.threads, recipe=recipe,
+        preset=PRESETS[args.preset], max_steps=args.max_steps, eval_every_min=args.eval_every,
+        eval_per_task=args.eval_per_task, checkpoint_every_min=args.checkpoint_every,
+    )
+    print(work)
+    return 0
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``civic train --out DIR [--minutes M] [--resume] [--threads T] [--lr ...]``."""
+    d = Recipe()
+    p = subparsers.add_parser(
+        "train", help="train the civic-shapes Qwen3-VL from scratch (resumable)",
+        description="Work dir gets state.pt (resumable), curve.jsonl (learning curve) and model/ (HF + vLLM "
+                    "checkpoint, bf16) at the end. Recipe flags are ignored with --resume (the saved recipe is used).",
+    )
+    p.add_argument("--out", required=True, help="working directory")
+    p.add_argument("--minutes", type=float, default=150.0, help="training budget in CPU-minutes (default 150)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    p.add_argument("--export-only", action="store_true", help="write OUT/model from OUT/state.pt and exit")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=SHAPES_PRESET.name)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--vision-lr-mult", type=float, default=d.vision_lr_mult)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--images-per-step", type=int, default=d.images_per_step)
+    p.add_argument("--p-single", type=float, default=d.p_single, help="fraction of single-object images")
+    p.add_argument("--single-presence", type=int, default=d.single_presence,
+                   help="has_color and has_shape questions added to each single-object image")
+    p.add_argument("--task-weight", type=_task_weight, action="append", default=[], metavar="TASK=W",
+                   help="per-answer loss weight of a task (repeatable), e.g. ground=2")
+    p.add_argument("--small-images-until", type=float, default=d.small_images_until,
+                   help="budget fraction trained on small images only (curriculum)")
+    p.add_argument("--small-max-pixels", type=int, default=d.small_max_pixels,
+                   help=f"what 'small' means for --small-images-until (default {d.small_max_pixels} = 320x448)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-every", type=float, default=5.0, help="quick eval every this many CPU-minutes")
+    p.add_argument("--eval-per-task", type=int, default=25, help="quick-eval samples per task (0: none)")
+    p.add_argument("--checkpoint-every", type=float, default=5.0, help="save state every this many wall minutes")
+    p.set_defaults(handler=_train_cmd)
+    return p

@@ -1,0 +1,137 @@
+"""The civic-shapes training loop: inputs as serving builds them, per-answer loss, resume, export.
+
+Runs on a micro model (a few seconds); accuracy is the long run's business, not a unit test's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from civic_vllm.data import shapes
+from civic_vllm.training import train as T
+
+
+@pytest.fixture(scope="module")
+def encoder() -> T.ChatEncoder:
+    return T.ChatEncoder(T.MICRO_PRESET)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 steps, then a resume to step 5 (which exports model/)."""
+    work = tmp_path_factory.mktemp("train") / "run"
+    recipe = T.Recipe(images_per_step=2, warmup_steps=2)
+    common = dict(threads=1, eval_per_task=1, log_every=1, progress=False)
+    T.train(work, max_steps=3, preset=T.MICRO_PRESET, recipe=recipe, export=False, **common)
+    assert T.load_state(work)["step"] == 3
+    T.train(work, max_steps=5, resume=True, **common)
+    return work
+
+
+def _chat(seed: int, kind: str) -> tuple[shapes.Scene, list[shapes.QA]]:
+    rng = np.random.default_rng(seed)
+    scene = shapes.sample_scene(rng, kind)
+    return scene, shapes.scene_questions(rng, scene)
+
+
+@pytest.mark.parametrize("kind", ["single", "multi"])
+def test_encoding_matches_chat_template_and_processor(encoder: T.ChatEncoder, kind: str) -> None:
+    """What the model is trained on is token for token what HF / vLLM serving will feed it."""
+    scene, qas = _chat(0, kind)
+    messages = []
+    for k, qa in enumerate(qas):
+        image = [{"type": "image"}] if k == 0 else []
+        messages.append({"role": "user", "content": [*image, {"type": "text", "text": qa.question}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": qa.answer}]})
+    proc = encoder.processor
+    for msgs, answers in ((messages, [q.answer for q in qas]), (messages[:1], None)):
+        text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=answers is None)
+        ref = proc(text=[text], images=[scene.image], return_tensors="pt")
+        enc = encoder.encode(scene.image, [q.question for q in qas][: len(msgs) // 2 or 1], answers)
+        assert torch.equal(enc.input_ids, ref["input_ids"])
+        assert torch.equal(enc.mm_token_type_ids, ref["mm_token_type_ids"].long())
+        assert torch.equal(enc.pixel_values, ref["pixel_values"])
+        assert torch.equal(enc.image_grid_thw, ref["image_grid_thw"])
+
+
+def test_answer_spans_and_per_answer_loss(encoder: T.ChatEncoder) -> None:
+    scene, qas = _chat(1, "single")  # includes a ~20-token box answer
+    enc = encoder.encode(scene.image, [q.question for q in qas], [q.answer for q in qas])
+    for k, qa in enumerate(qas):
+        span = enc.input_ids[0, enc.answer_of == k].tolist()
+        assert encoder.tokenizer.decode(span) == qa.answer + "<|im_end|>"
+    model = T.build_model(T.MICRO_PRESET, seed=0)
+    with torch.no_grad():
+        got = T.answer_losses(model, enc)
+        logits = model(**enc.model_inputs()).logits[0]
+    ce = F.cross_entropy(logits[:-1], enc.input_ids[0, 1:], reduction="none")
+    owner = enc.answer_of[1:]
+    want = torch.stack([ce[owner == k].mean() for k in range(len(qas))])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_lr_schedule() -> None:
+    r = T.Recipe(lr=1e-3, warmup_steps=10, min_lr_frac=0.1)
+    assert T.lr_factor(r, 0, 0.0) == pytest.approx(0.1)
+    assert T.lr_factor(r, 9, 0.0) == pytest.approx(1.0)
+    assert T.lr_factor(r, 100, 0.5) == pytest.approx(0.55)
+    assert T.lr_factor(r, 100, 1.0) == pytest.approx(0.1)
+
+
+def test_checkpoint_resume_and_curve(run_dir: Path) -> None:
+    state = T.load_state(run_dir)
+    assert state["step"] == 5 and state["preset"]["name"] == T.MICRO_PRESET.name
+    assert state["recipe"]["images_per_step"] == 2  # the saved recipe, not the default
+    assert set(state) >= {"model", "optimizer", "data_rng", "torch_rng", "schedule"}
+    records = [json.loads(line) for line in (run_dir / T.CURVE_FILE).read_text().splitlines()]
+    losses = [r for r in records if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4, 5]  # resumed at 3, no step twice
+    assert all({"cpu_min", "wall_min", "lr", "loss_by_task"} <= set(r) for r in losses)
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [3, 5]
+    assert {"overall", "color", "count", "ground"} <= set(evals[-1]["eval"])
+
+
+def test_resume_continues_the_same_data_stream(tmp_path: Path, run_dir: Path) -> None:
+    """Interrupted at step 3 and resumed, a run has drawn the same samples as an uninterrupted one.
+
+    (Weights differ: the first leg's schedule ran on a 3-step budget.)
+    """
+    straight = tmp_path / "straight"
+    T.train(straight, max_steps=5, preset=T.MICRO_PRESET, recipe=T.Recipe(images_per_step=2, warmup_steps=2),
+            eval_per_task=0, progress=False, export=False)
+    assert T.load_state(straight)["data_rng"] == T.load_state(run_dir)["data_rng"]
+
+
+def test_export_loads_in_hf(run_dir: Path) -> None:
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    out = run_dir / T.EXPORT_DIR
+    assert (out / "model.safetensors").stat().st_size < 50e6
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    model = Qwen3VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    trained = T.load_state(run_dir)["model"]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name].to(torch.bfloat16).float())
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.tokenizer.encode("[12, 3") == T.ChatEncoder(T.MICRO_PRESET).tokenizer.encode("[12, 3")
+    marker = json.loads((out / T.TRAIN_MARKER).read_text())
+    assert marker["step"] == 5
+
+
+def test_cli_parser(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    T.add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--out", str(tmp_path), "--minutes", "2", "--resume", "--threads", "1",
+                              "--lr", "5e-4", "--task-weight", "ground=2"])
+    got = (args.minutes, args.resume, args.threads, args.lr, args.task_weight)
+    assert got == (2.0, True, 1, 5e-4, [("ground", 2.0)])
+    assert callable(args.handler)
