@@ -238,45 +238,56 @@ def _single_qa(scene: Scene, task: str) -> QA:
     return QA(task, QUESTIONS[task], _format_box(box), {"box": box, "size": obj.size})
 
 
-def _presence_qa(rng: np.random.Generator, scene: Scene, task: str, exclude: set[str]) -> QA | None:
-    """A yes/no question, "yes" with probability 1/2 when both answers are possible."""
+def _presence_pools(scene: Scene, task: str) -> dict[str, list[str]]:
+    """The colours (or shapes) a has_* question would answer "yes" / "no" to."""
     names = list(COLORS) if task == "has_color" else list(SHAPES)
     present = {o.color if task == "has_color" else o.shape for o in scene.objects}
-    pools = {"yes": [v for v in names if v in present and v not in exclude],
-             "no": [v for v in names if v not in present and v not in exclude]}
-    want = "yes" if rng.random() < 0.5 else "no"
-    if not pools[want]:
-        want = "no" if want == "yes" else "yes"
-    if not pools[want]:
-        return None
-    value = pools[want][int(rng.integers(len(pools[want])))]
+    return {"yes": [v for v in names if v in present], "no": [v for v in names if v not in present]}
+
+
+def _presence_question(task: str, value: str, answer: str) -> QA:
     key = "colour" if task == "has_color" else "shape"
-    return QA(task, QUESTIONS[task].format(**{key: value}), want, {"_value": value})
+    return QA(task, QUESTIONS[task].format(**{key: value}), answer)
+
+
+def _presence_qa(rng: np.random.Generator, scene: Scene, task: str) -> QA:
+    """One yes/no question, "yes" with probability 1/2 (unless only one answer is possible)."""
+    pools = _presence_pools(scene, task)
+    want = "yes" if rng.random() < 0.5 else "no"
+    if not pools[want]:  # has_shape with all five shapes present
+        want = "no" if want == "yes" else "yes"
+    return _presence_question(task, pools[want][int(rng.integers(len(pools[want])))], want)
+
+
+def _presence_pairs(rng: np.random.Generator, scene: Scene, task: str, pairs: int) -> list[QA]:
+    """Up to ``pairs`` "yes" and as many "no" questions, all about distinct values.
+
+    Exactly balanced: asking k independent 50/50 questions without repeats runs out of "yes"
+    values first (one object has one colour), which skewed training towards "no".
+    """
+    pools = _presence_pools(scene, task)
+    m = min(pairs, len(pools["yes"]), len(pools["no"]))
+    return [_presence_question(task, pools[answer][int(i)], answer)
+            for answer in ("yes", "no") for i in rng.permutation(len(pools[answer]))[:m]]
 
 
 def scene_questions(
-    rng: np.random.Generator, scene: Scene, per_presence_task: int = 3, single_presence: int = 0
+    rng: np.random.Generator, scene: Scene, presence_pairs: int = 2, single_presence_pairs: int = 0
 ) -> list[QA]:
     """Every question worth asking about a scene, in random order (a multi-turn training chat).
 
-    Single: colour, shape, box, plus ``single_presence`` has_color and has_shape questions each
-    (extra supervision of the same skills at almost no cost: the image is encoded once).
-    Multi: the count and ``per_presence_task`` distinct has_color and has_shape questions each.
+    Single: colour, shape, box, plus ``single_presence_pairs`` yes/no pairs of has_color and of
+    has_shape questions (extra supervision at almost no cost: the image is encoded once).
+    Multi: the count and ``presence_pairs`` yes/no pairs of has_color and of has_shape questions.
     """
     if scene.kind == "single":
         qas = [_single_qa(scene, t) for t in SINGLE_TASKS]
-        n_presence = single_presence
+        pairs = single_presence_pairs
     else:
         qas = [QA("count", QUESTIONS["count"], str(len(scene.objects)))]
-        n_presence = per_presence_task
+        pairs = presence_pairs
     for task in ("has_color", "has_shape"):
-        asked: set[str] = set()
-        for _ in range(n_presence):
-            qa = _presence_qa(rng, scene, task, asked)
-            if qa is None:
-                break
-            asked.add(qa.extra["_value"])
-            qas.append(QA(qa.task, qa.question, qa.answer))
+        qas += _presence_pairs(rng, scene, task, pairs)
     return [qas[int(i)] for i in rng.permutation(len(qas))]
 
 
@@ -292,9 +303,7 @@ def generate_sample(
         return scene.image, _single_qa(scene, task)
     if task == "count":
         return scene.image, QA(task, QUESTIONS[task], str(len(scene.objects)))
-    qa = _presence_qa(rng, scene, task, set())
-    assert qa is not None  # nothing excluded: one of the two pools is never empty
-    return scene.image, QA(qa.task, qa.question, qa.answer)
+    return scene.image, _presence_qa(rng, scene, task)
 
 
 def record(sample_id: str, image_path: str, qa: QA) -> dict[str, Any]:

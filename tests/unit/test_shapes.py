@@ -33,13 +33,13 @@ QUESTION_PATTERNS = {
 @pytest.fixture(scope="module")
 def singles() -> list[S.Scene]:
     rng = np.random.default_rng(0)
-    return [S.sample_scene(rng, "single") for _ in range(300)]
+    return [S.sample_scene(rng, "single") for _ in range(200)]
 
 
 @pytest.fixture(scope="module")
 def multis() -> list[S.Scene]:
     rng = np.random.default_rng(1)
-    return [S.sample_scene(rng, "multi") for _ in range(300)]
+    return [S.sample_scene(rng, "multi") for _ in range(200)]
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +65,14 @@ def test_images_sizes_and_light_background(singles: list[S.Scene], multis: list[
     for scene in singles + multis:
         assert scene.image.mode == "RGB"
         seen.add(scene.image.size)
-        a = np.asarray(scene.image).astype(float)
+        a = np.asarray(scene.image)
         free = np.ones(a.shape[:2], bool)
         for o in scene.objects:
             free[o.y : o.y + o.size, o.x : o.x + o.size] = False
-        mean = a[free].mean(axis=0)
+        background = a[::3, ::3][free[::3, ::3]].astype(np.float32)  # every 9th pixel is plenty
+        mean = background.mean(axis=0)
         assert (mean >= 165).all() and (mean <= 255).all(), mean  # light, noise or gradient on top
-        assert a[free].std(axis=0).max() <= 40  # mild noise / gentle gradient only
+        assert background.std(axis=0).max() <= 40  # mild noise / gentle gradient only
     assert seen == SPEC_SIZES
 
 
@@ -163,18 +164,21 @@ def test_scene_questions_cover_a_scene(singles: list[S.Scene], multis: list[S.Sc
     rng = np.random.default_rng(5)
     qas = S.scene_questions(rng, singles[0])
     assert sorted(q.task for q in qas) == sorted(S.SINGLE_TASKS)
-    qas = S.scene_questions(rng, singles[0], single_presence=2)
+    qas = S.scene_questions(rng, singles[0], single_presence_pairs=1)
     assert Counter(q.task for q in qas) == {"color": 1, "shape": 1, "ground": 1, "has_color": 2, "has_shape": 2}
-    for scene in multis[:50]:
-        qas = S.scene_questions(rng, scene, per_presence_task=3)
+    answers: Counter = Counter()
+    for scene in multis[:100]:
+        qas = S.scene_questions(rng, scene, presence_pairs=2)
         tasks = Counter(q.task for q in qas)
-        assert tasks["count"] == 1 and tasks["has_color"] == 3 and 1 <= tasks["has_shape"] <= 3
+        assert tasks["count"] == 1 and tasks["has_color"] in (2, 4) and tasks["has_shape"] in (0, 2, 4)
         assert len({q.question for q in qas}) == len(qas)
         present = {o.color for o in scene.objects} | {o.shape for o in scene.objects}
         for q in qas:
             if q.task.startswith("has_"):
                 word = q.question.removeprefix("Is there a ").split()[0].rstrip("?")
                 assert q.answer == ("yes" if word in present else "no")
+                answers[q.answer] += 1
+    assert answers["yes"] == answers["no"]  # training chats are exactly balanced too
 
 
 def test_write_dataset_files_and_determinism(tmp_path: Path) -> None:

@@ -85,6 +85,18 @@ def test_lr_schedule() -> None:
     assert T.lr_factor(r, 100, 1.0) == pytest.approx(0.1)
 
 
+def test_size_curriculum() -> None:
+    recipe = T.Recipe(images_per_step=12, size_curriculum=[(0.2, 256 * 256), (0.5, 320 * 448)])
+    rng = np.random.default_rng(0)
+
+    def sizes(progress: float) -> set[tuple[int, int]]:
+        return {scene.image.size for scene, _ in T.sample_chats(rng, recipe, progress)}
+
+    assert sizes(0.1) == {(256, 256)}
+    assert sizes(0.3) <= {(256, 256), (320, 448), (448, 320)} and len(sizes(0.3) | sizes(0.3)) > 1
+    assert any(w * h > 320 * 448 for w, h in sizes(0.6) | sizes(0.6))
+
+
 def test_checkpoint_resume_and_curve(run_dir: Path) -> None:
     state = T.load_state(run_dir)
     assert state["step"] == 5 and state["preset"]["name"] == T.MICRO_PRESET.name
@@ -131,7 +143,7 @@ def test_cli_parser(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     T.add_train_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--out", str(tmp_path), "--minutes", "2", "--resume", "--threads", "1",
-                              "--lr", "5e-4", "--task-weight", "ground=2"])
-    got = (args.minutes, args.resume, args.threads, args.lr, args.task_weight)
-    assert got == (2.0, True, 1, 5e-4, [("ground", 2.0)])
+                              "--lr", "5e-4", "--task-weight", "ground=2", "--size-curriculum", "0.1:65536,0.3:143360"])
+    got = (args.minutes, args.resume, args.threads, args.lr, args.task_weight, args.size_curriculum)
+    assert got == (2.0, True, 1, 5e-4, [("ground", 2.0)], [(0.1, 65536), (0.3, 143360)])
     assert callable(args.handler)
