@@ -16,6 +16,7 @@ def register_with_vllm() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.registry import _ModelRegistry
 
+    from civic_vllm.vllm_adapter.encoder_budget import install_encoder_budget_hook
     from civic_vllm.vllm_adapter.model_impl import SUPPORTED_ARCHITECTURES, install_model_impl_hook
 
     if not vllm.__version__.startswith(TESTED_VLLM_VERSIONS):
@@ -30,3 +31,4 @@ def register_with_vllm() -> None:
             # Lazy "module:Class" form: the model module imports only when it is used.
             ModelRegistry.register_model(civic_arch, f"civic_vllm.vllm_adapter.model:{civic_arch}")
     install_model_impl_hook(_ModelRegistry)
+    install_encoder_budget_hook()
