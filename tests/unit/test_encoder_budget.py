@@ -184,6 +184,12 @@ def test_unknown_image_size_takes_a_whole_step(caplog):
     assert "scheduled alone" in caplog.text
 
 
+def test_data_the_manager_does_not_understand_never_raises_in_the_scheduler():
+    manager = civic_manager(step_budget=256)
+    odd = request("odd", image_feature("odd", (14, 14), 20, exit_layer=9))  # depth is 4
+    assert manager.encoder_cost(odd, 0) == 256  # a whole step, as for an unknown size
+
+
 def test_a_step_starts_fresh_even_without_get_freed_mm_hashes():
     manager = civic_manager(step_budget=1000)
     first = request("a", image_feature("a", (28, 28), K_BENCH))
