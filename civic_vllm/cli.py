@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.set_defaults(handler=_make_model)
 
     from civic_vllm.data.shapes import add_data_parser
+    from civic_vllm.evaluation import add_eval_parser
     from civic_vllm.planner import add_plan_parser
+    from civic_vllm.training.distill import add_distill_parser
     from civic_vllm.training.train import add_train_parser
     from civic_vllm.viz import add_viz_parser
 
@@ -36,14 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_viz_parser(commands)
     add_data_parser(commands)
     add_train_parser(commands)
+    add_eval_parser(commands)
+    add_distill_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from civic_vllm.serving import ServerError
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ServerError) as exc:
         print(f"civic {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -327,19 +327,28 @@ def _split_counts(n: int) -> dict[str, int]:
     return counts
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int = 0) -> dict[str, Path]:
+def write_dataset(out_dir: str | Path, n: int, seed: int = 0, splits: Sequence[str] | None = None) -> dict[str, Path]:
     """Write ``n`` samples as ``{train,val,test}.jsonl`` (80/10/10) + ``images/*.png`` under out_dir.
+
+    ``splits`` writes only those (e.g. the test split of a large set, cheaply); their content
+    and ids are the same as in the full set.
 
     Each split balances the six tasks (round robin, then shuffled) and draws from its own
     child seed, so a split's content does not depend on the other splits' sizes' rounding.
     Ids (``s000001``...) are unique across splits; all images share one folder.
     """
+    unknown = set(splits or ()) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; choose from {', '.join(SPLITS)}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     next_id = 1
     children = np.random.SeedSequence(seed).spawn(len(SPLITS))
     for (split, count), child in zip(_split_counts(n).items(), children):
+        if splits is not None and split not in splits:
+            next_id += count
+            continue
         rng = np.random.default_rng(child)
         tasks = [TASKS[i % len(TASKS)] for i in range(count)]
         tasks = [tasks[int(i)] for i in rng.permutation(count)]
@@ -392,7 +401,7 @@ def is_correct(rec: dict[str, Any], output: str) -> bool:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    paths = write_dataset(args.out, args.n, args.seed)
+    paths = write_dataset(args.out, args.n, args.seed, args.splits)
     for split, path in paths.items():
         print(f"{split}: {sum(1 for _ in path.open())} samples -> {path}")
     return 0
@@ -406,5 +415,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     synth.add_argument("--n", type=int, required=True, help="samples over all splits")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--splits", nargs="+", choices=tuple(SPLITS), default=None,
+                       help="write only these splits (same content and ids as in the full set)")
     synth.set_defaults(handler=_synth)
     return data

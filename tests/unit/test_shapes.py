@@ -203,6 +203,12 @@ def test_write_dataset_files_and_determinism(tmp_path: Path) -> None:
     first = recs["train"][0]["image"]
     assert (tmp_path / "a" / first).read_bytes() == (tmp_path / "b" / first).read_bytes()
     assert paths["train"].read_text() != other["train"].read_text()
+    only_test = S.write_dataset(tmp_path / "d", 30, seed=7, splits=["test"])
+    assert list(only_test) == ["test"] and not (tmp_path / "d" / "train.jsonl").exists()
+    assert only_test["test"].read_text() == paths["test"].read_text()
+    assert len(list((tmp_path / "d" / "images").iterdir())) == 3
+    with pytest.raises(ValueError, match="unknown split"):
+        S.write_dataset(tmp_path / "e", 30, splits=["dev"])
 
 
 def test_generate_sample_is_deterministic_per_seed() -> None:

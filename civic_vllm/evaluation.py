@@ -1,0 +1,448 @@
+"""``civic eval``: civic-shapes accuracy through the real serving path (``vllm serve --model-impl civic``).
+
+Any JSONL in the shared format is accepted (``id``, ``image`` relative to the JSONL file,
+``question``, ``answer``, ``task``, optional ``box`` / ``size``), including sets this project
+did not generate. Every sample is one OpenAI chat request (image, then question; greedy;
+``max_tokens`` 24) whose per-request ``mm_processor_kwargs`` select the method:
+
+* ``full``      every visual token (``civic_policy=full``);
+* ``civic`` / ``pool`` / ``random``  the retention policy at ``civic_ratio=R``;
+* ``downscale`` the image shrunk by the processor (per-request ``size.longest_edge``) to at
+  most the K = round(R * N) tokens the retention policies keep, the closest such size.
+
+Visual tokens reaching the LLM are read from the plugin's counters on ``/metrics`` (so they are
+what the server did, not what this file expects); KV blocks per request follow vLLM's allocation
+``ceil((prompt + completion - 1) / block_size)`` (verified against a live server by the planner tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from PIL import Image
+
+from civic_vllm.budget import num_retained
+from civic_vllm.client import image_data_url, image_message
+from civic_vllm.data import shapes
+from civic_vllm.serving import ServerError
+
+METHODS = ("full", "civic", "downscale", "pool", "random")
+MAX_TOKENS = 24  # the spec's decoding budget
+REQUIRED_FIELDS = ("image", "question", "answer", "task")
+RETAINED_METRIC = "civic:visual_tokens_retained_total"
+VISUAL_METRIC = "civic:visual_tokens_total"
+
+
+class EvalDataError(ValueError):
+    """A problem with the data file, naming the file and line."""
+
+
+class EvalServerError(ServerError):
+    """The server refused or failed a request: evaluation stops rather than counting it as wrong."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    line: int
+    record: dict[str, Any]
+    image_path: Path
+
+    @property
+    def size_split(self) -> str | None:
+        size = self.record.get("size")
+        if size is None:
+            return None
+        return "small" if size <= shapes.SMALL_MAX else "large"
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def _check_record(rec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise EvalDataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if k not in rec]
+    if missing:
+        raise EvalDataError(f"{where}: missing field(s) {', '.join(missing)}")
+    for key in ("image", "question", "task"):
+        if not isinstance(rec[key], str) or not rec[key].strip():
+            raise EvalDataError(f"{where}: field {key!r} must be a non-empty string")
+    if isinstance(rec["answer"], bool) or not isinstance(rec["answer"], str | int):
+        raise EvalDataError(f"{where}: field 'answer' must be a string")
+    rec = {**rec, "answer": str(rec["answer"])}
+    if rec["task"] == "ground":
+        box = rec.get("box", shapes.parse_box(rec["answer"]))
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)):
+            raise EvalDataError(f"{where}: a ground sample needs 'box' (or an answer) of four numbers, got {box!r}")
+        rec["box"] = [float(v) for v in box]
+    size = rec.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int | float) or size < 0):
+        raise EvalDataError(f"{where}: field 'size' must be a non-negative number, got {size!r}")
+    return rec
+
+
+def load_samples(path: str | Path) -> list[Sample]:
+    """Every sample of a JSONL file, checked; a bad line raises :class:`EvalDataError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: no such data file")
+    samples = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise EvalDataError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            rec = _check_record(raw, where)
+            rec.setdefault("id", f"line{lineno}")
+            image_path = (path.parent / rec["image"]).resolve()
+            if not image_path.is_file():
+                raise EvalDataError(f"{where}: image {rec['image']!r} not found (looked for {image_path})")
+            try:
+                with Image.open(image_path) as img:
+                    img.size  # noqa: B018 - the header parse is the check
+            except OSError as exc:
+                raise EvalDataError(f"{where}: image {rec['image']!r} cannot be read: {exc}") from None
+            samples.append(Sample(lineno, rec, image_path))
+    if not samples:
+        raise EvalDataError(f"{path}: no samples")
+    return samples
+
+
+# --------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """What the model's image processor does to sizes (from its preprocessor config)."""
+
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def tokens(self, width: int, height: int, max_pixels: int | None = None, min_pixels: int | None = None) -> int:
+        from civic_vllm.planner import resized_image
+
+        w, h = resized_image(width, height, self.patch_size, self.merge_size,
+                             self.min_pixels if min_pixels is None else min_pixels,
+                             self.max_pixels if max_pixels is None else max_pixels)
+        return (w // self.factor) * (h // self.factor)
+
+    def downscale_max_pixels(self, width: int, height: int, ratio: float) -> tuple[int, int]:
+        """(longest_edge, tokens): the processor size that gives the most tokens <= K = round(r * N).
+
+        The budget is the retention policies' K for this image, so downscale is compared at
+        the same visual-token count (never more).
+        """
+        full = self.tokens(width, height)
+        budget = num_retained(full, ratio)
+        f2 = self.factor ** 2
+        best = (budget * f2, self.tokens(width, height, budget * f2, f2))
+        for k in range(budget + 1, full + 1):  # smart_resize floors both sides: a larger cap may still fit
+            tokens = self.tokens(width, height, k * f2, f2)
+            if tokens > budget:
+                break
+            best = (k * f2, tokens)
+        return best
+
+
+def geometry_of(model: str) -> ImageGeometry:
+    from civic_vllm.planner import load_model
+
+    info = load_model(model, with_tokenizer=False)
+    return ImageGeometry(info.dims.vision.patch_size, info.dims.vision.spatial_merge_size,
+                         info.min_pixels, info.max_pixels)
+
+
+def request_kwargs(method: str, ratio: float, exit_layer: int | None, image_size: tuple[int, int],
+                   geometry: ImageGeometry | None) -> dict[str, Any]:
+    """``mm_processor_kwargs`` of one request."""
+    if method in ("full", "downscale"):
+        kwargs: dict[str, Any] = {"civic_policy": "full"}
+        if method == "downscale" and ratio < 1:
+            assert geometry is not None
+            longest, _ = geometry.downscale_max_pixels(*image_size, ratio)
+            kwargs["size"] = {"shortest_edge": geometry.factor ** 2, "longest_edge": longest}
+        return kwargs
+    kwargs = {"civic_policy": method, "civic_ratio": ratio}
+    if exit_layer is not None:
+        kwargs["civic_exit_layer"] = exit_layer
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------
+
+
+def _mean(values: Sequence[bool]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def majority_baseline(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Accuracy of always giving each task's most common answer (scored like the model)."""
+    by_task: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_task[s.record["task"]].append(s)
+    answers, per_task, hits = {}, {}, []
+    for task, group in sorted(by_task.items()):
+        answer = Counter(s.record["answer"].strip().lower() for s in group).most_common(1)[0][0]
+        ok = [shapes.is_correct(s.record, answer) for s in group]
+        answers[task], per_task[task] = answer, _mean(ok)
+        hits += ok
+    return {"accuracy": _mean(hits), "per_task": per_task, "answers": answers}
+
+
+def score(samples: Sequence[Sample], outputs: Sequence[str]) -> dict[str, Any]:
+    """Overall, per task, and small / large (single-object samples with ``size``)."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for sample, output in zip(samples, outputs, strict=True):
+        ok = shapes.is_correct(sample.record, output)
+        task = sample.record["task"]
+        hits["overall"].append(ok)
+        hits[task].append(ok)
+        if (split := sample.size_split) is not None:
+            hits[split].append(ok)
+            hits[f"{task}_{split}"].append(ok)
+    tasks = sorted({s.record["task"] for s in samples})
+    return {
+        "accuracy": _mean(hits["overall"]),
+        "per_task": {t: _mean(hits[t]) for t in tasks},
+        "per_task_n": {t: len(hits[t]) for t in tasks},
+        "splits": {k: _mean(hits[k]) for k in ("small", "large") if hits[k]},
+        "splits_n": {k: len(hits[k]) for k in ("small", "large") if hits[k]},
+        "per_task_split": {k: _mean(v) for k, v in sorted(hits.items()) if k.endswith(("_small", "_large"))},
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+
+
+def _metrics(url: str) -> str:
+    return requests.get(url + "/metrics", timeout=30).text
+
+
+def block_size_of(metrics_text: str) -> int | None:
+    """vLLM exports its cache config as labels of ``vllm:cache_config_info``."""
+    for line in metrics_text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            for part in line[line.index("{") + 1:line.rindex("}")].split(","):
+                key, _, value = part.partition("=")
+                if key.strip() == "block_size":
+                    return int(value.strip().strip('"'))
+    return None
+
+
+def served_model(url: str) -> str:
+    data = requests.get(url + "/v1/models", timeout=30).json()["data"]
+    return data[0]["id"]
+
+
+def evaluate(
+    samples: Sequence[Sample],
+    url: str,
+    *,
+    method: str,
+    ratio: float = 1.0,
+    exit_layer: int | None = None,
+    geometry: ImageGeometry | None = None,
+    concurrency: int = 8,
+    api_key: str | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> dict[str, Any]:
+    """Send every sample to the server at ``url``; the scored result (see module doc).
+
+    The server should serve nothing else meanwhile: visual-token means come from its counters.
+    """
+    from civic_vllm.serving import metric_value
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if not (0 < ratio <= 1) or math.isnan(ratio):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if method == "full" and ratio != 1:
+        raise ValueError("method 'full' keeps every visual token: use --ratio 1")
+    if method == "downscale" and geometry is None:
+        raise ValueError("method 'downscale' needs the model's image geometry")
+    model_id = served_model(url)
+    before = _metrics(url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    local = threading.local()
+
+    def ask(index: int) -> tuple[int, str, dict[str, int]]:
+        sample = samples[index]
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        with Image.open(sample.image_path) as img:
+            image = img.convert("RGB")
+        body = {
+            "model": model_id,
+            "messages": image_message(sample.record["question"], [image_data_url(image)]),
+            "max_tokens": MAX_TOKENS, "temperature": 0.0,
+            "mm_processor_kwargs": request_kwargs(method, ratio, exit_layer, image.size, geometry),
+        }
+        resp = session.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=600)
+        if resp.status_code != 200:
+            raise EvalServerError(f"line {sample.line} ({sample.record['id']}): HTTP {resp.status_code}: "
+                                  f"{resp.text[:500]}")
+        out = resp.json()
+        return index, out["choices"][0]["message"]["content"] or "", out["usage"]
+
+    from tqdm import tqdm
+
+    outputs: list[str] = [""] * len(samples)
+    usages: list[dict[str, int]] = [{}] * len(samples)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        futures = [pool.submit(ask, i) for i in range(len(samples))]
+        try:
+            for fut in tqdm(as_completed(futures), total=len(futures), disable=not progress,
+                            desc=desc or f"{method} r={ratio:.3g}", unit="req"):
+                index, text, usage = fut.result()
+                outputs[index], usages[index] = text, usage
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    wall = time.perf_counter() - start
+    after = _metrics(url)
+    block_size = block_size_of(after)
+    if block_size is None:
+        raise EvalServerError(f"{url}/metrics has no vllm:cache_config_info block_size: is it a vLLM server?")
+
+    from civic_vllm.planner import kv_blocks
+
+    n = len(samples)
+    visual = metric_value(after, RETAINED_METRIC) - metric_value(before, RETAINED_METRIC)
+    visual_full = metric_value(after, VISUAL_METRIC) - metric_value(before, VISUAL_METRIC)
+    blocks = [kv_blocks(u["prompt_tokens"] + max(u["completion_tokens"] - 1, 0), block_size) for u in usages]
+    result = {
+        "model": model_id, "method": method, "ratio": ratio, "exit_layer": exit_layer, "n": n,
+        **score(samples, outputs),
+        "baseline": majority_baseline(samples),
+        "mean_visual_tokens": round(visual / n, 2),
+        "mean_visual_tokens_before_retention": round(visual_full / n, 2),
+        "mean_prompt_tokens": round(sum(u["prompt_tokens"] for u in usages) / n, 2),
+        "mean_kv_blocks": round(sum(blocks) / n, 3),
+        "block_size": block_size,
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(n / wall, 3),
+    }
+    result["predictions"] = [
+        {"id": s.record["id"], "line": s.line, "task": s.record["task"], "answer": s.record["answer"],
+         "output": o, "correct": shapes.is_correct(s.record, o)}
+        for s, o in zip(samples, outputs, strict=True)
+    ]
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    base = result["baseline"]
+    lines = [f"{result['method']} r={result['ratio']:.3g}  n={result['n']}  accuracy {result['accuracy']:.3f} "
+             f"(most-common-answer baseline {base['accuracy']:.3f})  visual tokens {result['mean_visual_tokens']:.1f}"
+             f"  KV blocks {result['mean_kv_blocks']:.2f}"]
+    for task, acc in result["per_task"].items():
+        lines.append(f"  {task:<10} {acc:.3f}  (baseline {base['per_task'][task]:.3f}, n={result['per_task_n'][task]})")
+    for key, acc in result["per_task_split"].items():
+        lines.append(f"  {key:<16} {acc:.3f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def _ratio(text: str) -> float:
+    from civic_vllm.planner import PlanError, parse_ratios
+
+    try:
+        ratios = parse_ratios([text])
+    except PlanError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(ratios) != 1:
+        raise argparse.ArgumentTypeError(f"one ratio expected, got {text!r}")
+    return ratios[0][1]
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from civic_vllm.model_factory import resolve_model
+    from civic_vllm.serving import ServerConfig, VllmServer
+
+    samples = load_samples(args.data)
+    model = resolve_model(args.model or _default_model())
+    geometry = geometry_of(model) if args.method == "downscale" else None
+    if args.server:
+        result = evaluate(samples, args.server.rstrip("/"), method=args.method, ratio=args.ratio,
+                          exit_layer=args.exit_layer, geometry=geometry, concurrency=args.concurrency,
+                          api_key=args.api_key)
+    else:
+        print(f"starting vllm serve {model} --model-impl civic ...", file=sys.stderr)
+        config = ServerConfig(model=model, dtype=args.dtype, images_per_prompt=1)
+        with VllmServer(config) as server:
+            result = evaluate(samples, server.url, method=args.method, ratio=args.ratio,
+                              exit_layer=args.exit_layer, geometry=geometry, concurrency=args.concurrency)
+    result["data"] = str(Path(args.data).resolve())
+    predictions = result.pop("predictions")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.predictions:
+        Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    print(summary(result))
+    print(f"-> {out}")
+    return 0
+
+
+def _default_model() -> str:
+    from civic_vllm.demo import default_model
+
+    return default_model()
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``civic eval --data FILE.jsonl --method M --ratio R --out RESULT.json [--model M]``."""
+    p = subparsers.add_parser("eval", help="accuracy on a civic-shapes JSONL through vllm serve --model-impl civic")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or HF repo id (default: the trained models/civic-shapes-tiny)")
+    p.add_argument("--data", required=True, help="JSONL in the civic-shapes format (image paths relative to it)")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--ratio", type=_ratio, default=1.0, help="retention ratio in (0, 1], e.g. 0.5 or 1/3")
+    p.add_argument("--exit-layer", type=int, default=None, help="civic_exit_layer (vision block to retain after)")
+    p.add_argument("--out", required=True, help="result JSON")
+    p.add_argument("--predictions", default=None, help="also write every output as JSONL here")
+    p.add_argument("--server", default=None, help="use a running server (URL) instead of starting one")
+    p.add_argument("--api-key", default=None, help="with --server: its --api-key")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--dtype", default="float32",
+                   help="serving dtype (default float32: on CPUs without AMX it is faster than bfloat16)")
+    p.set_defaults(handler=run_eval)
+    return p

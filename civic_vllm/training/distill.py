@@ -1,0 +1,273 @@
+"""``civic distill``: text-aligned KL distillation of the compact path.
+
+Teacher: the full-token model, frozen. Student: the same weights run through CIVIC's compact
+path (:mod:`civic_vllm.hf_compact`: retention on the vision tower, compact prompt, the same
+positions vLLM's civic path uses) at a ratio drawn per chat from ``ratios``. Loss, on the
+answer tokens only (the text the user reads): KL(teacher || student) of the next-token
+distributions, averaged per answer then over answers, plus optionally ``ce_weight`` x the
+answers' cross-entropy. Which parameters learn is a choice (``--params``):
+
+* ``merger``  the patch merger and DeepStack mergers (the projection into the LLM),
+* ``vision``  the whole vision tower (with an exit layer: also the blocks after it),
+* ``all``     every parameter.
+
+Data are civic-shapes chats generated on the fly, as in ``civic train``; the result is a
+regular checkpoint directory that ``vllm serve ... --model-impl civic`` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from civic_vllm.budget import num_retained
+from civic_vllm.hf_compact import build_compact_batch
+from civic_vllm.retention.plan import ImageRetention
+from civic_vllm.training import train as tr
+
+PARAM_CHOICES = ("merger", "vision", "all")
+DISTILL_MARKER = "civic_distill.json"
+
+
+@dataclass
+class DistillRecipe:
+    ratios: list[float] = field(default_factory=lambda: [0.5, 1 / 3, 0.25, 0.15])
+    policy: str = "civic"
+    exit_layer: int | None = None
+    params: str = "merger"
+    lr: float = 1e-4
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    warmup_steps: int = 20
+    clip_norm: float = 1.0
+    seed: int = 0
+    # the data mix of civic train's recipe (images per step, single share, presence pairs)
+    data: tr.Recipe = field(default_factory=tr.Recipe)
+
+
+def trainable_parameters(model, which: str) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze ``which``; returns the parameters that learn."""
+    if which not in PARAM_CHOICES:
+        raise ValueError(f"--params must be one of {', '.join(PARAM_CHOICES)}, got {which!r}")
+    visual = model.model.visual
+    modules = {
+        "merger": [visual.merger, *visual.deepstack_merger_list],
+        "vision": [visual],
+        "all": [model],
+    }[which]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def load_hf_model(path: str | Path):
+    """An HF checkpoint (bf16 on disk) as an fp32 model, plus its preset."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    path = Path(path)
+    marker = path / tr.TRAIN_MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint written by civic train (no {tr.TRAIN_MARKER})")
+    preset = tr._preset_from_dict(json.loads(marker.read_text())["preset"])
+    model = Qwen3VLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
+    return model, preset
+
+
+def _answer_targets(enc: tr.Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose next token is an answer token, and the answer each belongs to."""
+    owner = enc.answer_of[1:]
+    pos = torch.nonzero(owner >= 0).squeeze(1)
+    return pos, owner[pos]
+
+
+def _per_answer_mean(values: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    n = int(owner.max()) + 1
+    sums = torch.zeros(n, dtype=values.dtype).index_add(0, owner, values)
+    return sums / torch.bincount(owner, minlength=n).to(values.dtype)
+
+
+def student_plans(enc: tr.Encoded, merge: int, ratio: float, recipe: DistillRecipe) -> list[ImageRetention]:
+    plans = []
+    for _, h, w in enc.image_grid_thw.tolist():
+        grid = (h // merge, w // merge)
+        plans.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio),
+                                    policy=recipe.policy, exit_layer=recipe.exit_layer))
+    return plans
+
+
+def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: DistillRecipe,
+                   merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-answer KL(teacher || student) and cross-entropy of one chat, student at ``ratio``."""
+    pos, owner = _answer_targets(enc)
+    with torch.no_grad():
+        t_hidden = teacher.model(**enc.model_inputs(), use_cache=False).last_hidden_state[0]
+        t_logp = F.log_softmax(teacher.lm_head(t_hidden[pos]) / recipe.temperature, dim=-1)
+
+    batch = build_compact_batch(student, enc.input_ids, enc.pixel_values, enc.image_grid_thw,
+                                enc.mm_token_type_ids, student_plans(enc, merge, ratio, recipe))
+    s_hidden = student.model.language_model(
+        input_ids=None, inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids,
+        visual_pos_masks=batch.visual_pos_masks, deepstack_visual_embeds=batch.deepstack_embeds,
+    ).last_hidden_state[0]
+    # Text columns survive compaction in order: full text column j -> compact text column j.
+    image_id = student.config.image_token_id
+    compact_of = torch.full((enc.input_ids.shape[1],), -1, dtype=torch.long)
+    compact_of[torch.nonzero(enc.input_ids[0] != image_id).squeeze(1)] = torch.nonzero(
+        batch.input_ids[0] != image_id).squeeze(1)
+    s_pos = compact_of[pos]
+    assert bool((s_pos >= 0).all()), "an answer target fell on an image column"
+    s_logits = student.lm_head(s_hidden[s_pos])
+    s_logp = F.log_softmax(s_logits / recipe.temperature, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1) * recipe.temperature ** 2
+    ce = F.cross_entropy(s_logits, enc.input_ids[0, pos + 1], reduction="none")
+    return _per_answer_mean(kl, owner), _per_answer_mean(ce, owner)
+
+
+def distill(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    recipe: DistillRecipe | None = None,
+    minutes: float = 15.0,
+    max_steps: int | None = None,
+    threads: int = 1,
+    log_every: int = 10,
+    progress: bool = True,
+) -> Path:
+    """Distil for ``minutes`` training CPU-minutes (or ``max_steps``); export to ``out_dir``."""
+    from tqdm import tqdm
+
+    recipe = recipe or DistillRecipe()
+    torch.set_num_threads(threads)
+    teacher, preset = load_hf_model(model_dir)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    student.train()
+    params = trainable_parameters(student, recipe.params)
+    if recipe.exit_layer is not None and not (1 <= recipe.exit_layer <= preset.vision.depth):
+        raise ValueError(f"exit layer must be in 1..{preset.vision.depth}, got {recipe.exit_layer}")
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    encoder = tr.ChatEncoder(preset)
+    merge = preset.vision.spatial_merge_size
+    rng = np.random.default_rng([recipe.seed, 2])
+    out = Path(out_dir)
+    log_path = out.parent / f"{out.name}.curve.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
+    budget = minutes * 60.0
+    step, cpu = 0, 0.0
+    window: dict[str, list[float]] = defaultdict(list)
+    bar = tqdm(total=max_steps or round(minutes, 1), unit="step" if max_steps else "cpu-min", disable=not progress,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    with tr._Stop() as stop:
+        while not stop.requested and (step < max_steps if max_steps else cpu < budget):
+            t0 = time.process_time()
+            for g in optimizer.param_groups:
+                g["lr"] = recipe.lr * min(1.0, (step + 1) / recipe.warmup_steps)
+            optimizer.zero_grad(set_to_none=True)
+            chats = tr.sample_chats(rng, recipe.data, 1.0)
+            n_answers = sum(len(qas) for _, qas in chats)
+            for scene, qas in chats:
+                enc = encoder.encode(scene.image, [q.question for q in qas], [q.answer for q in qas])
+                ratio = float(recipe.ratios[int(rng.integers(len(recipe.ratios)))])
+                kl, ce = distill_losses(teacher, student, enc, ratio, recipe, merge)
+                ((kl.sum() + recipe.ce_weight * ce.sum()) / n_answers).backward()
+                window["kl"] += kl.tolist()
+                window["ce"] += ce.tolist()
+            if recipe.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, recipe.clip_norm)
+            optimizer.step()
+            step += 1
+            cpu += time.process_time() - t0
+            bar.update(1 if max_steps else round(min(cpu, budget) / 60, 1) - bar.n)
+            if step % log_every == 0:
+                rec = {"step": step, "cpu_min": round(cpu / 60, 3),
+                       **{k: round(float(np.mean(v)), 4) for k, v in window.items()}}
+                with log_path.open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                bar.set_postfix(kl=f"{rec['kl']:.4f}", ce=f"{rec['ce']:.3f}", refresh=False)
+                window.clear()
+    bar.close()
+    info = {"distill": {**asdict(recipe), "teacher": str(Path(model_dir).resolve()), "steps": step,
+                        "cpu_min": round(cpu / 60, 3), "stopped_early": stop.requested,
+                        "curve": log_path.name}}
+    path = tr.export_model(student, preset, out, info)
+    (path / DISTILL_MARKER).write_text(json.dumps(info["distill"], indent=2) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def _ratios(text: str) -> list[float]:
+    from civic_vllm.planner import PlanError, parse_ratios
+
+    try:
+        return [r for _, r in parse_ratios([text])]
+    except PlanError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _distill_cmd(args: argparse.Namespace) -> int:
+    from civic_vllm.evaluation import _default_model
+
+    recipe = DistillRecipe(ratios=args.ratios, policy=args.policy, exit_layer=args.exit_layer, params=args.params,
+                           lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed)
+    path = distill(args.model or _default_model(), args.out, recipe=recipe, minutes=args.minutes,
+                   max_steps=args.max_steps, threads=args.threads)
+    print(path)
+    return 0
+
+
+def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``civic distill --out DIR [--model M] [--params merger|vision|all] ...``."""
+    d = DistillRecipe()
+    p = subparsers.add_parser("distill", help="KL-distil the compact path from the full-token model")
+    p.add_argument("--model", default=None, help="teacher checkpoint (default: models/civic-shapes-tiny)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--params", choices=PARAM_CHOICES, default=d.params, help="which parameters learn")
+    p.add_argument("--ratios", type=_ratios, default=d.ratios, help="student ratios, one drawn per chat (e.g. 0.5,1/3)")
+    p.add_argument("--policy", default=d.policy, choices=("civic", "pool", "random"))
+    p.add_argument("--exit-layer", type=int, default=None, help="student's civic_exit_layer")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="weight of the answers' cross-entropy")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--minutes", type=float, default=15.0, help="budget in training CPU-minutes")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(handler=_distill_cmd)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m civic_vllm.training.distill --out DIR ...``: the same as ``civic distill``."""
+    parser = argparse.ArgumentParser(prog="python -m civic_vllm.training.distill")
+    sub = parser.add_subparsers(dest="command")
+    add_distill_parser(sub)
+    args = parser.parse_args(["distill", *(sys.argv[1:] if argv is None else argv)])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

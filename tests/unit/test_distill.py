@@ -1,0 +1,80 @@
+"""civic distill on a micro model: the loss is aligned on answer tokens, only the chosen parameters learn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from civic_vllm.data import shapes
+from civic_vllm.training import distill as D
+from civic_vllm.training import train as T
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("teacher") / "run"
+    T.train(work, max_steps=2, preset=T.MICRO_PRESET, recipe=T.Recipe(images_per_step=2, warmup_steps=1),
+            threads=1, eval_per_task=0, progress=False)
+    return work / T.EXPORT_DIR
+
+
+@pytest.fixture(scope="module")
+def models(teacher_dir: Path):
+    teacher, preset = D.load_hf_model(teacher_dir)
+    return teacher, preset
+
+
+def _chat(preset, seed: int, kind: str):
+    rng = np.random.default_rng(seed)
+    scene = shapes.sample_scene(rng, kind)
+    qas = shapes.scene_questions(rng, scene)
+    return T.ChatEncoder(preset).encode(scene.image, [q.question for q in qas], [q.answer for q in qas]), qas
+
+
+@pytest.mark.parametrize("kind", ["single", "multi"])
+def test_kl_is_zero_at_full_retention_and_positive_when_pruned(models, kind: str) -> None:
+    """At r = 1 the compact path is the full path: the answer-aligned KL must vanish."""
+    teacher, preset = models
+    enc, qas = _chat(preset, 3, kind)
+    merge = preset.vision.spatial_merge_size
+    recipe = D.DistillRecipe()
+    kl_full, ce_full = D.distill_losses(teacher, teacher, enc, 1.0, recipe, merge)
+    assert kl_full.shape == (len(qas),) and float(kl_full.detach().abs().max()) < 1e-4
+    reference = T.answer_losses(teacher, enc)  # the training loss of the same answers
+    torch.testing.assert_close(ce_full, reference, atol=1e-4, rtol=1e-4)
+    kl_pruned, _ = D.distill_losses(teacher, teacher, enc, 0.15, recipe, merge)
+    assert float(kl_pruned.detach().max()) > 1e-6
+
+
+def test_trainable_parameter_choices(models) -> None:
+    teacher, _ = models
+    import copy
+
+    model = copy.deepcopy(teacher)
+    merger = D.trainable_parameters(model, "merger")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".merger." in n or "deepstack_merger_list" in n for n in names)
+    assert len(merger) == len(names)
+    D.trainable_parameters(model, "vision")
+    assert all(p.requires_grad == n.startswith("model.visual.") for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="--params must be one of"):
+        D.trainable_parameters(model, "lora")
+
+
+def test_distill_trains_only_the_merger_and_exports_a_checkpoint(teacher_dir: Path, tmp_path: Path) -> None:
+    out = D.distill(teacher_dir, tmp_path / "student", recipe=D.DistillRecipe(
+        params="merger", lr=1e-2, ratios=[0.25], data=T.Recipe(images_per_step=1)), max_steps=3, log_every=1,
+        progress=False)
+    before, after = load_file(teacher_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".merger." in k or "deepstack_merger_list" in k for k in changed)
+    info = json.loads((out / D.DISTILL_MARKER).read_text())
+    assert info["steps"] == 3 and info["params"] == "merger"
+    curve = [json.loads(line) for line in (tmp_path / "student.curve.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [1, 2, 3] and all(np.isfinite(r["kl"]) for r in curve)
+    D.load_hf_model(out)  # loads as a checkpoint again (vLLM loading is covered in tests/e2e)
