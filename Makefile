@@ -33,6 +33,11 @@ bench-kv: install
 bench-kernels: install
 	$(PY) -m benchmarks.kernels.bench_kernels
 
+# Accuracy vs retention ratio on the civic-shapes test split through vllm serve (full, civic,
+# civic + KL distillation, downscale, pool, random; early exit layers): benchmarks/results/accuracy.*
+bench-accuracy: install
+	$(PY) -m benchmarks.accuracy
+
 # Serving benchmark: vanilla vs --model-impl civic under locust load (bench preset, fixed KV pool).
 # Writes benchmarks/results/serve.json, serve/ (CSVs, plots, summary.md). QUICK=1: a few minutes.
 .PHONY: bench-serve

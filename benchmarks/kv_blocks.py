@@ -873,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
             "resident_requests": f"one non-streaming chat request with n sequences (ignore_eos, prefix caching "
                                  f"off, so no block is shared) queues them all at once; peak {M_RUNNING} "
                                  f"while {M_WAITING} > 0, sampled every {plan.bounds.poll_s}s until it has "
-                                 f"not grown for {plan.bounds.settle_s}s; the max over {plan.bounds.residency_runs} run(s)",
+                                 f"not grown for {plan.bounds.settle_s}s; the max over "
+                                 f"{plan.bounds.residency_runs} run(s)",
             "analytic": "blocks = ceil((prompt + output) / block_size) with output = "
                         f"{PROBE_TOKENS}; resident = floor(usable_blocks / blocks); "
                         "resident_at_admission = floor(usable_blocks / ceil(prompt / block_size)), "

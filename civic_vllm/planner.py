@@ -801,9 +801,9 @@ def _one_line_error(prog: str):
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.error = _one_line_error("civic plan")  # type: ignore[method-assign]
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", default=None,
                         help="checkpoint directory, Hugging Face repo id (local cache only) or preset "
-                             f"({', '.join(sorted(mf.PRESETS))})")
+                             f"({', '.join(sorted(mf.PRESETS))}); default: the trained models/civic-shapes-tiny")
     parser.add_argument("--image", action="append", required=True, type=_arg(parse_image_size), metavar="WxH",
                         help="image size in pixels; repeat for several images of different sizes")
     parser.add_argument("--images", type=_int_at_least(1), default=None, metavar="N",
@@ -867,6 +867,10 @@ def run_plan(args: argparse.Namespace) -> int:
     """The ``plan`` handler: 0 and the table (or JSON) on stdout, 2 and one line on stderr."""
     try:
         request = request_from_args(args)
+        if args.model is None:
+            from civic_vllm.demo import default_model
+
+            args.model = default_model()
         plan = make_plan(load_model(args.model), request)
     except PlanError as exc:
         print(f"civic plan: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -1,0 +1,110 @@
+"""Which parameters are worth distilling? Train each choice for the same budget, compare on val.
+
+    python -m benchmarks.distill_params [--minutes 6] [--n-val 300] [--install]
+
+For each ``--params`` choice of ``civic distill`` (merger, vision, all) it distils the trained
+full-token model for the same CPU-minute budget (one process per choice, one thread each, run
+side by side), then evaluates every student through ``vllm serve --model-impl civic`` with the
+civic policy on the civic-shapes *validation* split (the test split stays for
+``benchmarks.accuracy``) at r = 1/3 and 0.15, next to the undistilled model. Writes
+``benchmarks/results/distill_params.json``; with ``--install`` the best student (highest mean
+accuracy over the two ratios) becomes ``models/civic-shapes-tiny-distilled``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.accuracy import DATA_ROOT, DATA_SEED, RESULTS, ROOT, ratio_label
+
+CHOICES = ("merger", "vision", "all")
+RATIOS = (1 / 3, 0.15)
+
+
+def val_split(n_val: int) -> Path:
+    from civic_vllm.data import shapes
+
+    out = DATA_ROOT / f"seed{DATA_SEED}-val{n_val}"
+    path = out / "val.jsonl"
+    if not path.exists():
+        shapes.write_dataset(out, n_val * 10, DATA_SEED, splits=["val"])
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from civic_vllm.demo import default_model
+    from civic_vllm.evaluation import evaluate, load_samples
+    from civic_vllm.serving import ServerConfig, VllmServer
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.distill_params", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="teacher (default: models/civic-shapes-tiny)")
+    p.add_argument("--minutes", type=float, default=6.0, help="distillation budget per choice, CPU-minutes")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--n-val", type=int, default=300)
+    p.add_argument("--work", default=str(RESULTS / "tmp" / "distill"), help="where students are written")
+    p.add_argument("--install", action="store_true", help="copy the best student to models/civic-shapes-tiny-distilled")
+    args = p.parse_args(argv)
+
+    teacher = args.model or default_model()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    samples = load_samples(val_split(args.n_val))
+    start = time.time()
+    procs = {}
+    for choice in CHOICES:  # side by side: each is single-threaded
+        log = (work / f"{choice}.log").open("w")
+        procs[choice] = (subprocess.Popen(
+            [sys.executable, "-m", "civic_vllm.training.distill", "--model", teacher, "--out", str(work / choice),
+             "--params", choice, "--minutes", str(args.minutes), "--lr", str(args.lr), "--threads", "1"],
+            stdout=log, stderr=subprocess.STDOUT), log)
+    for choice, (proc, log) in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"distill --params {choice} failed: see {work / (choice + '.log')}")
+        log.close()
+    distill_minutes = round((time.time() - start) / 60, 1)
+
+    rows = []
+    for label, model in [("none", teacher)] + [(c, str(work / c)) for c in CHOICES]:
+        with VllmServer(ServerConfig(model=model, dtype="float32", images_per_prompt=1)) as server:
+            for r in RATIOS:
+                res = evaluate(samples, server.url, method="civic", ratio=r, desc=f"{label} r={ratio_label(r)}")
+                res.pop("predictions")
+                rows.append({"params": label, "ratio": r, "accuracy": res["accuracy"], "per_task": res["per_task"],
+                             "splits": res["splits"], "visual_tokens": res["mean_visual_tokens"]})
+                print(f"params={label} r={ratio_label(r)}: {res['accuracy']:.3f}", file=sys.stderr)
+
+    def mean_acc(label: str) -> float:
+        return sum(r["accuracy"] for r in rows if r["params"] == label) / len(RATIOS)
+
+    best = max(CHOICES, key=mean_acc)
+    curves = {c: [json.loads(line) for line in (work / f"{c}.curve.jsonl").read_text().splitlines()] for c in CHOICES}
+    result = {
+        "command": "python -m benchmarks.distill_params " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "teacher": teacher, "minutes_per_choice": args.minutes, "lr": args.lr, "n_val": len(samples),
+        "distill_wall_minutes": distill_minutes, "rows": rows,
+        "mean_accuracy": {label: round(mean_acc(label), 4) for label in ("none", *CHOICES)},
+        "best": best, "final_kl": {c: (curves[c][-1]["kl"] if curves[c] else None) for c in CHOICES},
+    }
+    out = RESULTS / "distill_params.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for label in ("none", *CHOICES):
+        print(f"{label:<7} mean accuracy over r={[ratio_label(r) for r in RATIOS]}: {mean_acc(label):.4f}")
+    print(f"best: {best} -> {out}")
+    if args.install:
+        dest = ROOT / "models" / "civic-shapes-tiny-distilled"
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(work / best, dest)
+        shutil.copy(work / f"{best}.curve.jsonl", dest / "distill_curve.jsonl")
+        print(f"installed {work / best} -> {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
