@@ -143,6 +143,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = [("overall", lambda r: r["accuracy"]), ("small objects", lambda r: r["splits"].get("small")),
               ("grounding Acc@0.5", lambda r: r["per_task"].get("ground"))]
@@ -168,6 +169,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         if base is not None:
             ax.axhline(base, color="grey", linestyle=":", linewidth=0.8, label="most-common answer")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(list(RATIOS), [ratio_label(r) for r in RATIOS])
         ax.invert_xaxis()
         ax.set_xlabel("retention ratio r (visual tokens kept)")
@@ -197,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="120 samples, ratios 1 and 1/3, no exit layers")
     p.add_argument("--out", default=str(RESULTS / "accuracy.json"))
+    p.add_argument("--replot", action="store_true", help="redraw the PNG and Markdown from --out without measuring")
     args = p.parse_args(argv)
+    if args.replot:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        Path(args.out).with_suffix(".md").write_text(table(rows) + "\n")
+        plot(rows, Path(args.out).with_suffix(".png"))
+        return 0
 
     model = args.model or default_model()
     distilled = args.distilled or str(ROOT / "models" / "civic-shapes-tiny-distilled")

@@ -1042,8 +1042,8 @@ def packing_note(run: Run, lim_row: dict, users: int) -> str:
     """How many image prompts fit one scheduler step, and the longest decode stall seen at ``users``.
 
     vLLM budgets a step's prompt tokens (max_num_batched_tokens) and its encoder work in placeholder
-    tokens; a civic image has K placeholders but costs a full-patch vision-tower pass, so one step can
-    take in ~N/K times more encoder work than vanilla's, stalling every decoding request meanwhile."""
+    tokens; a civic image has K placeholders but costs a full-patch vision-tower pass, so the plugin's
+    encoder cache manager re-counts encoder work at N per image (civic_vllm/vllm_adapter/encoder_budget.py)."""
     t, n, k = lim_row.get("T_text_tokens"), lim_row.get("N_visual_tokens"), lim_row.get("K_kept_tokens")
     if t is None or not n or not k:
         return ""
@@ -1052,9 +1052,11 @@ def packing_note(run: Run, lim_row: dict, users: int) -> str:
     stall = (f"; the longest gap between two tokens of one request was "
              f"{fmt((civic or {}).get('client', {}).get('itl_max_s'), '.1f')} s with civic vs "
              f"{fmt((vanilla or {}).get('client', {}).get('itl_max_s'), '.1f')} s with vanilla") if civic else ""
-    return (f"Scheduling: a step takes up to {MAX_NUM_BATCHED_TOKENS // (t + k)} civic prompts (T+K = {t + k} "
-            f"tokens each, every one a full-patch encoder pass) vs {MAX_NUM_BATCHED_TOKENS // (t + n)} vanilla "
-            f"ones (T+N = {t + n}){stall}. ")
+    encoded = max(1, MAX_NUM_BATCHED_TOKENS // n)  # CivicEncoderCacheManager: N per image at the default exit
+    return (f"Scheduling: a step's token budget fits {MAX_NUM_BATCHED_TOKENS // (t + k)} civic prompts (T+K = "
+            f"{t + k} tokens each) vs {MAX_NUM_BATCHED_TOKENS // (t + n)} vanilla ones (T+N = {t + n}); the plugin's "
+            f"encoder budget lets a step start at most {encoded} full-patch vision passes (at the default exit "
+            f"layer){stall}. ")
 
 
 def diagnose(run: Run, acc: dict, lim: list[dict], ratios: list[dict], probes: dict) -> list[str]:
@@ -1095,9 +1097,8 @@ def diagnose(run: Run, acc: dict, lim: list[dict], ratios: list[dict], probes: d
               f"takes {fmt(lim_row.get('service_time_ratio_c1'), '.2f')}x less engine time than a vanilla one "
               "(prefill + decode), which bounds what more resident requests can add on one compute thread. "
               + packing_note(run, lim_row, 8)
-              + "Closing it needs the encoder cost cut too (civic_exit_layer), an encoder budget counted in "
-              "full-image cost, or hardware where decode is memory-bound so a larger resident batch is nearly "
-              "free (a GPU).")
+              + "Closing it needs the encoder cost cut too (civic_exit_layer) or hardware where decode is "
+              "memory-bound so a larger resident batch is nearly free (a GPU).")
     if not allc["pass"] and allc["value"] is not None:
         bad = {c: v for c, v in allc["also"]["per_concurrency"].items() if v is not None and v < 1}
         out.append(f"Throughput below vanilla at concurrency {sorted(bad)} (worst {allc['value']:.2f}x): see the "
