@@ -261,12 +261,7 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m civic_vllm.training.distill --out DIR ...``: the same as ``civic distill``."""
-    parser = argparse.ArgumentParser(prog="python -m civic_vllm.training.distill")
-    sub = parser.add_subparsers(dest="command")
-    add_distill_parser(sub)
-    args = parser.parse_args(["distill", *(sys.argv[1:] if argv is None else argv)])
-    return args.handler(args)
+    return tr.run_as_module(add_distill_parser, "distill", "civic_vllm.training.distill", argv)
 
 
 if __name__ == "__main__":

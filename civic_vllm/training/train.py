@@ -663,13 +663,16 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m civic_vllm.training.train --out DIR ...``: the same as ``civic train``."""
-    parser = argparse.ArgumentParser(prog="python -m civic_vllm.training.train")
-    sub = parser.add_subparsers(dest="command")
-    add_train_parser(sub)
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+def run_as_module(add_parser, command: str, module: str, argv: Sequence[str] | None) -> int:
+    """``python -m MODULE ARGS`` = ``civic COMMAND ARGS`` (no console script needed, e.g. under nice/taskset)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
     return args.handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_as_module(add_train_parser, "train", "civic_vllm.training.train", argv)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,13 @@ def test_distill_trains_only_the_merger_and_exports_a_checkpoint(teacher_dir: Pa
     curve = [json.loads(line) for line in (tmp_path / "student.curve.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == [1, 2, 3] and all(np.isfinite(r["kl"]) for r in curve)
     D.load_hf_model(out)  # loads as a checkpoint again (vLLM loading is covered in tests/e2e)
+
+
+def test_module_entry_points_parse_like_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    for main, prog in ((D.main, "civic_vllm.training.distill"), (T.main, "civic_vllm.training.train")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0 and f"python -m {prog}" in capsys.readouterr().out
+        with pytest.raises(SystemExit) as exit_info:
+            main([])  # --out is required
+        assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
