@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.accuracy import DATA_ROOT, DATA_SEED, RESULTS, ROOT, ratio_label
+from civic_vllm.training.distill import CURVE_FILE
 
 CHOICES = ("merger", "vision", "all")
 RATIOS = (1 / 3, 0.15)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return sum(r["accuracy"] for r in rows if r["params"] == label) / len(RATIOS)
 
     best = max(CHOICES, key=mean_acc)
-    curves = {c: [json.loads(line) for line in (work / f"{c}.curve.jsonl").read_text().splitlines()] for c in CHOICES}
+    curves = {c: [json.loads(line) for line in (work / c / CURVE_FILE).read_text().splitlines()] for c in CHOICES}
     result = {
         "command": "python -m benchmarks.distill_params " + " ".join(argv if argv is not None else sys.argv[1:]),
         "teacher": teacher, "minutes_per_choice": args.minutes, "lr": args.lr, "n_val": len(samples),
@@ -101,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(work / best, dest)
-        shutil.copy(work / f"{best}.curve.jsonl", dest / "distill_curve.jsonl")
         print(f"installed {work / best} -> {dest}")
     return 0
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -38,6 +39,7 @@ from civic_vllm.training import train as tr
 
 PARAM_CHOICES = ("merger", "vision", "all")
 DISTILL_MARKER = "civic_distill.json"
+CURVE_FILE = "distill_curve.jsonl"  # KL / CE every log_every steps, inside the exported checkpoint
 
 
 @dataclass
@@ -169,7 +171,7 @@ def distill(
     merge = preset.vision.spatial_merge_size
     rng = np.random.default_rng([recipe.seed, 2])
     out = Path(out_dir)
-    log_path = out.parent / f"{out.name}.curve.jsonl"
+    log_path = out.parent / f".{out.name}.{CURVE_FILE}"  # moved into the checkpoint at the end
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
     budget = minutes * 60.0
@@ -208,9 +210,10 @@ def distill(
     bar.close()
     info = {"distill": {**asdict(recipe), "teacher": str(Path(model_dir).resolve()), "steps": step,
                         "cpu_min": round(cpu / 60, 3), "stopped_early": stop.requested,
-                        "curve": log_path.name}}
+                        "curve": CURVE_FILE}}
     path = tr.export_model(student, preset, out, info)
     (path / DISTILL_MARKER).write_text(json.dumps(info["distill"], indent=2) + "\n")
+    shutil.move(log_path, path / CURVE_FILE)
     return path
 
 

@@ -75,8 +75,9 @@ def test_distill_trains_only_the_merger_and_exports_a_checkpoint(teacher_dir: Pa
     assert changed and all(".merger." in k or "deepstack_merger_list" in k for k in changed)
     info = json.loads((out / D.DISTILL_MARKER).read_text())
     assert info["steps"] == 3 and info["params"] == "merger"
-    curve = [json.loads(line) for line in (tmp_path / "student.curve.jsonl").read_text().splitlines()]
+    curve = [json.loads(line) for line in (out / D.CURVE_FILE).read_text().splitlines()]
     assert [r["step"] for r in curve] == [1, 2, 3] and all(np.isfinite(r["kl"]) for r in curve)
+    assert info["curve"] == D.CURVE_FILE and sorted(p.name for p in tmp_path.iterdir()) == ["student"]
     D.load_hf_model(out)  # loads as a checkpoint again (vLLM loading is covered in tests/e2e)
 
 
