@@ -1,7 +1,8 @@
-"""`make demo`: serve the default model with --model-impl civic and ask about a real photograph.
+"""`make demo`: serve the default model with --model-impl civic and ask about a real photograph
+and two civic-shapes images (the trained default model's task).
 
-Prints, for ratio 1.0 (vanilla-equivalent) and the CIVIC ratio: the answer, visual
-tokens before/after retention (from the server's /metrics), prompt tokens and TTFT.
+Prints, for ratio 1.0 (vanilla-equivalent) and the CIVIC ratio: the answer (and the expected one),
+visual tokens before/after retention (from the server's /metrics), prompt tokens and TTFT.
 """
 
 from __future__ import annotations
@@ -72,6 +73,24 @@ def ask(server: VllmServer, image, question: str, ratio: float) -> dict:
     }
 
 
+def shapes_examples() -> list[tuple[str, object, str, str]]:
+    """Two civic-shapes questions the trained default model can answer: (label, image, question, truth)."""
+    import numpy as np
+
+    from civic_vllm.data import shapes
+
+    rng = np.random.default_rng(13)
+    small = shapes.sample_scene(rng, "single", [(448, 448)])
+    while small.objects[0].size > shapes.SMALL_MAX:  # a small object: what naive pruning loses
+        small = shapes.sample_scene(rng, "single", [(448, 448)])
+    multi = shapes.sample_scene(rng, "multi", [(448, 448)])
+    obj = small.objects[0]
+    return [
+        (f"civic-shapes, one {obj.size}px {obj.shape}", small.image, shapes.QUESTIONS["color"], obj.color),
+        ("civic-shapes, several objects", multi.image, shapes.QUESTIONS["count"], str(len(multi.objects))),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="local checkpoint dir or HF repo id")
@@ -79,20 +98,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", default="What is in the picture?")
     args = parser.parse_args(argv)
     model = args.model or default_model()
-    image = bundled_photo()
+    photo = bundled_photo()
+    examples = [("skimage astronaut photograph", photo, args.question, "")] + shapes_examples()
     print(f"model: {model}\nstarting: vllm serve {model} --model-impl civic (127.0.0.1) ...", flush=True)
     with VllmServer(ServerConfig(model=model, civic=True)) as server:
         # Warm up on a mirrored copy: first-request costs are not CIVIC's, and the same
         # image would turn the measured request into a prefix-cache hit.
-        ask(server, image.transpose(0), args.question, 1.0)
-        rows = [ask(server, image, args.question, ratio) for ratio in (1.0, args.ratio)]
-    print(f"\nimage: skimage astronaut photograph, 448x448; question: {args.question!r}\n")
-    print(f"{'ratio':>6} {'visual tokens':>14} {'kept':>5} {'prompt tokens':>14} {'TTFT (s)':>9}  answer")
-    for row in rows:
-        print(
-            f"{row['ratio']:>6.3f} {row['visual_tokens']:>14} {row['visual_tokens_kept']:>5} "
-            f"{row['prompt_tokens']:>14} {row['ttft_s']:>9.3f}  {row['answer']!r}"
-        )
+        ask(server, photo.transpose(0), args.question, 1.0)
+        results = [(label, question, truth, [ask(server, image, question, r) for r in (1.0, args.ratio)])
+                   for label, image, question, truth in examples]
+    for label, question, truth, rows in results:
+        note = " (the default model was trained on shapes only)" if args.model is None else ""
+        expected = f"; expected answer: {truth!r}" if truth else note
+        print(f"\nimage: {label}, 448x448; question: {question!r}{expected}")
+        print(f"{'ratio':>6} {'visual tokens':>14} {'kept':>5} {'prompt tokens':>14} {'TTFT (s)':>9}  answer")
+        for row in rows:
+            print(
+                f"{row['ratio']:>6.3f} {row['visual_tokens']:>14} {row['visual_tokens_kept']:>5} "
+                f"{row['prompt_tokens']:>14} {row['ttft_s']:>9.3f}  {row['answer']!r}"
+            )
     print("\nserver stopped.")
     return 0
 
