@@ -824,12 +824,17 @@ def build_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", help="model_factory preset to build and serve (default tiny)")
+def add_served_model_args(parser: argparse.ArgumentParser, preset: str, quick_help: str) -> None:
+    """--preset / --model / --dtype / --quick, shared by the serving benchmarks."""
+    parser.add_argument("--preset", default=preset, help=f"model_factory preset to build and serve (default {preset})")
     parser.add_argument("--model", help="serve this checkpoint directory instead of a preset")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--quick", action="store_true", help="ratios 1 and 1/3, shorter bounds")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_served_model_args(parser, "tiny", "ratios 1 and 1/3, shorter bounds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the PNG goes beside it")
     args = parser.parse_args(argv)
 

@@ -62,7 +62,7 @@ import numpy as np
 import requests
 
 from benchmarks.kv_blocks import BenchError as KvBenchError
-from benchmarks.kv_blocks import Geometry, environment_info, pool_geometry, wait_idle
+from benchmarks.kv_blocks import Geometry, add_served_model_args, environment_info, pool_geometry, wait_idle
 from benchmarks.locust import Record, StreamError, Workload, model_id, stream_chat, summarize_sizes
 from civic_vllm.budget import num_merged_tokens, num_retained
 from civic_vllm.model_factory import make_model, models_root
@@ -1185,6 +1185,16 @@ def colour(label: str, configs: list[Config]) -> str:
     return COLOURS.get(label) or _PALETTE[civic.index(label) % len(_PALETTE)]
 
 
+def concurrency_axes(ax, cs: list[int], ylabel: str, xlabel: str) -> None:
+    """Concurrency on a log2 x axis with one tick per measured point, y from 0."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(cs, [str(c) for c in cs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
+
 def plot_all(run: Run, ratios: list[dict], lim: list[dict]) -> list[Path]:
     import matplotlib
 
@@ -1215,12 +1225,7 @@ def plot_all(run: Run, ratios: list[dict], lim: list[dict]) -> list[Path]:
                     for (g, suffix), st in zip(getters, ["-o", "--s"]):
                         ax.plot(cs, series(wname, label, g), st, color=colour(label, run.configs),
                                 label=label + suffix, ms=4)
-                ax.set_xscale("log", base=2)
-                ax.set_xticks(cs, [str(c) for c in cs])
-                ax.set_xlabel("concurrency (locust users)")
-                ax.set_ylabel(ylabel)
-                ax.set_ylim(bottom=0)
-                ax.grid(alpha=0.3)
+                concurrency_axes(ax, cs, ylabel, "concurrency (locust users)")
                 if i == 0:
                     ax.set_title(wname)
                 ax.legend(fontsize=7)
@@ -1278,12 +1283,7 @@ def plot_all(run: Run, ratios: list[dict], lim: list[dict]) -> list[Path]:
             ax.axhline(1.0, color="black", lw=0.8)
             if wname == ACCEPT_WORKLOAD:
                 ax.axhline(goal, color="green", ls="--", lw=0.8, label=f"goal {goal}x")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(cs, [str(c) for c in cs])
-            ax.set_xlabel("concurrency")
-            ax.set_ylabel(ylabel)
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
+            concurrency_axes(ax, cs, ylabel, "concurrency")
             ax.legend(fontsize=7)
             if i == 0:
                 ax.set_title(wname)
@@ -1734,10 +1734,7 @@ def write_report(run: Run, state: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="bench", help="model_factory preset to build and serve (default bench)")
-    parser.add_argument("--model", help="serve this checkpoint directory instead of a preset")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--quick", action="store_true", help="short bounds (also: QUICK=1 in the environment)")
+    add_served_model_args(parser, "bench", "short bounds (also: QUICK=1 in the environment)")
     parser.add_argument("--ratio", type=Fraction, default=Fraction(1, 3), help="CIVIC ratio to compare (default 1/3)")
     parser.add_argument("--workload", type=parse_workload, action="append",
                         help=f"{sorted(WORKLOADS)} or NAME:WxH:IMAGES:WORDS; repeatable "
