@@ -1835,6 +1835,16 @@ def write_report(run: Run, state: dict) -> dict:
     return report
 
 
+def wait_for_quiet_machine(timeout_s: float = 300.0) -> tuple[float, float, float]:
+    """The load average once its 1-minute value is below IDLE_LOAD (it lags the CPUs by about a
+    minute, so a run started right after other work would be flagged as not idle), or at timeout."""
+    deadline = time.monotonic() + timeout_s
+    while (load := os.getloadavg())[0] > IDLE_LOAD and time.monotonic() < deadline:
+        log(f"waiting for the machine to be idle: 1-min load average {load[0]:.2f} > {IDLE_LOAD}")
+        time.sleep(15)
+    return load
+
+
 def exit_layers_arg(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
@@ -1888,7 +1898,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.monotonic()
-    load_start = os.getloadavg()
+    load_start = wait_for_quiet_machine()
     run = build_run(args)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     run.raw_dir.mkdir(parents=True, exist_ok=True)
