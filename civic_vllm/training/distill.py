@@ -91,19 +91,6 @@ def load_hf_model(path: str | Path):
     return model, preset
 
 
-def _answer_targets(enc: tr.Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions whose next token is an answer token, and the answer each belongs to."""
-    owner = enc.answer_of[1:]
-    pos = torch.nonzero(owner >= 0).squeeze(1)
-    return pos, owner[pos]
-
-
-def _per_answer_mean(values: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-    n = int(owner.max()) + 1
-    sums = torch.zeros(n, dtype=values.dtype).index_add(0, owner, values)
-    return sums / torch.bincount(owner, minlength=n).to(values.dtype)
-
-
 def student_plans(enc: tr.Encoded, merge: int, ratio: float, recipe: DistillRecipe) -> list[ImageRetention]:
     plans = []
     for _, h, w in enc.image_grid_thw.tolist():
@@ -116,7 +103,7 @@ def student_plans(enc: tr.Encoded, merge: int, ratio: float, recipe: DistillReci
 def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: DistillRecipe,
                    merge: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-answer KL(teacher || student) and cross-entropy of one chat, student at ``ratio``."""
-    pos, owner = _answer_targets(enc)
+    pos, owner = tr.answer_targets(enc)
     with torch.no_grad():
         t_hidden = teacher.model(**enc.model_inputs(), use_cache=False).last_hidden_state[0]
         t_logp = F.log_softmax(teacher.lm_head(t_hidden[pos]) / recipe.temperature, dim=-1)
@@ -138,7 +125,7 @@ def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: Dist
     s_logp = F.log_softmax(s_logits / recipe.temperature, dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1) * recipe.temperature ** 2
     ce = F.cross_entropy(s_logits, enc.input_ids[0, pos + 1], reduction="none")
-    return _per_answer_mean(kl, owner), _per_answer_mean(ce, owner)
+    return tr.per_answer_mean(kl, owner), tr.per_answer_mean(ce, owner)
 
 
 def distill(

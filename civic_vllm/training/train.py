@@ -50,7 +50,8 @@ from civic_vllm.model_factory import ModelPreset, TextDims, VisionDims
 
 __all__ = [
     "SHAPES_PRESET", "MICRO_PRESET", "Recipe", "ChatEncoder", "Encoded", "train", "train_step",
-    "quick_eval", "eval_samples", "export_model", "load_state", "add_train_parser",
+    "quick_eval", "eval_samples", "export_model", "load_state", "add_train_parser", "answer_targets",
+    "per_answer_mean",
 ]
 
 # The spec's probe shape (text 256 x 4, vision 192 x 4). vLLM CPU: text head_dim 64 is a
@@ -215,17 +216,27 @@ def build_model(preset: ModelPreset, seed: int):
     return model
 
 
+def answer_targets(enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose next token is an answer token, and the answer each belongs to."""
+    target_owner = enc.answer_of[1:]
+    pos = torch.nonzero(target_owner >= 0).squeeze(1)
+    return pos, target_owner[pos]
+
+
+def per_answer_mean(values: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Mean of per-token ``values`` over each answer's tokens: shape [n_answers]."""
+    n = int(owner.max()) + 1
+    sums = torch.zeros(n, dtype=values.dtype).index_add(0, owner, values)
+    return sums / torch.bincount(owner, minlength=n).to(values.dtype)
+
+
 def answer_losses(model, enc: Encoded) -> torch.Tensor:
     """Mean cross-entropy of each answer's tokens: shape [n_answers]."""
     hidden = model.model(**enc.model_inputs(), use_cache=False).last_hidden_state[0]
-    target_owner = enc.answer_of[1:]
-    pos = torch.nonzero(target_owner >= 0).squeeze(1)
+    pos, owner = answer_targets(enc)
     logits = model.lm_head(hidden[pos])  # only where a target is, the LM head is 1/3 of the FLOPs
     ce = F.cross_entropy(logits, enc.input_ids[0, pos + 1], reduction="none")
-    owner = target_owner[pos]
-    n = int(owner.max()) + 1
-    sums = torch.zeros(n, dtype=ce.dtype).index_add(0, owner, ce)
-    return sums / torch.bincount(owner, minlength=n).to(ce.dtype)
+    return per_answer_mean(ce, owner)
 
 
 def param_groups(model, recipe: Recipe) -> list[dict[str, Any]]:
