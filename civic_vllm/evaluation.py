@@ -18,6 +18,7 @@ what the server did, not what this file expects); KV blocks per request follow v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -400,16 +401,13 @@ def run_eval(args: argparse.Namespace) -> int:
     samples = load_samples(args.data)
     model = resolve_model(args.model or _default_model())
     geometry = geometry_of(model) if args.method == "downscale" else None
-    if args.server:
-        result = evaluate(samples, args.server.rstrip("/"), method=args.method, ratio=args.ratio,
-                          exit_layer=args.exit_layer, geometry=geometry, concurrency=args.concurrency,
-                          api_key=args.api_key)
-    else:
-        print(f"starting vllm serve {model} --model-impl civic ...", file=sys.stderr)
-        config = ServerConfig(model=model, dtype=args.dtype, images_per_prompt=1)
-        with VllmServer(config) as server:
-            result = evaluate(samples, server.url, method=args.method, ratio=args.ratio,
-                              exit_layer=args.exit_layer, geometry=geometry, concurrency=args.concurrency)
+    with contextlib.ExitStack() as stack:
+        url = args.server.rstrip("/") if args.server else None
+        if url is None:
+            print(f"starting vllm serve {model} --model-impl civic ...", file=sys.stderr)
+            url = stack.enter_context(VllmServer(ServerConfig(model=model, dtype=args.dtype, images_per_prompt=1))).url
+        result = evaluate(samples, url, method=args.method, ratio=args.ratio, exit_layer=args.exit_layer,
+                          geometry=geometry, concurrency=args.concurrency, api_key=args.api_key)
     result["data"] = str(Path(args.data).resolve())
     predictions = result.pop("predictions")
     out = Path(args.out)
