@@ -68,6 +68,7 @@ from benchmarks.locust import Record, StreamError, Workload, model_id, stream_ch
 from civic_vllm.budget import num_merged_tokens, num_retained
 from civic_vllm.model_factory import make_model, models_root
 from civic_vllm.serving import ServerConfig, ServerError, VllmServer, metric_value
+from civic_vllm.vllm_adapter.encoder_budget import image_encoder_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -603,6 +604,11 @@ class Run:
                              **kw)
 
     @property
+    def full_tower_labels(self) -> set[str]:
+        """Probed civic configurations whose vision tower runs on every patch (no early exit)."""
+        return {c.label for c in self.probe_configs if c.server == "civic" and not c.exit_layer}
+
+    @property
     def main_configs(self) -> list[Config]:
         """The civic configurations at the compared ratio (--ratio): default exit, then each exit layer."""
         return [c for c in self.configs if c.server == "civic" and c.ratio == self.args.ratio]
@@ -933,19 +939,19 @@ def probe_summary(run: Run, spec: WorkloadSpec) -> dict:
                                                             statistics.median(x) if x else None)
             ci = bootstrap_ratio_ci(v, x)
             entry[key[:-2] + "_speedup_ci95"] = ci
-    out["fit"] = prefill_fit(out)
+    out["fit"] = prefill_fit(out, run.full_tower_labels)
     return out
 
 
-def prefill_fit(probe: dict) -> dict | None:
+def prefill_fit(probe: dict, labels: set[str]) -> dict | None:
     """Server-side split of the engine's prefill time: a least-squares line through the civic
     server's median prefill time (``vllm:request_prefill_time_seconds``: scheduled -> first token)
     against its prompt tokens (T + K) over the probed ratios. The slope is the LLM's cost per
     prompt token; the intercept is what does not shrink with K: the vision tower on all patches,
-    the merger/selection and fixed per-step costs (an upper bound of the vision tower's time)."""
+    the merger/selection and fixed per-step costs (an upper bound of the vision tower's time).
+    Only ``labels``, configurations without an early exit (which shrinks the tower too), count."""
     pts = [(e["prompt_tokens"], e["server_prefill_s"]) for label, e in probe["configs"].items()
-           if label.startswith("civic") and " exit " not in label  # an early exit shrinks the tower too
-           and e.get("prompt_tokens") and e.get("server_prefill_s") is not None]
+           if label in labels and e.get("prompt_tokens") and e.get("server_prefill_s") is not None]
     if len({x for x, _ in pts}) < 2:
         return None
     x, y = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
@@ -961,12 +967,10 @@ def prefill_fit(probe: dict) -> dict | None:
 
 
 def tower_fraction(n: int, k: int, exit_layer: int | None, depth: int) -> float:
-    """Vision-tower work with retention at ``exit_layer`` relative to the full tower, counted in
-    patch rows per block (N·L + K·(D−L)) / (N·D), as the plugin's encoder budget counts it; the
-    blocks' attention is quadratic in rows, so the real saving is a little larger."""
-    if not exit_layer or exit_layer >= depth:
-        return 1.0
-    return (n * exit_layer + k * (depth - exit_layer)) / (n * depth)
+    """Vision-tower work with retention at ``exit_layer`` relative to the full tower, as the plugin's
+    encoder budget counts it (patch rows per block); the blocks' attention is quadratic in rows, so
+    the real saving is a little larger."""
+    return image_encoder_cost(n, k, exit_layer or depth, depth) / n
 
 
 def vision_depth(model: Path) -> int:
@@ -1785,8 +1789,7 @@ def write_report(run: Run, state: dict) -> dict:
     for wname, pr in probes.items():
         vis = run.vision.get(wname)
         prefills = [e["server_prefill_s"] for label, e in pr["configs"].items()
-                    if label.startswith("civic") and " exit " not in label  # an early exit shrinks the tower
-                    and e.get("server_prefill_s") is not None]
+                    if label in run.full_tower_labels and e.get("server_prefill_s") is not None]
         if vis and prefills and vis["vision_s"] > min(prefills):
             run.notes.append(
                 f"{wname}: the HF vision tower alone ({vis['vision_s']:.3f} s) took longer than the civic server's "
