@@ -1184,7 +1184,7 @@ def diagnose_throughput(run: Run, check: dict, lim_row: dict, ratios: list[dict]
               "where decode is memory-bound so a larger resident batch is nearly free (a GPU).")
 
 
-def diagnose(run: Run, acc: dict, lim: list[dict], ratios: list[dict], probes: dict) -> list[str]:
+def diagnose(run: Run, acc: dict, lim: list[dict], ratios: list[dict]) -> list[str]:
     """Why a goal was missed and what would close it, from the measured profile."""
     out = []
     for check in acc["checks"]:
@@ -1767,7 +1767,7 @@ def write_report(run: Run, state: dict) -> dict:
     lim = [row for s in run.specs for row in limits(run, s, probes[s.name], run.vision.get(s.name))]
     ratios = ratio_rows(run)
     acc = acceptance(run, lim, probes, ratios)
-    diagnosis = diagnose(run, acc, lim, ratios, probes)
+    diagnosis = diagnose(run, acc, lim, ratios)
     servers = [n for n in ("vanilla", "civic") if n in run.server_info]
     bindings = {n: run.server_info[n]["binding"] for n in servers}
     env = environment_info(None)  # its only parameter is unused
@@ -1786,10 +1786,11 @@ def write_report(run: Run, state: dict) -> dict:
         warnings.append("Token delivery stalled (half of a request's tokens reached the client in one burst) in "
                         f"more than 20% of the requests at: {', '.join(stalls)}; client TTFT there includes "
                         "the stall: compare with the server-side TTFT, and check for other load on the machine.")
+    full_tower = run.full_tower_labels
     for wname, pr in probes.items():
         vis = run.vision.get(wname)
         prefills = [e["server_prefill_s"] for label, e in pr["configs"].items()
-                    if label in run.full_tower_labels and e.get("server_prefill_s") is not None]
+                    if label in full_tower and e.get("server_prefill_s") is not None]
         if vis and prefills and vis["vision_s"] > min(prefills):
             run.notes.append(
                 f"{wname}: the HF vision tower alone ({vis['vision_s']:.3f} s) took longer than the civic server's "
