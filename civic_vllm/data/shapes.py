@@ -149,8 +149,8 @@ def _polygon(shape: str, x: int, y: int, s: int) -> list[tuple[float, float]]:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
-    fill = COLORS[obj.color]
+def _draw(draw: ImageDraw.ImageDraw, obj: Obj, fill: Any = None) -> None:
+    fill = COLORS[obj.color] if fill is None else fill
     if obj.shape == "circle":
         draw.ellipse([obj.x, obj.y, obj.x + obj.size - 1, obj.y + obj.size - 1], fill=fill)
     else:
@@ -215,6 +215,18 @@ def sample_scene(
     for obj in objects:
         _draw(draw, obj)
     return Scene(image=image, objects=objects, kind=kind)
+
+
+def object_index_mask(scene: Scene) -> np.ndarray:
+    """[H, W] uint8: 0 on background, k + 1 where ``scene.objects[k]`` is visible.
+
+    Drawn with the image's own primitives in the same order, so occlusion matches pixel for pixel.
+    """
+    mask = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(mask)
+    for k, obj in enumerate(scene.objects):
+        _draw(draw, obj, fill=k + 1)
+    return np.asarray(mask)
 
 
 def to_qwen_box(obj: Obj, width: int, height: int) -> list[int]:

@@ -143,7 +143,87 @@ def test_cli_parser(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     T.add_train_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--out", str(tmp_path), "--minutes", "2", "--resume", "--threads", "1",
-                              "--lr", "5e-4", "--task-weight", "ground=2", "--size-curriculum", "0.1:65536,0.3:143360"])
-    got = (args.minutes, args.resume, args.threads, args.lr, args.task_weight, args.size_curriculum)
-    assert got == (2.0, True, 1, 5e-4, [("ground", 2.0)], [(0.1, 65536), (0.3, 143360)])
+                              "--lr", "5e-4", "--task-weight", "ground=2", "--size-curriculum", "0.1:65536,0.3:143360",
+                              "--dense-weight", "0.25", "--init-from", "models/x"])
+    got = (args.minutes, args.resume, args.threads, args.lr, args.task_weight, args.size_curriculum,
+           args.dense_weight, args.init_from)
+    assert got == (2.0, True, 1, 5e-4, [("ground", 2.0)], [(0.1, 65536), (0.3, 143360)], 0.25, "models/x")
     assert callable(args.handler)
+
+
+# --------------------------------------------------------------------------------------
+# Dense supervision of the visual tokens
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_object_index_mask_is_the_drawn_pixels(seed: int) -> None:
+    scene = shapes.sample_scene(np.random.default_rng(seed), "multi")
+    mask, pixels = shapes.object_index_mask(scene), np.asarray(scene.image)
+    for k, obj in enumerate(scene.objects):
+        assert (pixels[mask == k + 1] == shapes.COLORS[obj.color]).all()
+    palette = np.array(list(shapes.COLORS.values()))
+    assert not (pixels[mask == 0][:, None, :] == palette[None]).all(-1).any()  # backgrounds are light
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dense_targets_label_every_object_and_only_what_covers_a_token(seed: int) -> None:
+    scene = shapes.sample_scene(np.random.default_rng(seed), "multi")
+    gh, gw = scene.height // 32, scene.width // 32
+    t = T.dense_targets(scene, (gh, gw), 32)
+    assert t.shape.shape == t.color.shape == (gh * gw,) and t.box.shape == (gh * gw, 4)
+    mask = shapes.object_index_mask(scene)
+    for k, obj in enumerate(scene.objects):
+        sid, cid = 1 + shapes.SHAPES.index(obj.shape), 1 + list(shapes.COLORS).index(obj.color)
+        owned = torch.nonzero((t.shape == sid) & (t.color == cid)).squeeze(1)
+        assert len(owned) >= 1, f"object {obj} owns no token"  # small ones too
+        assert torch.allclose(t.box[owned], torch.tensor(shapes.to_qwen_box(obj, scene.width, scene.height)) / 1000)
+        for i in owned.tolist():  # raster order: token i sees rows 32*(i // gw).., columns 32*(i % gw)..
+            cell = mask[32 * (i // gw):32 * (i // gw + 1), 32 * (i % gw):32 * (i % gw + 1)]
+            assert (cell == k + 1).any()
+    assert (t.shape == 0).sum() == (t.color == 0).sum() > 0
+
+
+def test_merged_tokens_are_in_raster_order_of_the_processor(encoder: T.ChatEncoder) -> None:
+    """What dense_targets assumes: merged token i holds the 2x2 patches of grid cell (i // gw, i % gw)."""
+    scene = shapes.sample_scene(np.random.default_rng(1), "multi", sizes=[(320, 448)])
+    enc = encoder.encode(scene.image, ["What shape is it?"], None)
+    _, h, w = (int(v) for v in enc.image_grid_thw[0])
+    gw = w // 2
+    rows = enc.pixel_values.reshape(-1, 4, 3, 2, 16, 16)[:, :, :, 0]  # token, patch, C, P, P (frame 0)
+    pixels = np.asarray(scene.image).astype(np.float32) / 255.0
+    for i in (0, 7, gw + 3, len(rows) - 1):
+        r, c = i // gw, i % gw
+        region = torch.from_numpy(pixels[32 * r:32 * r + 32, 32 * c:32 * c + 32]).permute(2, 0, 1)
+        got = rows[i].mean(dim=(0, 2, 3)) * 0.5 + 0.5  # the processor normalises with mean = std = 0.5
+        torch.testing.assert_close(got, region.mean(dim=(1, 2)), atol=2e-3, rtol=0)
+
+
+def test_dense_supervision_trains_saves_resumes_and_is_not_exported(tmp_path: Path, run_dir: Path) -> None:
+    work = tmp_path / "dense"
+    recipe = T.Recipe(images_per_step=2, warmup_steps=2, dense_weight=0.5, init_from=str(run_dir / T.EXPORT_DIR))
+    common = dict(preset=T.MICRO_PRESET, threads=1, eval_per_task=0, log_every=1, progress=False)
+    T.train(work, max_steps=2, recipe=recipe, export=False, **common)
+    state = T.load_state(work)
+    assert state["recipe"]["dense_weight"] == 0.5 and set(state["dense_heads"]) >= {"shape.weight", "box.bias"}
+    T.train(work, max_steps=3, resume=True, **common)
+    losses = [json.loads(line)["loss_by_task"] for line in (work / T.CURVE_FILE).read_text().splitlines()]
+    assert len(losses) == 3 and all({"dense_shape", "dense_color"} <= set(r) for r in losses)
+    assert all(np.isfinite(list(r.values())).all() for r in losses)
+    from safetensors.torch import load_file
+
+    exported = load_file(str(work / T.EXPORT_DIR / "model.safetensors"))
+    assert set(exported) == set(state["model"])  # the heads are training-only
+
+
+def test_init_from_starts_at_the_checkpoint_weights(tmp_path: Path, run_dir: Path) -> None:
+    recipe = T.Recipe(images_per_step=1, lr=0.0, init_from=str(run_dir / T.EXPORT_DIR))
+    T.train(tmp_path / "w", max_steps=1, preset=T.MICRO_PRESET, recipe=recipe, eval_per_task=0,
+            progress=False, export=False)
+    start = T.load_state(tmp_path / "w")["model"]
+    trained = T.load_state(run_dir)["model"]
+    for name, tensor in trained.items():
+        torch.testing.assert_close(start[name], tensor.to(torch.bfloat16).float())
+    with pytest.raises(FileNotFoundError, match="no weights to start from"):
+        T.train(tmp_path / "x", max_steps=1, preset=T.MICRO_PRESET,
+                recipe=T.Recipe(init_from=str(tmp_path / "nowhere")), eval_per_task=0, progress=False)
