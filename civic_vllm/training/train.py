@@ -257,6 +257,7 @@ class DenseTargets:
     shape: torch.Tensor  # [K] long: 0 background, 1 + index in shapes.SHAPES
     color: torch.Tensor  # [K] long: 0 background, 1 + index in shapes.COLORS
     box: torch.Tensor  # [K, 4] the covering object's Qwen box / 1000
+    centre: torch.Tensor  # [K] float: 1 on the token holding an object's box centre (one per object)
 
 
 def dense_targets(scene: shapes.Scene, grid_hw: tuple[int, int], cell: int) -> DenseTargets:
@@ -274,9 +275,11 @@ def dense_targets(scene: shapes.Scene, grid_hw: tuple[int, int], cell: int) -> D
                       for k in range(len(scene.objects))])  # [n_objects, gh, gw]
     owner = np.where(cover.max(axis=0) >= DENSE_MIN_COVER * cell * cell, cover.argmax(axis=0) + 1, 0)
     sx, sy = gw / scene.width, gh / scene.height
+    centre = np.zeros((gh, gw), dtype=np.float32)
     for k, obj in enumerate(scene.objects):
         cy = min(gh - 1, int((obj.y + obj.size / 2) * sy))
         cx = min(gw - 1, int((obj.x + obj.size / 2) * sx))
+        centre[cy, cx] = 1.0
         if owner[cy, cx] == 0:
             owner[cy, cx] = k + 1
     shape_ids = np.array([0] + [1 + shapes.SHAPES.index(o.shape) for o in scene.objects])
@@ -285,14 +288,15 @@ def dense_targets(scene: shapes.Scene, grid_hw: tuple[int, int], cell: int) -> D
     owner = owner.reshape(-1)
     return DenseTargets(shape=torch.from_numpy(shape_ids[owner]).long(),
                         color=torch.from_numpy(color_ids[owner]).long(),
-                        box=torch.from_numpy(boxes[owner]).float())
+                        box=torch.from_numpy(boxes[owner]).float(), centre=torch.from_numpy(centre.reshape(-1)))
 
 
 class DenseSupervision(torch.nn.Module):
-    """Linear heads on the merged visual tokens (what the LLM reads): colour, shape and box.
+    """Linear heads on the merged visual tokens (what the LLM reads): colour, shape, box and centre.
 
     The answer loss reaches the vision tower only through a few answer tokens; these heads
-    supervise every token with what covers it, so the tower learns shapes and positions directly.
+    supervise every token with what covers it, so the tower learns shapes and positions directly;
+    the centre flag marks one token per object, so counting objects becomes counting flagged tokens.
     Targets are local on purpose (no count or presence per token): an answer must still come from
     the retained tokens of its objects, which is what retention is measured on. The heads are
     training-only: export drops them. A forward hook on the vision tower captures its output,
@@ -307,6 +311,7 @@ class DenseSupervision(torch.nn.Module):
         self.shape = torch.nn.Linear(dim, 1 + len(shapes.SHAPES))
         self.color = torch.nn.Linear(dim, 1 + len(shapes.COLORS))
         self.box = torch.nn.Linear(dim, 4)
+        self.centre = torch.nn.Linear(dim, 1)
         self.merge = preset.vision.spatial_merge_size
         self.cell = preset.vision.patch_size * self.merge
         self._tokens: torch.Tensor | None = None
@@ -330,6 +335,9 @@ class DenseSupervision(torch.nn.Module):
 
         out = {"shape": balanced(F.cross_entropy(self.shape(tokens), t.shape, reduction="none")),
                "color": balanced(F.cross_entropy(self.color(tokens), t.color, reduction="none"))}
+        flag = t.centre > 0
+        bce = F.binary_cross_entropy_with_logits(self.centre(tokens)[:, 0], t.centre, reduction="none")
+        out["centre"] = 0.5 * bce[flag].mean() + 0.5 * bce[~flag].mean() if (~flag).any() else bce.mean()
         if obj.any():
             out["box"] = self.BOX_SCALE * F.l1_loss(self.box(tokens[obj]), t.box[obj])
         return out
@@ -606,6 +614,10 @@ def train(
     if state is not None:
         model.load_state_dict(state["model"])
         if dense is not None:
+            missing = set(dense.state_dict()) - set(state["dense_heads"])
+            if missing:
+                raise ValueError(f"{work / STATE_FILE} was written by a civic train without the dense heads "
+                                 f"{sorted(missing)}; continue it with that version or start a new run")
             dense.load_state_dict(state["dense_heads"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["data_rng"]

@@ -182,6 +182,12 @@ def test_dense_targets_label_every_object_and_only_what_covers_a_token(seed: int
             cell = mask[32 * (i // gw):32 * (i // gw + 1), 32 * (i % gw):32 * (i % gw + 1)]
             assert (cell == k + 1).any()
     assert (t.shape == 0).sum() == (t.color == 0).sum() > 0
+    # One centre token per object, each inside its object's box (boxes may share a token only if they overlap).
+    flagged = torch.nonzero(t.centre).squeeze(1).tolist()
+    assert 1 <= len(flagged) <= len(scene.objects) and set(t.centre.unique().tolist()) <= {0.0, 1.0}
+    for i in flagged:
+        x, y = 32 * (i % gw) + 16, 32 * (i // gw) + 16
+        assert any(o.x - 16 <= x <= o.x + o.size + 16 and o.y - 16 <= y <= o.y + o.size + 16 for o in scene.objects)
 
 
 def test_merged_tokens_are_in_raster_order_of_the_processor(encoder: T.ChatEncoder) -> None:
@@ -208,7 +214,7 @@ def test_dense_supervision_trains_saves_resumes_and_is_not_exported(tmp_path: Pa
     assert state["recipe"]["dense_weight"] == 0.5 and set(state["dense_heads"]) >= {"shape.weight", "box.bias"}
     T.train(work, max_steps=3, resume=True, **common)
     losses = [json.loads(line)["loss_by_task"] for line in (work / T.CURVE_FILE).read_text().splitlines()]
-    assert len(losses) == 3 and all({"dense_shape", "dense_color"} <= set(r) for r in losses)
+    assert len(losses) == 3 and all({"dense_shape", "dense_color", "dense_centre"} <= set(r) for r in losses)
     assert all(np.isfinite(list(r.values())).all() for r in losses)
     from safetensors.torch import load_file
 
