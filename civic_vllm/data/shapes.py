@@ -283,15 +283,27 @@ def _presence_pairs(rng: np.random.Generator, scene: Scene, task: str, pairs: in
             for answer in ("yes", "no") for i in rng.permutation(len(pools[answer]))[:m]]
 
 
+PRESENCE_MODES = ("pairs", "independent")
+
+
 def scene_questions(
-    rng: np.random.Generator, scene: Scene, presence_pairs: int = 2, single_presence_pairs: int = 0
+    rng: np.random.Generator, scene: Scene, presence_pairs: int = 2, single_presence_pairs: int = 0,
+    presence: str = "pairs",
 ) -> list[QA]:
     """Every question worth asking about a scene, in random order (a multi-turn training chat).
 
-    Single: colour, shape, box, plus ``single_presence_pairs`` yes/no pairs of has_color and of
-    has_shape questions (extra supervision at almost no cost: the image is encoded once).
-    Multi: the count and ``presence_pairs`` yes/no pairs of has_color and of has_shape questions.
+    Single: colour, shape, box. Multi: the count. Presence questions (``presence``):
+
+    * ``pairs``: ``presence_pairs`` (single: ``single_presence_pairs``) exactly balanced yes/no
+      pairs of has_color and of has_shape questions. In one chat the answers leak: once a pair's
+      "yes" is given its "no" follows, and a single image's colour answer tells its has_color
+      answers, so a model can lower that loss from the chat history without looking at the image
+      (measured: training loss below chance while the held-out answer stayed "yes").
+    * ``independent``: one has_color and one has_shape question per multi image, each "yes" with
+      probability 1/2 as in the test split, and none on single images: nothing to read off the chat.
     """
+    if presence not in PRESENCE_MODES:
+        raise ValueError(f"presence must be one of {PRESENCE_MODES}, got {presence!r}")
     if scene.kind == "single":
         qas = [_single_qa(scene, t) for t in SINGLE_TASKS]
         pairs = single_presence_pairs
@@ -299,7 +311,10 @@ def scene_questions(
         qas = [QA("count", QUESTIONS["count"], str(len(scene.objects)))]
         pairs = presence_pairs
     for task in ("has_color", "has_shape"):
-        qas += _presence_pairs(rng, scene, task, pairs)
+        if presence == "pairs":
+            qas += _presence_pairs(rng, scene, task, pairs)
+        elif scene.kind == "multi":
+            qas.append(_presence_qa(rng, scene, task))
     return [qas[int(i)] for i in rng.permutation(len(qas))]
 
 

@@ -91,9 +91,9 @@ EVAL_SEED = 1_000_003  # the quick-eval set; training streams use other seeds
 
 
 def _default_task_weights() -> dict[str, float]:
-    # Roughly per task rather than per question (a multi image asks up to 4 has_color and 4
-    # has_shape questions, one count); shape and boxes are the slow skills: twice the weight.
-    return {"has_color": 1 / 3, "has_shape": 1 / 3, "shape": 2.0, "ground": 2.0}
+    # Shape and boxes are the slow skills: twice the weight. (With ``presence="pairs"`` a multi
+    # image asks up to 4 has_color and 4 has_shape questions: weigh those 1/3 to stay per task.)
+    return {"shape": 2.0, "ground": 2.0}
 
 
 def _default_curriculum() -> list[tuple[float, int]]:
@@ -118,8 +118,11 @@ class Recipe:
     clip_norm: float = 1.0
     images_per_step: int = 4
     p_single: float = 0.6  # fraction of single-object images (colour, shape, box questions)
-    presence_pairs: int = 2  # yes/no pairs of has_color and of has_shape questions per multi image
-    single_presence_pairs: int = 1  # ... and per single-object image (extra answers per vision pass)
+    # Presence questions (see shapes.scene_questions): "independent" (one has_color and one has_shape
+    # per multi image, 50/50 each) or "pairs" (the earlier recipe; its chats leak the answers).
+    presence: str = "independent"
+    presence_pairs: int = 2  # with "pairs": yes/no pairs of has_color and of has_shape per multi image
+    single_presence_pairs: int = 1  # ... and per single-object image
     task_weights: dict[str, float] = field(default_factory=_default_task_weights)  # per answer; 1 if absent
     # Image-size curriculum: [(until, max_pixels), ...] in increasing ``until`` (budget fraction):
     # before ``until``, only sizes of at most ``max_pixels``. Fewer visual tokens per object make
@@ -132,6 +135,10 @@ class Recipe:
 
     def weight(self, task: str) -> float:
         return float(self.task_weights.get(task, 1.0))
+
+
+# What a recipe saved before these fields existed did; newer recipes store their own values.
+RECIPE_FIELDS_ADDED: dict[str, Any] = {"dense_weight": 0.0, "init_from": None, "presence": "pairs"}
 
 
 @dataclass
@@ -377,7 +384,8 @@ def sample_chats(
     for _ in range(recipe.images_per_step):
         kind = "single" if rng.random() < recipe.p_single else "multi"
         scene = shapes.sample_scene(rng, kind, sizes)
-        chats.append((scene, shapes.scene_questions(rng, scene, recipe.presence_pairs, recipe.single_presence_pairs)))
+        qas = shapes.scene_questions(rng, scene, recipe.presence_pairs, recipe.single_presence_pairs, recipe.presence)
+        chats.append((scene, qas))
     return chats
 
 
@@ -596,7 +604,8 @@ def train(
         raise FileNotFoundError(f"nothing to resume: {work / STATE_FILE} does not exist")
     state = load_state(work) if resume else None
     if state is not None:
-        recipe = Recipe(**state["recipe"])
+        # A state written before a recipe field existed ran without it: resume it the same way.
+        recipe = Recipe(**{**RECIPE_FIELDS_ADDED, **state["recipe"]})
         preset = _preset_from_dict(state["preset"])
     elif (work / STATE_FILE).exists():
         raise FileExistsError(f"{work / STATE_FILE} exists: pass resume=True (--resume) or use another directory")
@@ -759,7 +768,7 @@ def _train_cmd(args: argparse.Namespace) -> int:
     recipe = Recipe(
         lr=args.lr, vision_lr_mult=args.vision_lr_mult, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, images_per_step=args.images_per_step, p_single=args.p_single,
-        presence_pairs=args.presence_pairs, single_presence_pairs=args.single_presence_pairs,
+        presence=args.presence, presence_pairs=args.presence_pairs, single_presence_pairs=args.single_presence_pairs,
         task_weights={**Recipe().task_weights, **dict(args.task_weight)},
         size_curriculum=args.size_curriculum, dense_weight=args.dense_weight,
         init_from=str(Path(args.init_from).resolve()) if args.init_from else None, seed=args.seed,
@@ -794,6 +803,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--images-per-step", type=int, default=d.images_per_step)
     p.add_argument("--p-single", type=float, default=d.p_single, help="fraction of single-object images")
+    p.add_argument("--presence", choices=shapes.PRESENCE_MODES, default=d.presence,
+                   help="presence questions: one independent has_color/has_shape per multi image, or "
+                        "balanced yes/no pairs (leaky; the earlier recipe)")
     p.add_argument("--presence-pairs", type=int, default=d.presence_pairs,
                    help="yes/no pairs of has_color and of has_shape questions per multi-object image")
     p.add_argument("--single-presence-pairs", type=int, default=d.single_presence_pairs,

@@ -181,6 +181,25 @@ def test_scene_questions_cover_a_scene(singles: list[S.Scene], multis: list[S.Sc
     assert answers["yes"] == answers["no"]  # training chats are exactly balanced too
 
 
+def test_independent_presence_leaks_nothing_across_a_chat(singles: list[S.Scene], multis: list[S.Scene]) -> None:
+    rng = np.random.default_rng(6)
+    for scene in singles[:20]:  # a single image's colour/shape answers would tell its presence answers
+        assert sorted(q.task for q in S.scene_questions(rng, scene, presence="independent")) == sorted(S.SINGLE_TASKS)
+    answers: Counter = Counter()
+    for scene in multis:
+        qas = S.scene_questions(rng, scene, presence="independent")
+        assert Counter(q.task for q in qas) == {"count": 1, "has_color": 1, "has_shape": 1}
+        present = {o.color for o in scene.objects} | {o.shape for o in scene.objects}
+        for q in qas:
+            if q.task.startswith("has_"):
+                word = q.question.removeprefix("Is there a ").split()[0].rstrip("?")
+                assert q.answer == ("yes" if word in present else "no")
+                answers[q.answer] += 1
+    assert 0.4 <= answers["yes"] / sum(answers.values()) <= 0.6  # each 50/50, not forced to balance
+    with pytest.raises(ValueError, match="presence must be one of"):
+        S.scene_questions(rng, multis[0], presence="some")
+
+
 def test_write_dataset_files_and_determinism(tmp_path: Path) -> None:
     paths = S.write_dataset(tmp_path / "a", 30, seed=7)
     assert {p.name for p in paths.values()} == {"train.jsonl", "val.jsonl", "test.jsonl"}

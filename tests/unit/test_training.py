@@ -233,3 +233,17 @@ def test_init_from_starts_at_the_checkpoint_weights(tmp_path: Path, run_dir: Pat
     with pytest.raises(FileNotFoundError, match="no weights to start from"):
         T.train(tmp_path / "x", max_steps=1, preset=T.MICRO_PRESET,
                 recipe=T.Recipe(init_from=str(tmp_path / "nowhere")), eval_per_task=0, progress=False)
+
+
+def test_a_state_from_before_a_recipe_field_resumes_as_it_ran(tmp_path: Path) -> None:
+    """States written before dense supervision / independent presence existed continue without them."""
+    work = tmp_path / "old"
+    T.train(work, max_steps=1, preset=T.MICRO_PRESET, recipe=T.Recipe(images_per_step=1, dense_weight=0.0),
+            eval_per_task=0, progress=False, export=False)
+    state = T.load_state(work)
+    for key in T.RECIPE_FIELDS_ADDED:
+        del state["recipe"][key]
+    torch.save(state, work / T.STATE_FILE)
+    T.train(work, max_steps=2, resume=True, eval_per_task=0, progress=False, export=False)
+    resumed = T.load_state(work)["recipe"]
+    assert (resumed["dense_weight"], resumed["presence"], resumed["init_from"]) == (0.0, "pairs", None)
