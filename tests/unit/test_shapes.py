@@ -160,6 +160,18 @@ def test_yes_no_balance(samples: list[tuple[Image.Image, dict]]) -> None:
         assert 0.4 <= answers.count("yes") / len(answers) <= 0.6, task
 
 
+def _presence_answers_checked(scene: S.Scene, qas: list[S.QA]) -> list[str]:
+    """The has_* answers of ``qas``, each asserted true of ``scene``."""
+    present = {o.color for o in scene.objects} | {o.shape for o in scene.objects}
+    answers = []
+    for q in qas:
+        if q.task.startswith("has_"):
+            word = q.question.removeprefix("Is there a ").split()[0].rstrip("?")
+            assert q.answer == ("yes" if word in present else "no")
+            answers.append(q.answer)
+    return answers
+
+
 def test_scene_questions_cover_a_scene(singles: list[S.Scene], multis: list[S.Scene]) -> None:
     rng = np.random.default_rng(5)
     qas = S.scene_questions(rng, singles[0])
@@ -172,12 +184,7 @@ def test_scene_questions_cover_a_scene(singles: list[S.Scene], multis: list[S.Sc
         tasks = Counter(q.task for q in qas)
         assert tasks["count"] == 1 and tasks["has_color"] in (2, 4) and tasks["has_shape"] in (0, 2, 4)
         assert len({q.question for q in qas}) == len(qas)
-        present = {o.color for o in scene.objects} | {o.shape for o in scene.objects}
-        for q in qas:
-            if q.task.startswith("has_"):
-                word = q.question.removeprefix("Is there a ").split()[0].rstrip("?")
-                assert q.answer == ("yes" if word in present else "no")
-                answers[q.answer] += 1
+        answers.update(_presence_answers_checked(scene, qas))
     assert answers["yes"] == answers["no"]  # training chats are exactly balanced too
 
 
@@ -189,12 +196,7 @@ def test_independent_presence_leaks_nothing_across_a_chat(singles: list[S.Scene]
     for scene in multis:
         qas = S.scene_questions(rng, scene, presence="independent")
         assert Counter(q.task for q in qas) == {"count": 1, "has_color": 1, "has_shape": 1}
-        present = {o.color for o in scene.objects} | {o.shape for o in scene.objects}
-        for q in qas:
-            if q.task.startswith("has_"):
-                word = q.question.removeprefix("Is there a ").split()[0].rstrip("?")
-                assert q.answer == ("yes" if word in present else "no")
-                answers[q.answer] += 1
+        answers.update(_presence_answers_checked(scene, qas))
     assert 0.4 <= answers["yes"] / sum(answers.values()) <= 0.6  # each 50/50, not forced to balance
     with pytest.raises(ValueError, match="presence must be one of"):
         S.scene_questions(rng, multis[0], presence="some")
