@@ -67,13 +67,14 @@ def merged_grid(grid_thw: Sequence[Any], merge_size: int) -> tuple[int, int]:
     return h // m, w // m
 
 
-def validate_ratio(ratio: Any) -> float:
+def validate_ratio(ratio: Any, name: str = "retention ratio") -> float:
     """The retention ratio as a float in (0, 1]; anything else is a ValueError.
 
     Strings and bools are refused even if float() would accept them: a config that
-    passes "0.5" or True has a bug worth hearing about.
+    passes "0.5" or True has a bug worth hearing about. ``name`` starts the message
+    ("" when the caller names the setting itself).
     """
-    message = f"retention ratio must be a finite number with 0 < ratio <= 1, got {ratio!r}"
+    message = f"{name} must be a number in (0, 1], got {ratio!r}".lstrip()
     if isinstance(ratio, (str, bytes, bool)):
         raise ValueError(message)
     try:

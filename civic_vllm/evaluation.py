@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import threading
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import requests
 from PIL import Image
 
-from civic_vllm.budget import num_retained
+from civic_vllm.budget import num_retained, validate_ratio
 from civic_vllm.client import image_data_url, image_message
 from civic_vllm.data import shapes
 from civic_vllm.serving import ServerError
@@ -287,8 +286,7 @@ def evaluate(
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if not (0 < ratio <= 1) or math.isnan(ratio):
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    ratio = validate_ratio(ratio)
     if method == "full" and ratio != 1:
         raise ValueError("method 'full' keeps every visual token: use --ratio 1")
     if method == "downscale" and geometry is None:

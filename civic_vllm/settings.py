@@ -14,11 +14,12 @@ HF processor sees the kwargs. Invalid values raise :class:`CivicSettingsError`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from civic_vllm.budget import validate_ratio
 
 KEY_PREFIX = "civic_"
 
@@ -53,14 +54,7 @@ class CivicSettings(BaseModel):
     @field_validator("ratio", mode="before")
     @classmethod
     def _check_ratio(cls, value: Any) -> float:
-        # bool is an int subclass and a numeric string is still a string: refuse both,
-        # a client that sends them has a bug worth hearing about.
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a number in (0, 1], got {value!r}")
-        value = float(value)
-        if not math.isfinite(value) or not 0.0 < value <= 1.0:
-            raise ValueError(f"must be a number in (0, 1], got {value!r}")
-        return value
+        return validate_ratio(value, name="")  # the error names the setting
 
     @field_validator("min_tokens", mode="before")
     @classmethod

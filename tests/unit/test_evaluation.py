@@ -108,7 +108,7 @@ def test_evaluate_rejects_bad_settings_before_any_request() -> None:
         E.evaluate([], "http://127.0.0.1:9", method="crop")
     with pytest.raises(ValueError, match="use --ratio 1"):
         E.evaluate([], "http://127.0.0.1:9", method="full", ratio=0.5)
-    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\]"):
         E.evaluate([], "http://127.0.0.1:9", method="civic", ratio=0.0)
 
 
