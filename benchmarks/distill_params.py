@@ -1,6 +1,7 @@
 """Which parameters are worth distilling? Train each choice for the same budget, compare on val.
 
-    python -m benchmarks.distill_params [--minutes 6] [--n-val 300] [--install]
+    python -m benchmarks.distill_params [--minutes 20] [--ce-weight 0.5] [--choices merger,all]
+                                        [--n-val 600] [--install]
 
 For each ``--params`` choice of ``civic distill`` (merger, vision, all) it distils the trained
 full-token model for the same CPU-minute budget (one process per choice, one thread each, run
@@ -9,6 +10,9 @@ civic policy on the civic-shapes *validation* split (the test split stays for
 ``benchmarks.accuracy``) at r = 1/3 and 0.15, next to the undistilled model. Writes
 ``benchmarks/results/distill_params.json``; with ``--install`` the best student (highest mean
 accuracy over the two ratios) becomes ``models/civic-shapes-tiny-distilled``.
+
+A student already in ``--work`` whose recorded recipe matches (teacher, params, lr, CE weight,
+budget) is reused rather than trained again, so a failed evaluation does not cost the training.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from civic_vllm.training.distill import CURVE_FILE
 
 CHOICES = ("merger", "vision", "all")
 RATIOS = (1 / 3, 0.15)
+# The more parameters learn, the smaller the step: at 1e-4 for all parameters the 6-minute
+# students were no better than merger-only ones.
+DEFAULT_LR = {"merger": 1e-4, "vision": 5e-5, "all": 5e-5}
 
 
 def val_split(n_val: int) -> Path:
@@ -38,6 +45,26 @@ def val_split(n_val: int) -> Path:
     return path
 
 
+def _choices(text: str) -> list[str]:
+    choices = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in choices if c not in CHOICES]
+    if unknown or not choices:
+        raise argparse.ArgumentTypeError(f"choices are {', '.join(CHOICES)}, got {text!r}")
+    return choices
+
+
+def reusable(student: Path, teacher: str, params: str, lr: float, ce_weight: float, minutes: float) -> bool:
+    """A finished student of exactly this recipe and budget is already at ``student``."""
+    from civic_vllm.training.distill import DISTILL_MARKER
+
+    marker = student / DISTILL_MARKER
+    if not marker.is_file():
+        return False
+    done = json.loads(marker.read_text())
+    return (done["teacher"] == str(Path(teacher).resolve()) and done["params"] == params and done["lr"] == lr
+            and done["ce_weight"] == ce_weight and not done["stopped_early"] and done["cpu_min"] >= minutes)
+
+
 def main(argv: list[str] | None = None) -> int:
     from civic_vllm.demo import default_model
     from civic_vllm.evaluation import evaluate, load_samples
@@ -45,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.distill_params", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="teacher (default: models/civic-shapes-tiny)")
-    p.add_argument("--minutes", type=float, default=6.0, help="distillation budget per choice, CPU-minutes")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--n-val", type=int, default=300)
+    p.add_argument("--minutes", type=float, default=20.0, help="distillation budget per choice, CPU-minutes")
+    p.add_argument("--choices", type=_choices, default=list(CHOICES), help="comma list of merger, vision, all")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate of every choice (default {DEFAULT_LR})")
+    p.add_argument("--ce-weight", type=float, default=0.5, help="weight of the answers' cross-entropy next to KL")
+    p.add_argument("--n-val", type=int, default=600)
     p.add_argument("--work", default=str(RESULTS / "tmp" / "distill"), help="where students are written")
     p.add_argument("--install", action="store_true", help="copy the best student to models/civic-shapes-tiny-distilled")
     args = p.parse_args(argv)
@@ -56,13 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     samples = load_samples(val_split(args.n_val))
+    choices = args.choices
+    lrs = {c: args.lr if args.lr is not None else DEFAULT_LR[c] for c in choices}
     start = time.time()
     procs = {}
-    for choice in CHOICES:  # side by side: each is single-threaded
+    for choice in choices:  # side by side: each is single-threaded
+        if reusable(work / choice, teacher, choice, lrs[choice], args.ce_weight, args.minutes):
+            print(f"reusing {work / choice}: same recipe and budget", file=sys.stderr)
+            continue
         log = (work / f"{choice}.log").open("w")
         procs[choice] = (subprocess.Popen(
             [sys.executable, "-m", "civic_vllm.training.distill", "--model", teacher, "--out", str(work / choice),
-             "--params", choice, "--minutes", str(args.minutes), "--lr", str(args.lr), "--threads", "1"],
+             "--params", choice, "--minutes", str(args.minutes), "--lr", str(lrs[choice]),
+             "--ce-weight", str(args.ce_weight), "--threads", "1"],
             stdout=log, stderr=subprocess.STDOUT), log)
     for choice, (proc, log) in procs.items():
         if proc.wait() != 0:
@@ -71,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     distill_minutes = round((time.time() - start) / 60, 1)
 
     rows = []
-    for label, model in [("none", teacher)] + [(c, str(work / c)) for c in CHOICES]:
+    for label, model in [("none", teacher)] + [(c, str(work / c)) for c in choices]:
         with VllmServer(ServerConfig(model=model, dtype="float32", images_per_prompt=1)) as server:
             for r in RATIOS:
                 res = evaluate(samples, server.url, method="civic", ratio=r, desc=f"{label} r={ratio_label(r)}")
@@ -83,18 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     def mean_acc(label: str) -> float:
         return sum(r["accuracy"] for r in rows if r["params"] == label) / len(RATIOS)
 
-    best = max(CHOICES, key=mean_acc)
-    curves = {c: [json.loads(line) for line in (work / c / CURVE_FILE).read_text().splitlines()] for c in CHOICES}
+    best = max(choices, key=mean_acc)
+    curves = {c: [json.loads(line) for line in (work / c / CURVE_FILE).read_text().splitlines()] for c in choices}
     result = {
         "command": "python -m benchmarks.distill_params " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "teacher": teacher, "minutes_per_choice": args.minutes, "lr": args.lr, "n_val": len(samples),
+        "teacher": teacher, "minutes_per_choice": args.minutes, "lr": lrs, "ce_weight": args.ce_weight,
+        "n_val": len(samples),
         "distill_wall_minutes": distill_minutes, "rows": rows,
-        "mean_accuracy": {label: round(mean_acc(label), 4) for label in ("none", *CHOICES)},
-        "best": best, "final_kl": {c: (curves[c][-1]["kl"] if curves[c] else None) for c in CHOICES},
+        "mean_accuracy": {label: round(mean_acc(label), 4) for label in ("none", *choices)},
+        "best": best, "final_kl": {c: (curves[c][-1]["kl"] if curves[c] else None) for c in choices},
     }
     out = RESULTS / "distill_params.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    for label in ("none", *CHOICES):
+    for label in ("none", *choices):
         print(f"{label:<7} mean accuracy over r={[ratio_label(r) for r in RATIOS]}: {mean_acc(label):.4f}")
     print(f"best: {best} -> {out}")
     if args.install:

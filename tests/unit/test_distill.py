@@ -80,6 +80,17 @@ def test_distill_trains_only_the_merger_and_exports_a_checkpoint(teacher_dir: Pa
     assert info["curve"] == D.CURVE_FILE and sorted(p.name for p in tmp_path.iterdir()) == ["student"]
     D.load_hf_model(out)  # loads as a checkpoint again (vLLM loading is covered in tests/e2e)
 
+    # benchmarks.distill_params reuses a student only for exactly its recipe and a budget it met
+    from benchmarks.distill_params import reusable
+
+    assert reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0)
+    assert not reusable(out, str(teacher_dir), "all", 1e-2, 0.0, minutes=0.0)
+    assert not reusable(out, str(teacher_dir), "merger", 1e-4, 0.0, minutes=0.0)
+    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.5, minutes=0.0)
+    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=60.0)
+    assert not reusable(out, str(tmp_path), "merger", 1e-2, 0.0, minutes=0.0)
+    assert not reusable(tmp_path / "absent", str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0)
+
 
 def test_module_entry_points_parse_like_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     for main, prog in ((D.main, "civic_vllm.training.distill"), (T.main, "civic_vllm.training.train")):
