@@ -197,6 +197,17 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def reused_rows(path: Path, model: str, data_label: str, n: int) -> list[dict]:
+    """The full-token model's rows of an earlier run, if it measured this model on these data."""
+    if not path.is_file():
+        raise SystemExit(f"--reuse-trained: no earlier result at {path}")
+    earlier = json.loads(path.read_text())
+    if (earlier["models"]["trained"], earlier["data"], earlier["n"]) != (model, data_label, n):
+        raise SystemExit(f"--reuse-trained: {path} measured {earlier['models']['trained']} on {earlier['data']} "
+                         f"(n={earlier['n']}), not {model} on {data_label} (n={n})")
+    return [row for row in earlier["rows"] if row["model"] == "trained"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from civic_vllm.demo import default_model
     from civic_vllm.evaluation import load_samples
@@ -212,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="120 samples, ratios 1 and 1/3, no exit layers")
     p.add_argument("--out", default=str(RESULTS / "accuracy.json"))
     p.add_argument("--replot", action="store_true", help="redraw the PNG and Markdown from --out without measuring")
+    p.add_argument("--reuse-trained", action="store_true",
+                   help="keep the full-token model's rows from --out (same model and data) and measure the "
+                        "distilled student again: for a new student of an unchanged model")
     args = p.parse_args(argv)
     if args.replot:
         rows = json.loads(Path(args.out).read_text())["rows"]
@@ -233,15 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     from civic_vllm.planner import load_model
 
     depth = load_model(model, with_tokenizer=False).dims.vision.depth
+    data_label = str(args.data or f"generated test split: seed {DATA_SEED}, {n_test} samples")
     start = time.time()
-    rows = run_model(model, "trained", configurations(depth, exit_layers, ratios), samples, args.concurrency)
+    if args.reuse_trained:
+        rows = reused_rows(Path(args.out), model, data_label, len(samples))
+    else:
+        rows = run_model(model, "trained", configurations(depth, exit_layers, ratios), samples, args.concurrency)
     if distilled:
         student_configs = [{"method": "full", "ratio": 1.0}]
         student_configs += [{"method": "civic", "ratio": r} for r in ratios if r < 1]
         rows += run_model(distilled, "distilled", student_configs, samples, args.concurrency)
     result = {
         "command": "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": str(args.data or f"generated test split: seed {DATA_SEED}, {n_test} samples"),
+        "data": data_label,
         "n": len(samples), "models": {"trained": model, "distilled": distilled},
         "minutes": round((time.time() - start) / 60, 1),
         "baseline": rows[0]["baseline"], "goals": goals(rows), "rows": rows,
