@@ -62,8 +62,7 @@ def reusable(student: Path, teacher: str, params: str, lr: float, ce_weight: flo
         return False
     done = json.loads(marker.read_text())
     return (done["teacher"] == str(Path(teacher).resolve()) and done["params"] == params and done["lr"] == lr
-            and done["ce_weight"] == ce_weight and done.get("task_weighted", False)
-            and not done["stopped_early"] and done["cpu_min"] >= minutes)
+            and done["ce_weight"] == ce_weight and not done["stopped_early"] and done["cpu_min"] >= minutes)
 
 
 def main(argv: list[str] | None = None) -> int:

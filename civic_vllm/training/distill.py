@@ -56,9 +56,6 @@ class DistillRecipe:
     seed: int = 0
     # the data mix of civic train's recipe (images per step, single share, presence pairs)
     data: tr.Recipe = field(default_factory=tr.Recipe)
-    # Weigh each answer's loss by data.task_weights, as training does (shape and ground x2:
-    # they are the tasks retention hurts most); False averages answers uniformly (earlier students).
-    task_weighted: bool = True
 
 
 def trainable_parameters(model, which: str) -> list[torch.nn.Parameter]:
@@ -176,14 +173,12 @@ def distill(
                 g["lr"] = recipe.lr * min(1.0, (step + 1) / recipe.warmup_steps)
             optimizer.zero_grad(set_to_none=True)
             chats = tr.sample_chats(rng, recipe.data, 1.0)
-            weights = [torch.tensor([recipe.data.weight(q.task) if recipe.task_weighted else 1.0 for q in qas])
-                       for _, qas in chats]
-            total_weight = float(sum(w.sum() for w in weights))
-            for (scene, qas), w in zip(chats, weights):
+            n_answers = sum(len(qas) for _, qas in chats)
+            for scene, qas in chats:
                 enc = encoder.encode(scene.image, [q.question for q in qas], [q.answer for q in qas])
                 ratio = float(recipe.ratios[int(rng.integers(len(recipe.ratios)))])
                 kl, ce = distill_losses(teacher, student, enc, ratio, recipe, merge)
-                ((w * (kl + recipe.ce_weight * ce)).sum() / total_weight).backward()
+                ((kl.sum() + recipe.ce_weight * ce.sum()) / n_answers).backward()
                 window["kl"] += kl.tolist()
                 window["ce"] += ce.tolist()
             if recipe.clip_norm > 0:
@@ -227,8 +222,7 @@ def _distill_cmd(args: argparse.Namespace) -> int:
     from civic_vllm.evaluation import _default_model
 
     recipe = DistillRecipe(ratios=args.ratios, policy=args.policy, exit_layer=args.exit_layer, params=args.params,
-                           lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed,
-                           task_weighted=args.task_weighted)
+                           lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed)
     path = distill(args.model or _default_model(), args.out, recipe=recipe, minutes=args.minutes,
                    max_steps=args.max_steps, threads=args.threads)
     print(path)
@@ -248,8 +242,6 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="weight of the answers' cross-entropy")
     p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--no-task-weights", dest="task_weighted", action="store_false",
-                   help="average answers uniformly instead of by civic train's task weights")
     p.add_argument("--minutes", type=float, default=15.0, help="budget in training CPU-minutes")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead")
     p.add_argument("--threads", type=int, default=1)
