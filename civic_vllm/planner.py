@@ -125,12 +125,8 @@ def parse_ratios(values: Sequence[str]) -> list[tuple[str, float]]:
         for item in str(value).split(","):
             label = item.strip()
             try:
-                number = float(Fraction(label)) if "/" in label else float(label)
-            except (ValueError, ZeroDivisionError):
-                raise PlanError(f"retention ratio must be a number in (0, 1], got {label!r}") from None
-            try:
-                ratios.append((label, validate_ratio(number)))
-            except ValueError:
+                ratios.append((label, validate_ratio(float(Fraction(label)) if "/" in label else float(label))))
+            except (ValueError, ZeroDivisionError):  # the message quotes what the user typed
                 raise PlanError(f"retention ratio must be a number in (0, 1], got {label!r}") from None
     if not ratios:
         raise PlanError("no retention ratio given")
