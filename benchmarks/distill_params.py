@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.accuracy import DATA_ROOT, DATA_SEED, RESULTS, ROOT, ratio_label
-from civic_vllm.training.distill import CURVE_FILE
+from civic_vllm.training.distill import CURVE_FILE, DISTILL_MARKER
 
 CHOICES = ("merger", "vision", "all")
 RATIOS = (1 / 3, 0.15)
@@ -55,8 +55,6 @@ def _choices(text: str) -> list[str]:
 
 def reusable(student: Path, teacher: str, params: str, lr: float, ce_weight: float, minutes: float) -> bool:
     """A finished student of exactly this recipe and budget is already at ``student``."""
-    from civic_vllm.training.distill import DISTILL_MARKER
-
     marker = student / DISTILL_MARKER
     if not marker.is_file():
         return False
