@@ -129,6 +129,7 @@ class Geometry:
     dtype_bytes: int
     patch_size: int
     merge_size: int
+    vision_depth: int
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path, dtype: str) -> Geometry:
@@ -142,6 +143,7 @@ class Geometry:
             dtype_bytes={"float32": 4, "bfloat16": 2, "float16": 2}[dtype],
             patch_size=vision["patch_size"],
             merge_size=vision["spatial_merge_size"],
+            vision_depth=vision["depth"],
         )
 
     def block_bytes(self, block_size: int) -> int:

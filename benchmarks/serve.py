@@ -973,14 +973,10 @@ def tower_fraction(n: int, k: int, exit_layer: int | None, depth: int) -> float:
     return image_encoder_cost(n, k, exit_layer or depth, depth) / n
 
 
-def vision_depth(model: Path) -> int:
-    return int(json.loads((Path(model) / "config.json").read_text())["vision_config"]["depth"])
-
-
 def limits(run: Run, spec: WorkloadSpec, probe: dict, vision: dict | None) -> list[dict]:
     """Per civic config: LLM-side limit (T+N)/(T+K), the vision share and what is attainable."""
     geometry = Geometry.from_checkpoint(run.model, run.dtype)
-    depth = vision_depth(run.model)
+    depth = geometry.vision_depth
     n_img = num_merged_tokens((1, spec.height // geometry.patch_size, spec.width // geometry.patch_size),
                               geometry.merge_size)
     van = probe["configs"].get("vanilla", {})
