@@ -1,15 +1,16 @@
 """Which parameters are worth distilling? Train each choice for the same budget, compare on val.
 
-    python -m benchmarks.distill_params [--minutes 20] [--ce-weight 0.5] [--choices merger,all]
-                                        [--n-val 600] [--install]
+    python -m benchmarks.distill_params [--minutes 20] [--ce-weights 0.5] [--choices merger,all]
+                                        [--n-val 600] [--out FILE] [--install]
 
-For each ``--params`` choice of ``civic distill`` (merger, vision, all) it distils the trained
-full-token model for the same CPU-minute budget (one process per choice, one thread each, run
-side by side), then evaluates every student through ``vllm serve --model-impl civic`` with the
-civic policy on the civic-shapes *validation* split (the test split stays for
-``benchmarks.accuracy``) at r = 1/3 and 0.15, next to the undistilled model. Writes
-``benchmarks/results/distill_params.json``; with ``--install`` the best student (highest mean
-accuracy over the two ratios) becomes ``models/civic-shapes-tiny-distilled``.
+For each ``--params`` choice of ``civic distill`` (merger, vision, all), and each weight of the
+answers' cross-entropy next to KL (``--ce-weights``), it distils the trained full-token model for
+the same CPU-minute budget (one process per candidate, one thread each, run side by side),
+then evaluates every student through ``vllm serve --model-impl civic`` with the civic policy on
+the civic-shapes *validation* split (the test split stays for ``benchmarks.accuracy``) at
+r = 1/3 and 0.15, next to the undistilled model. Writes ``--out``
+(default ``benchmarks/results/distill_params.json``); with ``--install`` the best student (highest
+mean accuracy over the two ratios) becomes ``models/civic-shapes-tiny-distilled``.
 
 A student already in ``--work`` whose recorded recipe matches (teacher, params, lr, CE weight,
 budget) is reused rather than trained again, so a failed evaluation does not cost the training.
@@ -53,6 +54,21 @@ def _choices(text: str) -> list[str]:
     return choices
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        weights = []
+    if not weights or any(not w >= 0.0 for w in weights):
+        raise argparse.ArgumentTypeError(f"expected a comma list of weights >= 0, got {text!r}")
+    return weights
+
+
+def candidate_label(params: str, ce_weight: float, sweep_ce: bool) -> str:
+    """Name (and --work subfolder) of one student: its parameter choice, plus its CE weight in a sweep."""
+    return f"{params}-ce{ce_weight:g}" if sweep_ce else params
+
+
 def reusable(student: Path, teacher: str, params: str, lr: float, ce_weight: float, minutes: float) -> bool:
     """A finished student of exactly this recipe and budget is already at ``student``."""
     marker = student / DISTILL_MARKER
@@ -73,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=20.0, help="distillation budget per choice, CPU-minutes")
     p.add_argument("--choices", type=_choices, default=list(CHOICES), help="comma list of merger, vision, all")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate of every choice (default {DEFAULT_LR})")
-    p.add_argument("--ce-weight", type=float, default=0.5, help="weight of the answers' cross-entropy next to KL")
+    p.add_argument("--ce-weights", type=_weights, default=[0.5],
+                   help="comma list: weight of the answers' cross-entropy next to KL (each one a candidate)")
     p.add_argument("--n-val", type=int, default=600)
     p.add_argument("--work", default=str(RESULTS / "tmp" / "distill"), help="where students are written")
+    p.add_argument("--out", default=str(RESULTS / "distill_params.json"), help="result JSON")
     p.add_argument("--install", action="store_true", help="copy the best student to models/civic-shapes-tiny-distilled")
     args = p.parse_args(argv)
 
@@ -83,28 +101,30 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     samples = load_samples(val_split(args.n_val))
-    choices = args.choices
-    lrs = {c: args.lr if args.lr is not None else DEFAULT_LR[c] for c in choices}
+    lrs = {c: args.lr if args.lr is not None else DEFAULT_LR[c] for c in args.choices}
+    sweep_ce = len(args.ce_weights) > 1
+    # label -> (params, CE weight)
+    candidates = {candidate_label(c, w, sweep_ce): (c, w) for c in args.choices for w in args.ce_weights}
     start = time.time()
     procs = {}
-    for choice in choices:  # side by side: each is single-threaded
-        if reusable(work / choice, teacher, choice, lrs[choice], args.ce_weight, args.minutes):
-            print(f"reusing {work / choice}: same recipe and budget", file=sys.stderr)
+    for label, (choice, ce_weight) in candidates.items():  # side by side: each is single-threaded
+        if reusable(work / label, teacher, choice, lrs[choice], ce_weight, args.minutes):
+            print(f"reusing {work / label}: same recipe and budget", file=sys.stderr)
             continue
-        log = (work / f"{choice}.log").open("w")
-        procs[choice] = (subprocess.Popen(
-            [sys.executable, "-m", "civic_vllm.training.distill", "--model", teacher, "--out", str(work / choice),
+        log = (work / f"{label}.log").open("w")
+        procs[label] = (subprocess.Popen(
+            [sys.executable, "-m", "civic_vllm.training.distill", "--model", teacher, "--out", str(work / label),
              "--params", choice, "--minutes", str(args.minutes), "--lr", str(lrs[choice]),
-             "--ce-weight", str(args.ce_weight), "--threads", "1"],
+             "--ce-weight", str(ce_weight), "--threads", "1"],
             stdout=log, stderr=subprocess.STDOUT), log)
-    for choice, (proc, log) in procs.items():
+    for label, (proc, log) in procs.items():
         if proc.wait() != 0:
-            raise SystemExit(f"distill --params {choice} failed: see {work / (choice + '.log')}")
+            raise SystemExit(f"distill {label} failed: see {work / (label + '.log')}")
         log.close()
     distill_minutes = round((time.time() - start) / 60, 1)
 
     rows = []
-    for label, model in [("none", teacher)] + [(c, str(work / c)) for c in choices]:
+    for label, model in [("none", teacher)] + [(c, str(work / c)) for c in candidates]:
         with VllmServer(ServerConfig(model=model, dtype="float32", images_per_prompt=1)) as server:
             for r in RATIOS:
                 res = evaluate(samples, server.url, method="civic", ratio=r, desc=f"{label} r={ratio_label(r)}")
@@ -116,19 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     def mean_acc(label: str) -> float:
         return sum(r["accuracy"] for r in rows if r["params"] == label) / len(RATIOS)
 
-    best = max(choices, key=mean_acc)
-    curves = {c: [json.loads(line) for line in (work / c / CURVE_FILE).read_text().splitlines()] for c in choices}
+    best = max(candidates, key=mean_acc)
+    curves = {c: [json.loads(line) for line in (work / c / CURVE_FILE).read_text().splitlines()] for c in candidates}
     result = {
         "command": "python -m benchmarks.distill_params " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "teacher": teacher, "minutes_per_choice": args.minutes, "lr": lrs, "ce_weight": args.ce_weight,
+        "teacher": teacher, "minutes_per_choice": args.minutes, "lr": lrs, "ce_weights": args.ce_weights,
         "n_val": len(samples),
         "distill_wall_minutes": distill_minutes, "rows": rows,
-        "mean_accuracy": {label: round(mean_acc(label), 4) for label in ("none", *choices)},
-        "best": best, "final_kl": {c: (curves[c][-1]["kl"] if curves[c] else None) for c in choices},
+        "mean_accuracy": {label: round(mean_acc(label), 4) for label in ("none", *candidates)},
+        "best": best, "final_kl": {c: (curves[c][-1]["kl"] if curves[c] else None) for c in candidates},
+        "cpu_minutes": {c: json.loads((work / c / DISTILL_MARKER).read_text())["cpu_min"] for c in candidates},
     }
-    out = RESULTS / "distill_params.json"
+    out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    for label in ("none", *choices):
+    for label in ("none", *candidates):
         print(f"{label:<7} mean accuracy over r={[ratio_label(r) for r in RATIOS]}: {mean_acc(label):.4f}")
     print(f"best: {best} -> {out}")
     if args.install:

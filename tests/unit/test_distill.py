@@ -92,6 +92,21 @@ def test_distill_trains_only_the_merger_and_exports_a_checkpoint(teacher_dir: Pa
     assert not reusable(tmp_path / "absent", str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0)
 
 
+def test_distill_params_candidates() -> None:
+    # A CE-weight sweep names each student by parameters and weight; a single weight keeps the plain name.
+    import argparse
+
+    from benchmarks.distill_params import _weights, candidate_label
+
+    assert _weights("0.5, 1.5,3") == [0.5, 1.5, 3.0]
+    for bad in ("", "x", "1,-1", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="weights >= 0"):
+            _weights(bad)
+    assert candidate_label("all", 1.5, sweep_ce=True) == "all-ce1.5"
+    assert candidate_label("all", 3.0, sweep_ce=True) == "all-ce3"
+    assert candidate_label("merger", 0.5, sweep_ce=False) == "merger"
+
+
 def test_module_entry_points_parse_like_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     for main, prog in ((D.main, "civic_vllm.training.distill"), (T.main, "civic_vllm.training.train")):
         with pytest.raises(SystemExit) as exit_info:
