@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.accuracy import DATA_ROOT, DATA_SEED, RESULTS, ROOT, ratio_label
-from civic_vllm.training.distill import CURVE_FILE, DISTILL_MARKER
+from civic_vllm.training.distill import CURVE_FILE, DISTILL_MARKER, DistillRecipe, ratio_list
 
 CHOICES = ("merger", "vision", "all")
 RATIOS = (1 / 3, 0.15)
@@ -69,14 +69,17 @@ def candidate_label(params: str, ce_weight: float, sweep_ce: bool) -> str:
     return f"{params}-ce{ce_weight:g}" if sweep_ce else params
 
 
-def reusable(student: Path, teacher: str, params: str, lr: float, ce_weight: float, minutes: float) -> bool:
+def reusable(student: Path, teacher: str, params: str, lr: float, ce_weight: float, minutes: float,
+             ratios: list[float] | None = None) -> bool:
     """A finished student of exactly this recipe and budget is already at ``student``."""
     marker = student / DISTILL_MARKER
     if not marker.is_file():
         return False
     done = json.loads(marker.read_text())
+    ratios = DistillRecipe().ratios if ratios is None else ratios
     return (done["teacher"] == str(Path(teacher).resolve()) and done["params"] == params and done["lr"] == lr
-            and done["ce_weight"] == ce_weight and not done["stopped_early"] and done["cpu_min"] >= minutes)
+            and done["ce_weight"] == ce_weight and done["ratios"] == ratios
+            and not done["stopped_early"] and done["cpu_min"] >= minutes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help=f"learning rate of every choice (default {DEFAULT_LR})")
     p.add_argument("--ce-weights", type=_weights, default=[0.5],
                    help="comma list: weight of the answers' cross-entropy next to KL (each one a candidate)")
+    p.add_argument("--ratios", type=ratio_list, default=None,
+                   help=f"students' training ratios, e.g. 1/3 (default: civic distill's {DistillRecipe().ratios})")
     p.add_argument("--n-val", type=int, default=600)
     p.add_argument("--work", default=str(RESULTS / "tmp" / "distill"), help="where students are written")
     p.add_argument("--out", default=str(RESULTS / "distill_params.json"), help="result JSON")
@@ -108,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     procs = {}
     for label, (choice, ce_weight) in candidates.items():  # side by side: each is single-threaded
-        if reusable(work / label, teacher, choice, lrs[choice], ce_weight, args.minutes):
+        if reusable(work / label, teacher, choice, lrs[choice], ce_weight, args.minutes, args.ratios):
             print(f"reusing {work / label}: same recipe and budget", file=sys.stderr)
             continue
         log = (work / f"{label}.log").open("w")
         procs[label] = (subprocess.Popen(
             [sys.executable, "-m", "civic_vllm.training.distill", "--model", teacher, "--out", str(work / label),
              "--params", choice, "--minutes", str(args.minutes), "--lr", str(lrs[choice]),
-             "--ce-weight", str(ce_weight), "--threads", "1"],
+             "--ce-weight", str(ce_weight), "--threads", "1",
+             *(["--ratios", ",".join(map(str, args.ratios))] if args.ratios else [])],
             stdout=log, stderr=subprocess.STDOUT), log)
     for label, (proc, log) in procs.items():
         if proc.wait() != 0:
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     curves = {c: [json.loads(line) for line in (work / c / CURVE_FILE).read_text().splitlines()] for c in candidates}
     result = {
         "command": "python -m benchmarks.distill_params " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "teacher": teacher, "minutes_per_choice": args.minutes, "lr": lrs, "ce_weights": args.ce_weights,
+        "teacher": teacher, "minutes_per_choice": args.minutes, "train_ratios": args.ratios or DistillRecipe().ratios,
+        "lr": lrs, "ce_weights": args.ce_weights,
         "n_val": len(samples),
         "distill_wall_minutes": distill_minutes, "rows": rows,
         "mean_accuracy": {label: round(mean_acc(label), 4) for label in ("none", *candidates)},

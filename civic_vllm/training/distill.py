@@ -209,7 +209,8 @@ def distill(
 # --------------------------------------------------------------------------------------
 
 
-def _ratios(text: str) -> list[float]:
+def ratio_list(text: str) -> list[float]:
+    """Comma list of retention ratios ("0.5,1/3"), each checked like a request's civic_ratio."""
     from civic_vllm.planner import PlanError, parse_ratios
 
     try:
@@ -236,7 +237,8 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--model", default=None, help="teacher checkpoint (default: models/civic-shapes-tiny)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--params", choices=PARAM_CHOICES, default=d.params, help="which parameters learn")
-    p.add_argument("--ratios", type=_ratios, default=d.ratios, help="student ratios, one drawn per chat (e.g. 0.5,1/3)")
+    p.add_argument("--ratios", type=ratio_list, default=d.ratios,
+                   help="student ratios, one drawn per chat (e.g. 0.5,1/3)")
     p.add_argument("--policy", default=d.policy, choices=("civic", "pool", "random"))
     p.add_argument("--exit-layer", type=int, default=None, help="student's civic_exit_layer")
     p.add_argument("--lr", type=float, default=d.lr)

@@ -83,13 +83,15 @@ def test_distill_trains_only_the_merger_and_exports_a_checkpoint(teacher_dir: Pa
     # benchmarks.distill_params reuses a student only for exactly its recipe and a budget it met
     from benchmarks.distill_params import reusable
 
-    assert reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0)
-    assert not reusable(out, str(teacher_dir), "all", 1e-2, 0.0, minutes=0.0)
-    assert not reusable(out, str(teacher_dir), "merger", 1e-4, 0.0, minutes=0.0)
-    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.5, minutes=0.0)
-    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=60.0)
-    assert not reusable(out, str(tmp_path), "merger", 1e-2, 0.0, minutes=0.0)
-    assert not reusable(tmp_path / "absent", str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0)
+    assert reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0, ratios=[0.25])
+    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0)  # civic distill's default ratios
+    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0, ratios=[0.25, 0.5])
+    assert not reusable(out, str(teacher_dir), "all", 1e-2, 0.0, minutes=0.0, ratios=[0.25])
+    assert not reusable(out, str(teacher_dir), "merger", 1e-4, 0.0, minutes=0.0, ratios=[0.25])
+    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.5, minutes=0.0, ratios=[0.25])
+    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=60.0, ratios=[0.25])
+    assert not reusable(out, str(tmp_path), "merger", 1e-2, 0.0, minutes=0.0, ratios=[0.25])
+    assert not reusable(tmp_path / "absent", str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0, ratios=[0.25])
 
 
 def test_distill_params_candidates() -> None:
