@@ -13,7 +13,8 @@ r = 1/3 and 0.15, next to the undistilled model. Writes ``--out``
 mean accuracy over the two ratios) becomes ``models/civic-shapes-tiny-distilled``.
 
 A student already in ``--work`` whose recorded recipe matches (teacher, params, lr, CE weight,
-budget) is reused rather than trained again, so a failed evaluation does not cost the training.
+training ratios ``--ratios``, budget) is reused rather than trained again, so a failed evaluation
+does not cost the training.
 """
 
 from __future__ import annotations
