@@ -71,13 +71,12 @@ def candidate_label(params: str, ce_weight: float, sweep_ce: bool) -> str:
 
 
 def reusable(student: Path, teacher: str, params: str, lr: float, ce_weight: float, minutes: float,
-             ratios: list[float] | None = None) -> bool:
+             ratios: list[float]) -> bool:
     """A finished student of exactly this recipe and budget is already at ``student``."""
     marker = student / DISTILL_MARKER
     if not marker.is_file():
         return False
     done = json.loads(marker.read_text())
-    ratios = DistillRecipe().ratios if ratios is None else ratios
     return (done["teacher"] == str(Path(teacher).resolve()) and done["params"] == params and done["lr"] == lr
             and done["ce_weight"] == ce_weight and done["ratios"] == ratios
             and not done["stopped_early"] and done["cpu_min"] >= minutes)
@@ -95,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None, help=f"learning rate of every choice (default {DEFAULT_LR})")
     p.add_argument("--ce-weights", type=_weights, default=[0.5],
                    help="comma list: weight of the answers' cross-entropy next to KL (each one a candidate)")
-    p.add_argument("--ratios", type=ratio_list, default=None,
-                   help=f"students' training ratios, e.g. 1/3 (default: civic distill's {DistillRecipe().ratios})")
+    p.add_argument("--ratios", type=ratio_list, default=DistillRecipe().ratios,
+                   help="students' training ratios, e.g. 1/3 (default: civic distill's)")
     p.add_argument("--n-val", type=int, default=600)
     p.add_argument("--work", default=str(RESULTS / "tmp" / "distill"), help="where students are written")
     p.add_argument("--out", default=str(RESULTS / "distill_params.json"), help="result JSON")
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "civic_vllm.training.distill", "--model", teacher, "--out", str(work / label),
              "--params", choice, "--minutes", str(args.minutes), "--lr", str(lrs[choice]),
              "--ce-weight", str(ce_weight), "--threads", "1",
-             *(["--ratios", ",".join(map(str, args.ratios))] if args.ratios else [])],
+             "--ratios", ",".join(map(str, args.ratios))],
             stdout=log, stderr=subprocess.STDOUT), log)
     for label, (proc, log) in procs.items():
         if proc.wait() != 0:
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     curves = {c: [json.loads(line) for line in (work / c / CURVE_FILE).read_text().splitlines()] for c in candidates}
     result = {
         "command": "python -m benchmarks.distill_params " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "teacher": teacher, "minutes_per_choice": args.minutes, "train_ratios": args.ratios or DistillRecipe().ratios,
+        "teacher": teacher, "minutes_per_choice": args.minutes, "train_ratios": args.ratios,
         "lr": lrs, "ce_weights": args.ce_weights,
         "n_val": len(samples),
         "distill_wall_minutes": distill_minutes, "rows": rows,

@@ -84,7 +84,7 @@ def test_distill_trains_only_the_merger_and_exports_a_checkpoint(teacher_dir: Pa
     from benchmarks.distill_params import reusable
 
     assert reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0, ratios=[0.25])
-    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0)  # civic distill's default ratios
+    assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0, ratios=D.DistillRecipe().ratios)
     assert not reusable(out, str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0, ratios=[0.25, 0.5])
     assert not reusable(out, str(teacher_dir), "all", 1e-2, 0.0, minutes=0.0, ratios=[0.25])
     assert not reusable(out, str(teacher_dir), "merger", 1e-4, 0.0, minutes=0.0, ratios=[0.25])
