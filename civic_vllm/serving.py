@@ -1,7 +1,9 @@
 """Start and stop a real ``vllm serve`` process: one helper for the demo, tests and benchmarks.
 
 The server always binds to 127.0.0.1, logs to a file (printed on failure) and is
-stopped with SIGTERM then SIGKILL, so no stray server outlives its caller.
+stopped with SIGTERM then SIGKILL, so no stray server outlives its caller, even when the
+caller itself is sent SIGTERM (a timeout, ``kill``): while a server runs, SIGTERM in the caller
+raises SystemExit, so ``with`` blocks and ``finally`` clauses stop the server on the way out.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,6 +98,37 @@ class ServerError(RuntimeError):
     pass
 
 
+class _SigtermAsExit:
+    """SIGTERM -> SystemExit(143) while any server runs (Python's default dies without cleanup).
+
+    The server runs in its own session, so it would not get the caller's signal and would be
+    orphaned. Installed only from the main thread and only over the default handler, so an
+    application's own SIGTERM handling is left alone; the default is restored with the last server.
+    """
+
+    _servers = 0
+    _installed = False
+
+    @classmethod
+    def acquire(cls) -> None:
+        cls._servers += 1
+        if cls._servers == 1 and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, cls._raise)
+            cls._installed = True
+
+    @classmethod
+    def release(cls) -> None:
+        cls._servers -= 1
+        if cls._servers == 0 and cls._installed and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            cls._installed = False
+
+    @staticmethod
+    def _raise(signum, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+
 class VllmServer:
     """``with VllmServer(ServerConfig(...)) as server: server.url``"""
 
@@ -106,6 +140,7 @@ class VllmServer:
         self._own_log = log_path is None  # a temporary log is removed when the server stops
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
+        self._holds_sigterm = False  # this server counts in _SigtermAsExit until stopped
 
     @property
     def url(self) -> str:
@@ -113,6 +148,8 @@ class VllmServer:
 
     def start(self) -> VllmServer:
         self._log = open(self.log_path, "w")
+        _SigtermAsExit.acquire()
+        self._holds_sigterm = True
         self.process = subprocess.Popen(
             self.config.command(),
             stdout=self._log,
@@ -120,17 +157,24 @@ class VllmServer:
             env=self.config.environment(),
             start_new_session=True,  # its own process group: stop() reaches the engine core too
         )
+        try:
+            self._wait_healthy()
+        except BaseException:  # also SystemExit / KeyboardInterrupt: `with` never reaches __exit__
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"vllm serve exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
+                    return
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        self.stop()
         raise ServerError(f"vllm serve not healthy after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> int | None:
@@ -151,6 +195,9 @@ class VllmServer:
         self._log.close()
         if self._own_log:
             self.log_path.unlink(missing_ok=True)
+        if self._holds_sigterm:
+            self._holds_sigterm = False
+            _SigtermAsExit.release()
         return self.process.returncode
 
     def log_tail(self, lines: int = 60) -> str:
