@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     from civic_vllm.data.shapes import add_data_parser
     from civic_vllm.evaluation import add_eval_parser
     from civic_vllm.planner import add_plan_parser
-    from civic_vllm.training.distill import add_distill_parser
+    from civic_vllm.training.distill import add_distill_parser, add_soup_parser
     from civic_vllm.training.train import add_train_parser
     from civic_vllm.viz import add_viz_parser
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_eval_parser(commands)
     add_distill_parser(commands)
+    add_soup_parser(commands)
     return parser
 
 

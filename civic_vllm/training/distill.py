@@ -13,6 +13,10 @@ answers' cross-entropy. Which parameters learn is a choice (``--params``):
 
 Data are civic-shapes chats generated on the fly, as in ``civic train``; the result is a
 regular checkpoint directory that ``vllm serve ... --model-impl civic`` loads.
+
+``civic soup`` averages the weights of several students of one teacher (a uniform "model soup",
+Wortsman et al. 2022): students fine-tuned from the same weights stay in one basin, and their
+average reads the compact sequence better than either (measured in the README).
 """
 
 from __future__ import annotations
@@ -204,6 +208,48 @@ def distill(
     return path
 
 
+def soup(students: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """Uniform weight average of ``students`` (civic distill outputs of one teacher) at ``out_dir``.
+
+    Averaged in fp32 and exported like a student; ``civic_distill.json`` lists the ingredients'
+    recipes and their curves are kept as ``distill_curve.<i>.jsonl``.
+    """
+    paths = [Path(s).resolve() for s in students]
+    if len(paths) < 2:
+        raise ValueError("a soup needs at least two students")
+    if len(set(paths)) < len(paths):
+        raise ValueError("a student is listed twice (weight it by training another one instead)")
+    recipes = []
+    for path in paths:
+        marker = path / DISTILL_MARKER
+        if not marker.is_file():
+            raise FileNotFoundError(f"{path} is not a student written by civic distill (no {DISTILL_MARKER})")
+        recipes.append(json.loads(marker.read_text()))
+    teachers = sorted({r["teacher"] for r in recipes})
+    if len(teachers) > 1:
+        raise ValueError(f"students of different teachers cannot be averaged: {', '.join(teachers)}")
+    model, preset = load_hf_model(paths[0])
+    total = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for path in paths[1:]:
+        other, other_preset = load_hf_model(path)
+        if other_preset != preset:
+            raise ValueError(f"{path} has another model shape than {paths[0]}")
+        for k, v in other.state_dict().items():
+            total[k] += v
+        del other
+    model.load_state_dict({k: v / len(paths) for k, v in total.items()})
+    curves = [f"distill_curve.{i}.jsonl" for i in range(len(paths))]
+    info = {"soup_of": [{"student": str(p), **r} for p, r in zip(paths, recipes)], "teacher": teachers[0],
+            "steps": sum(r["steps"] for r in recipes), "cpu_min": round(sum(r["cpu_min"] for r in recipes), 3),
+            "curves": curves}
+    out = tr.export_model(model, preset, out_dir, {"distill": info})
+    (out / DISTILL_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    for path, name in zip(paths, curves):
+        if (path / CURVE_FILE).is_file():
+            shutil.copyfile(path / CURVE_FILE, out / name)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
@@ -249,6 +295,20 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(handler=_distill_cmd)
+    return p
+
+
+def _soup_cmd(args: argparse.Namespace) -> int:
+    print(soup(args.students, args.out))
+    return 0
+
+
+def add_soup_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``civic soup --out DIR STUDENT STUDENT [...]``."""
+    p = subparsers.add_parser("soup", help="average the weights of civic distill students of one teacher")
+    p.add_argument("students", nargs="+", help="student checkpoints written by civic distill (two or more)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.set_defaults(handler=_soup_cmd)
     return p
 
 

@@ -94,6 +94,45 @@ def test_distill_trains_only_the_merger_and_exports_a_checkpoint(teacher_dir: Pa
     assert not reusable(tmp_path / "absent", str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0, ratios=[0.25])
 
 
+def test_soup_is_the_mean_of_its_students(teacher_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = dict(params="merger", lr=1e-2, ratios=[0.25], data=T.Recipe(images_per_step=1))
+    a = D.distill(teacher_dir, tmp_path / "a", recipe=D.DistillRecipe(**recipe, seed=1), max_steps=2, progress=False)
+    b = D.distill(teacher_dir, tmp_path / "b", recipe=D.DistillRecipe(**recipe, seed=2, ce_weight=1.0), max_steps=2,
+                  progress=False)
+    out = D.soup([a, b], tmp_path / "soup")
+    wa, wb, ws = (load_file(p / "model.safetensors") for p in (a, b, out))
+    assert ws.keys() == wa.keys()
+    differing = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert differing  # the students differ, so the soup is not a copy of either
+    for k in wa:  # bf16 on disk: the mean of two bf16 values, rounded once
+        mean = ((wa[k].float() + wb[k].float()) / 2).to(torch.bfloat16)
+        torch.testing.assert_close(ws[k], mean, atol=0, rtol=0)
+    info = json.loads((out / D.DISTILL_MARKER).read_text())
+    assert [i["student"] for i in info["soup_of"]] == [str(a), str(b)]
+    assert [i["ce_weight"] for i in info["soup_of"]] == [0.0, 1.0] and info["steps"] == 4
+    assert all((out / name).read_text() == (src / D.CURVE_FILE).read_text()
+               for name, src in zip(info["curves"], (a, b)))
+    D.load_hf_model(out)
+
+    with pytest.raises(ValueError, match="at least two"):
+        D.soup([a], tmp_path / "x")
+    with pytest.raises(ValueError, match="listed twice"):
+        D.soup([a, a], tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="not a student written by civic distill"):
+        D.soup([a, teacher_dir], tmp_path / "x")
+    other = json.loads((b / D.DISTILL_MARKER).read_text())
+    (b / D.DISTILL_MARKER).write_text(json.dumps({**other, "teacher": "/elsewhere"}))
+    with pytest.raises(ValueError, match="different teachers"):
+        D.soup([a, b], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+    from civic_vllm.cli import main as civic
+
+    assert civic(["soup", "--out", str(tmp_path / "x"), str(a), str(b)]) == 2  # a clear line, not a traceback
+    assert "civic soup: error: students of different teachers" in capsys.readouterr().err
+
+
 def test_distill_params_candidates() -> None:
     # A CE-weight sweep names each student by parameters and weight; a single weight keeps the plain name.
     import argparse
