@@ -71,12 +71,19 @@ def test_sigterm_to_the_caller_stops_its_server():
             os.killpg(server_pid, signal.SIGKILL)
 
 
-def test_sigterm_handling_is_restored_after_the_last_server(monkeypatch):
+@pytest.fixture
+def no_running_servers(monkeypatch):
+    """The SIGTERM bookkeeping as in a process with no server yet (session fixtures may hold some)."""
+    monkeypatch.setattr(serving._SigtermAsExit, "_servers", 0)
+    monkeypatch.setattr(serving._SigtermAsExit, "_installed", False)
+    saved = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, saved)
+
+
+def test_sigterm_handling_is_restored_after_the_last_server(monkeypatch, no_running_servers):
     monkeypatch.setattr(serving.ServerConfig, "command",
                         lambda self: [sys.executable, "-c", STAND_IN, str(self.port), "live"])
-    before = signal.getsignal(signal.SIGTERM)
-    if before is not signal.SIG_DFL:
-        pytest.skip("the test runner has its own SIGTERM handler; VllmServer leaves it alone")
     with serving.VllmServer(serving.ServerConfig(model="unused")):
         with serving.VllmServer(serving.ServerConfig(model="unused")):
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
@@ -84,11 +91,24 @@ def test_sigterm_handling_is_restored_after_the_last_server(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_a_server_that_dies_at_start_up_is_reported_and_released(monkeypatch):
+def test_an_own_sigterm_handler_is_left_alone(monkeypatch, no_running_servers):
+    monkeypatch.setattr(serving.ServerConfig, "command",
+                        lambda self: [sys.executable, "-c", STAND_IN, str(self.port), "live"])
+
+    def own(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, own)
+    with serving.VllmServer(serving.ServerConfig(model="unused")):
+        assert signal.getsignal(signal.SIGTERM) is own
+    assert signal.getsignal(signal.SIGTERM) is own
+
+
+def test_a_server_that_dies_at_start_up_is_reported_and_released(monkeypatch, no_running_servers):
     monkeypatch.setattr(serving.ServerConfig, "command",
                         lambda self: [sys.executable, "-c", STAND_IN, str(self.port), "die"])
     server = serving.VllmServer(serving.ServerConfig(model="unused"))
     with pytest.raises(serving.ServerError, match="exited with 3"):
         server.start()
     assert server.process.poll() == 3 and server._log.closed and not server.log_path.exists()
-    assert serving._SigtermAsExit._servers == 0
+    assert serving._SigtermAsExit._servers == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
