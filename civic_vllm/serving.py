@@ -107,7 +107,6 @@ class _SigtermAsExit:
     """
 
     _servers = 0
-    _installed = False
 
     @classmethod
     def acquire(cls) -> None:
@@ -115,14 +114,13 @@ class _SigtermAsExit:
         if cls._servers == 1 and threading.current_thread() is threading.main_thread() \
                 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, cls._raise)
-            cls._installed = True
 
     @classmethod
     def release(cls) -> None:
         cls._servers -= 1
-        if cls._servers == 0 and cls._installed and threading.current_thread() is threading.main_thread():
+        if cls._servers == 0 and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) is cls._raise:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            cls._installed = False
 
     @staticmethod
     def _raise(signum, _frame) -> None:

@@ -75,7 +75,6 @@ def test_sigterm_to_the_caller_stops_its_server():
 def no_running_servers(monkeypatch):
     """The SIGTERM bookkeeping as in a process with no server yet (session fixtures may hold some)."""
     monkeypatch.setattr(serving._SigtermAsExit, "_servers", 0)
-    monkeypatch.setattr(serving._SigtermAsExit, "_installed", False)
     saved = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     yield
     signal.signal(signal.SIGTERM, saved)
