@@ -138,7 +138,7 @@ class VllmServer:
         self._own_log = log_path is None  # a temporary log is removed when the server stops
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
-        self._holds_sigterm = False  # this server counts in _SigtermAsExit until stopped
+        self._started = False  # started and not yet stopped: holds the log and a _SigtermAsExit count
 
     @property
     def url(self) -> str:
@@ -147,15 +147,15 @@ class VllmServer:
     def start(self) -> VllmServer:
         self._log = open(self.log_path, "w")
         _SigtermAsExit.acquire()
-        self._holds_sigterm = True
-        self.process = subprocess.Popen(
-            self.config.command(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.config.environment(),
-            start_new_session=True,  # its own process group: stop() reaches the engine core too
-        )
+        self._started = True
         try:
+            self.process = subprocess.Popen(
+                self.config.command(),
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=self.config.environment(),
+                start_new_session=True,  # its own process group: stop() reaches the engine core too
+            )
             self._wait_healthy()
         except BaseException:  # also SystemExit / KeyboardInterrupt: `with` never reaches __exit__
             self.stop()
@@ -177,26 +177,25 @@ class VllmServer:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (vLLM drains and exits), then SIGKILL the whole group if it hangs."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
+        if self.process is not None:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+            try:  # stragglers of the group (engine core) must not outlive the server
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        try:  # stragglers of the group (engine core) must not outlive the server
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self._log.close()
-        if self._own_log:
-            self.log_path.unlink(missing_ok=True)
-        if self._holds_sigterm:
-            self._holds_sigterm = False
+            except ProcessLookupError:
+                pass
+        if self._started:  # the log and the SIGTERM hold are released once
+            self._started = False
+            self._log.close()
+            if self._own_log:
+                self.log_path.unlink(missing_ok=True)
             _SigtermAsExit.release()
-        return self.process.returncode
+        return None if self.process is None else self.process.returncode
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -111,3 +111,13 @@ def test_a_server_that_dies_at_start_up_is_reported_and_released(monkeypatch, no
         server.start()
     assert server.process.poll() == 3 and server._log.closed and not server.log_path.exists()
     assert serving._SigtermAsExit._servers == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_server_that_cannot_be_launched_is_released(monkeypatch, no_running_servers):
+    monkeypatch.setattr(serving.ServerConfig, "command", lambda self: ["/nonexistent/vllm", "serve"])
+    server = serving.VllmServer(serving.ServerConfig(model="unused"))
+    with pytest.raises(FileNotFoundError):
+        server.start()
+    assert server.process is None and server._log.closed and not server.log_path.exists()
+    assert serving._SigtermAsExit._servers == 0 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert server.stop() is None  # stopping again is harmless
