@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from civic_vllm.retention.learned import TokenScorer, keep_logits
 from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_after_block
 
 
@@ -35,6 +36,7 @@ class CompactBatch:
     visual_pos_masks: torch.Tensor  # [1, L] bool
     deepstack_embeds: list[torch.Tensor]  # per level [sum K, H]
     kept_indices: list[torch.Tensor]  # per image, raster indices
+    scores: list[torch.Tensor | None]  # per image, the learned policy's scores (else None)
 
     @property
     def next_position(self) -> int:
@@ -49,17 +51,21 @@ def build_compact_batch(
     mm_token_type_ids: torch.Tensor,
     plans: Sequence[ImageRetention],
     seed_pixels: torch.Tensor | None = None,
+    scorer: TokenScorer | None = None,
 ) -> CompactBatch:
     """HF processor outputs of an unpruned prompt (batch size 1) -> the compact prompt.
 
     ``seed_pixels``: raw uint8 patch pixels (the processor run with do_rescale and
     do_normalize off), as vLLM ships them; only the random policy reads them, and
-    passing them makes its draw identical to the served one.
+    passing them makes its draw identical to the served one. ``scorer``: the
+    checkpoint's trained scorer, read by the learned policy.
     """
     core = model.model
     image_token_id = model.config.image_token_id
     seed_pixels = pixel_values if seed_pixels is None else seed_pixels
-    merged, deepstack, kept = compact_vision(core.visual, pixel_values, image_grid_thw, plans, seed_pixels)
+    merged, deepstack, kept, scores = compact_vision(
+        core.visual, pixel_values, image_grid_thw, plans, seed_pixels, scorer
+    )
 
     starts = torch.tensor([0] + [p.num_tokens for p in plans[:-1]]).cumsum(0).tolist()
     kept_global = torch.cat([k + s for k, s in zip(kept, starts)])
@@ -85,16 +91,25 @@ def build_compact_batch(
         visual_pos_masks=mask,
         deepstack_embeds=[level.to(embeds.dtype) for level in deepstack],
         kept_indices=kept,
+        scores=scores,
     )
 
 
 def compact_vision(
-    visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, plans: Sequence[ImageRetention], seed_pixels
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    visual,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    plans: Sequence[ImageRetention],
+    seed_pixels,
+    scorer: TokenScorer | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
     """HF's vision tower with CIVIC retention at each image's exit layer.
 
     Returns the merged rows of the kept tokens [sum K, D], the same for every DeepStack
-    level, and each image's kept raster indices.
+    level, each image's kept raster indices and its learned scores (None for other
+    policies). While the scorer trains, each kept group's rows are multiplied by a
+    straight-through gate 1 + g - stop_grad(g), g = sigmoid(keep logit): the value is
+    exactly 1 (the forward pass is the served one) and the loss reaches the scores.
     """
     from transformers.vision_utils import (
         get_vision_attention_seqlens,
@@ -116,6 +131,7 @@ def compact_vision(
     depth = len(visual.blocks)
     groups = [plan.num_tokens for plan in plans]
     kept: list[torch.Tensor | None] = [None] * len(plans)
+    scores: list[torch.Tensor | None] = [None] * len(plans)
     image_pixels = seed_pixels.split(patch_counts(grid_thw.tolist()))
     taps: list[torch.Tensor] = []  # merged rows, one per current group
     for block_index, block in enumerate(visual.blocks):
@@ -123,7 +139,7 @@ def compact_vision(
         if block_index in visual.deepstack_visual_indexes:
             merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(block_index)]
             taps.append(merger(hidden))
-        selecting = select_after_block(block_index, depth, hidden, groups, image_pixels, plans, kept)
+        selecting = select_after_block(block_index, depth, hidden, groups, image_pixels, plans, kept, scorer, scores)
         if not selecting:
             continue
         surviving = [kept[i] if i in selecting else torch.arange(g) for i, g in enumerate(groups)]
@@ -131,10 +147,24 @@ def compact_vision(
         group_index = torch.cat([s + start for s, start in zip(surviving, starts)])
         row_index = (group_index[:, None] * GROUP_ROWS + torch.arange(GROUP_ROWS)).flatten()
         hidden, cos, sin = hidden[row_index], cos[row_index], sin[row_index]
+        if scorer is not None and scorer.training:
+            hidden = hidden * _straight_through_gate(surviving, selecting, scores, plans).to(hidden.dtype)[:, None]
         taps = [tap[group_index] for tap in taps]
         groups = [len(s) for s in surviving]
         cu_seqlens = F.pad(torch.tensor([GROUP_ROWS * g for g in groups]).cumsum(0, dtype=torch.int32), (1, 0))
-    return visual.merger(hidden), taps, kept
+    return visual.merger(hidden), taps, kept, scores
+
+
+def _straight_through_gate(surviving, selecting, scores, plans) -> torch.Tensor:
+    """[rows] gate of the surviving patch rows: 1 + g - stop_grad(g) on freshly scored groups, else 1."""
+    gates = []
+    for i, groups in enumerate(surviving):
+        if i in selecting and scores[i] is not None:
+            g = torch.sigmoid(keep_logits(scores[i], plans[i].num_kept)[groups])
+            gates.append(1.0 + g - g.detach())
+        else:
+            gates.append(torch.ones(len(groups)))
+    return torch.cat(gates).repeat_interleave(GROUP_ROWS)
 
 
 def compact_logits(model, batch: CompactBatch) -> torch.Tensor:
@@ -174,5 +204,6 @@ def compact_greedy(model, batch: CompactBatch, max_new_tokens: int) -> tuple[lis
             visual_pos_masks=torch.cat([batch.visual_pos_masks, torch.zeros(1, 1, dtype=torch.bool)], dim=1),
             deepstack_embeds=batch.deepstack_embeds,
             kept_indices=batch.kept_indices,
+            scores=batch.scores,
         )
     return tokens, logprobs

@@ -23,8 +23,10 @@ from civic_vllm.budget import validate_ratio
 
 KEY_PREFIX = "civic_"
 
-# Policies that pick tokens on the encoder output (see civic_vllm.retention).
-PolicyName = Literal["civic", "pool", "random", "full"]
+# Policies that pick tokens on the encoder output (see civic_vllm.retention); "learned" needs a
+# checkpoint whose CIVIC recipe has a trained scorer (civic_vllm.recipe). Append only: the
+# processor ships a policy as its index here.
+PolicyName = Literal["civic", "pool", "random", "full", "learned"]
 POLICY_CHOICES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]
 
 
@@ -72,12 +74,18 @@ class CivicSettings(BaseModel):
             raise ValueError(f"must be an integer >= 1 (vision blocks run before retention) or null, got {value!r}")
         return value
 
-    def check_vision_depth(self, depth: int) -> None:
-        """Settings that need the model: the exit layer must name one of its vision blocks."""
+    def check_model(self, depth: int, has_scorer: bool) -> None:
+        """Settings that need the model: the exit layer must name one of its vision blocks, and
+        the learned policy needs a checkpoint with a trained scorer."""
         if self.exit_layer is not None and self.exit_layer > depth:
             raise CivicSettingsError(
                 f"Invalid CIVIC setting: civic_exit_layer must be between 1 and {depth} "
                 f"(this model's vision blocks) or null, got {self.exit_layer}"
+            )
+        if self.policy == "learned" and not has_scorer:
+            raise CivicSettingsError(
+                "Invalid CIVIC setting: civic_policy 'learned' needs a checkpoint with a trained CIVIC scorer "
+                "(a 'civic' recipe with a scorer in its config.json); this model has none"
             )
 
     @classmethod

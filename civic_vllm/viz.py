@@ -137,7 +137,7 @@ def compute_retention(
     grid_hw = merged_grid(grid_thw, merge)
     n = num_merged_tokens(grid_thw, merge)
     k = num_retained(n, settings.ratio, settings.min_tokens)
-    settings.check_vision_depth(len(tower.blocks))
+    settings.check_model(len(tower.blocks), has_scorer=False)  # maps show training-free policies
     plan = ImageRetention(grid_hw=grid_hw, num_kept=k, policy=settings.policy, exit_layer=settings.exit_layer)
     pixels = inputs["pixel_values"].to(_torch_dtype(dtype))
     with torch.inference_mode():
@@ -160,7 +160,7 @@ def _select(tower, pixels, grid, seed_pixels, plan) -> torch.Tensor:
     at the plan's exit layer, through the selection code the server shares)."""
     from civic_vllm.hf_compact import compact_vision
 
-    _, _, kept = compact_vision(tower, pixels, grid, [plan], seed_pixels)
+    _, _, kept, _ = compact_vision(tower, pixels, grid, [plan], seed_pixels)
     return kept[0]
 
 

@@ -15,6 +15,8 @@ import torch
 
 from civic_vllm.budget import _as_int
 
+GROUP_ROWS = 4  # patch rows per merged token (the 2x2 spatial merge)
+
 # 8-neighbourhood offsets (drow, dcol). OFFSETS[7 - d] is the opposite of OFFSETS[d];
 # OFFSETS[4:] are the "forward" half (right, down-left, down, down-right).
 OFFSETS: tuple[tuple[int, int], ...] = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))

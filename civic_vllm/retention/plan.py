@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from civic_vllm.retention import content_seed, get_policy
+from civic_vllm.retention.base import GROUP_ROWS
+from civic_vllm.retention.learned import TokenScorer, learned_select
 
-GROUP_ROWS = 4  # patch rows per merged token (2x2 spatial merge)
+LEARNED_POLICY = "learned"
 
 
 @dataclass(frozen=True)
@@ -41,21 +43,34 @@ class ImageRetention:
         return block == exit_layer - 1
 
 
-def select_image_tokens(patch_rows: torch.Tensor, seed_pixels: torch.Tensor, plan: ImageRetention) -> torch.Tensor:
-    """Ascending raster indices of one image's kept merged tokens.
+def select_image_tokens(
+    patch_rows: torch.Tensor,
+    seed_pixels: torch.Tensor,
+    plan: ImageRetention,
+    scorer: TokenScorer | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ascending raster indices of one image's kept merged tokens, and the learned scores.
 
     ``patch_rows`` are the image's vision hidden states [4N, C], each merged token's
-    2x2 patches on consecutive rows; a token is scored from the mean of its patches,
-    i.e. the rows the merger would fuse. ``seed_pixels`` are the image's patch pixels,
-    read only by the random policy so every tensor-parallel rank draws the same
-    subset; vLLM ships them as raw uint8 (it normalises inside the model), which also
-    keeps the seed independent of the serving dtype, and other callers pass that form.
+    2x2 patches on consecutive rows. The ``learned`` policy scores them with the
+    checkpoint's ``scorer`` and also returns the scores [N] (differentiable when the
+    scorer trains); the other policies score a token from the mean of its patches,
+    i.e. the rows the merger would fuse, and return None. ``seed_pixels`` are the
+    image's patch pixels, read only by the random policy so every tensor-parallel rank
+    draws the same subset; vLLM ships them as raw uint8 (it normalises inside the
+    model), which also keeps the seed independent of the serving dtype, and other
+    callers pass that form.
     """
     if plan.keeps_all:
-        return torch.arange(plan.num_tokens, device=patch_rows.device)
+        return torch.arange(plan.num_tokens, device=patch_rows.device), None
+    if plan.policy == LEARNED_POLICY:
+        if scorer is None:
+            raise ValueError("policy 'learned' needs a checkpoint with a trained CIVIC scorer")
+        scores = scorer(patch_rows, plan.grid_hw)
+        return learned_select(scores, plan.grid_hw, plan.num_kept).to(patch_rows.device), scores
     features = patch_rows.reshape(-1, GROUP_ROWS, patch_rows.shape[-1]).mean(dim=1)
     seed = content_seed(seed_pixels) if plan.policy == "random" else None
-    return get_policy(plan.policy).select(features, plan.grid_hw, plan.num_kept, seed=seed)
+    return get_policy(plan.policy).select(features, plan.grid_hw, plan.num_kept, seed=seed), None
 
 
 def select_after_block(
@@ -66,17 +81,22 @@ def select_after_block(
     seed_pixels: Sequence[torch.Tensor],
     plans: Sequence[ImageRetention],
     kept: list[torch.Tensor | None],
+    scorer: TokenScorer | None = None,
+    scores: list[torch.Tensor | None] | None = None,
 ) -> list[int]:
     """Select for every image whose exit layer ends at ``block_index``; fills ``kept``.
 
     ``hidden`` holds all images' current patch rows, image i owning 4 * groups[i]
-    consecutive rows. Returns the indices of the images that selected.
+    consecutive rows. Returns the indices of the images that selected. When ``scores``
+    is given, the learned policy's scores of image i go to ``scores[i]``.
     """
     selecting = [i for i, plan in enumerate(plans) if plan.selects_after(block_index, depth)]
     if selecting:
         image_rows = hidden.split([GROUP_ROWS * g for g in groups])
         for i in selecting:
-            kept[i] = select_image_tokens(image_rows[i], seed_pixels[i], plans[i])
+            kept[i], image_scores = select_image_tokens(image_rows[i], seed_pixels[i], plans[i], scorer)
+            if scores is not None:
+                scores[i] = image_scores
     return selecting
 
 

@@ -11,8 +11,18 @@ answers' cross-entropy. Which parameters learn is a choice (``--params``):
 * ``vision``  the whole vision tower (with an exit layer: also the blocks after it),
 * ``all``     every parameter.
 
+Which tokens the student keeps is ``--policy``: a training-free one (civic, pool, random), or
+``learned``: a small scorer (:mod:`civic_vllm.retention.learned`) picks the tokens at the exit
+layer and trains with the student, through a straight-through gate on the kept rows (the KL and
+CE reach the scores) and a BCE towards the tokens the training-free ``civic`` policy keeps on
+the teacher's *final* vision states at the same K (the late selection that keeps accuracy), so
+an early selection learns to pick what a late one would. ``downscale`` fine-tunes the model on
+images shrunk to the ratio's token budget (as served), against the teacher on the full image.
+
 Data are civic-shapes chats generated on the fly, as in ``civic train``; the result is a
-regular checkpoint directory that ``vllm serve ... --model-impl civic`` loads.
+regular checkpoint directory that ``vllm serve ... --model-impl civic`` loads. A student trained
+with retention records its recipe (ratio ``serve_ratio``, policy, exit layer, scorer) in its
+config.json, and the server serves that recipe by default (:mod:`civic_vllm.recipe`).
 
 ``civic soup`` averages the weights of several students of one teacher (a uniform "model soup",
 Wortsman et al. 2022): students fine-tuned from the same weights stay in one basin, and their
@@ -38,10 +48,13 @@ import torch.nn.functional as F
 
 from civic_vllm.budget import num_retained
 from civic_vllm.hf_compact import build_compact_batch
-from civic_vllm.retention.plan import ImageRetention
+from civic_vllm.recipe import CivicRecipe, write_recipe
+from civic_vllm.retention.learned import ScorerConfig, TokenScorer, keep_logits
+from civic_vllm.retention.plan import ImageRetention, select_image_tokens
 from civic_vllm.training import train as tr
 
 PARAM_CHOICES = ("merger", "vision", "all")
+POLICY_CHOICES = ("civic", "pool", "random", "learned", "downscale")
 DISTILL_MARKER = "civic_distill.json"
 CURVE_FILE = "distill_curve.jsonl"  # KL / CE every log_every steps, inside the exported checkpoint
 
@@ -51,6 +64,9 @@ class DistillRecipe:
     ratios: list[float] = field(default_factory=lambda: [0.5, 1 / 3, 0.25, 0.15])
     policy: str = "civic"
     exit_layer: int | None = None
+    serve_ratio: float = 1 / 3  # the ratio the exported checkpoint serves by default
+    scorer_lr: float = 1e-3  # learned policy: the scorer's learning rate
+    scorer_weight: float = 1.0  # learned policy: weight of the BCE towards the late selection
     params: str = "merger"
     lr: float = 1e-4
     ce_weight: float = 0.0
@@ -96,24 +112,62 @@ def load_hf_model(path: str | Path):
 
 
 def student_plans(enc: tr.Encoded, merge: int, ratio: float, recipe: DistillRecipe) -> list[ImageRetention]:
+    """The student's retention per image (downscale students keep every token of their smaller image)."""
     plans = []
     for _, h, w in enc.image_grid_thw.tolist():
         grid = (h // merge, w // merge)
+        if recipe.policy == "downscale":
+            plans.append(ImageRetention(grid_hw=grid, num_kept=grid[0] * grid[1], policy="full"))
+            continue
         plans.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio),
                                     policy=recipe.policy, exit_layer=recipe.exit_layer))
     return plans
 
 
-def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: DistillRecipe,
-                   merge: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-answer KL(teacher || student) and cross-entropy of one chat, student at ``ratio``."""
+class LateRows:
+    """Captures the teacher's final vision-block output: the rows the late selection reads."""
+
+    def __init__(self, teacher) -> None:
+        self.rows: torch.Tensor | None = None
+        self._hook = teacher.model.visual.blocks[-1].register_forward_hook(self._capture)
+
+    def _capture(self, _module, _args, output) -> None:
+        self.rows = output[0] if isinstance(output, tuple) else output
+
+
+def late_selection_loss(late_rows: torch.Tensor, enc: tr.Encoded, batch, plans: Sequence[ImageRetention]) -> torch.Tensor:
+    """BCE of the learned keep logits towards the training-free civic selection on the teacher's final rows."""
+    losses = []
+    for rows, pixels, plan, scores in zip(late_rows.split([4 * p.num_tokens for p in plans]),
+                                          enc.pixel_values.split([4 * p.num_tokens for p in plans]),
+                                          plans, batch.scores):
+        if scores is None:
+            continue
+        target, _ = select_image_tokens(rows, pixels, ImageRetention(plan.grid_hw, plan.num_kept, "civic"))
+        mask = torch.zeros_like(scores)
+        mask[target] = 1.0
+        losses.append(F.binary_cross_entropy_with_logits(keep_logits(scores, plan.num_kept), mask))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: DistillRecipe, merge: int,
+                   scorer: TokenScorer | None = None, late: LateRows | None = None,
+                   student_enc: tr.Encoded | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-answer KL(teacher || student) and cross-entropy of one chat, student at ``ratio``, and
+    the scorer's late-selection loss (0 without a scorer).
+
+    ``student_enc``: the student's own encoding of the chat (a downscaled image); the text is
+    the same, so answer positions map across by text column.
+    """
     pos, owner = tr.answer_targets(enc)
     with torch.no_grad():
         t_hidden = teacher.model(**enc.model_inputs(), use_cache=False).last_hidden_state[0]
         t_logp = F.log_softmax(teacher.lm_head(t_hidden[pos]) / recipe.temperature, dim=-1)
 
-    batch = build_compact_batch(student, enc.input_ids, enc.pixel_values, enc.image_grid_thw,
-                                enc.mm_token_type_ids, student_plans(enc, merge, ratio, recipe))
+    s_enc = enc if student_enc is None else student_enc
+    plans = student_plans(s_enc, merge, ratio, recipe)
+    batch = build_compact_batch(student, s_enc.input_ids, s_enc.pixel_values, s_enc.image_grid_thw,
+                                s_enc.mm_token_type_ids, plans, scorer=scorer)
     s_hidden = student.model.language_model(
         input_ids=None, inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids,
         visual_pos_masks=batch.visual_pos_masks, deepstack_visual_embeds=batch.deepstack_embeds,
@@ -129,7 +183,8 @@ def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: Dist
     s_logp = F.log_softmax(s_logits / recipe.temperature, dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1) * recipe.temperature ** 2
     ce = F.cross_entropy(s_logits, enc.input_ids[0, pos + 1], reduction="none")
-    return tr.per_answer_mean(kl, owner), tr.per_answer_mean(ce, owner)
+    selection = late_selection_loss(late.rows, s_enc, batch, plans) if late is not None else torch.zeros(())
+    return tr.per_answer_mean(kl, owner), tr.per_answer_mean(ce, owner), selection
 
 
 def distill(
@@ -155,9 +210,21 @@ def distill(
     student = copy.deepcopy(teacher)
     student.train()
     params = trainable_parameters(student, recipe.params)
+    if recipe.policy not in POLICY_CHOICES:
+        raise ValueError(f"policy must be one of {', '.join(POLICY_CHOICES)}, got {recipe.policy!r}")
     if recipe.exit_layer is not None and not (1 <= recipe.exit_layer <= preset.vision.depth):
         raise ValueError(f"exit layer must be in 1..{preset.vision.depth}, got {recipe.exit_layer}")
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    groups = [{"params": params, "base_lr": recipe.lr}]
+    scorer = late = geometry = None
+    if recipe.policy == "learned":
+        scorer = TokenScorer(ScorerConfig(in_dim=preset.vision.hidden_size)).train()
+        late = LateRows(teacher)
+        groups.append({"params": list(scorer.parameters()), "base_lr": recipe.scorer_lr})
+    if recipe.policy == "downscale":
+        from civic_vllm.evaluation import geometry_of
+
+        geometry = geometry_of(str(model_dir))
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
     encoder = tr.ChatEncoder(preset)
     merge = preset.vision.spatial_merge_size
     rng = np.random.default_rng([recipe.seed, 2])
@@ -174,19 +241,31 @@ def distill(
         while not stop.requested and (step < max_steps if max_steps else cpu < budget):
             t0 = time.process_time()
             for g in optimizer.param_groups:
-                g["lr"] = recipe.lr * min(1.0, (step + 1) / recipe.warmup_steps)
+                g["lr"] = g["base_lr"] * min(1.0, (step + 1) / recipe.warmup_steps)
             optimizer.zero_grad(set_to_none=True)
             chats = tr.sample_chats(rng, recipe.data, 1.0)
             n_answers = sum(len(qas) for _, qas in chats)
             for scene, qas in chats:
-                enc = encoder.encode(scene.image, [q.question for q in qas], [q.answer for q in qas])
+                questions, answers = [q.question for q in qas], [q.answer for q in qas]
+                enc = encoder.encode(scene.image, questions, answers)
                 ratio = float(recipe.ratios[int(rng.integers(len(recipe.ratios)))])
-                kl, ce = distill_losses(teacher, student, enc, ratio, recipe, merge)
-                ((kl.sum() + recipe.ce_weight * ce.sum()) / n_answers).backward()
+                student_enc = None
+                if geometry is not None:  # downscale: the student sees the image at the ratio's budget
+                    longest, _ = geometry.downscale_max_pixels(*scene.image.size, ratio)
+                    size = {"shortest_edge": geometry.factor ** 2, "longest_edge": longest}
+                    student_enc = encoder.encode(scene.image, questions, answers, size=size)
+                kl, ce, selection = distill_losses(teacher, student, enc, ratio, recipe, merge,
+                                                   scorer=scorer, late=late, student_enc=student_enc)
+                loss = (kl.sum() + recipe.ce_weight * ce.sum()) / n_answers
+                (loss + recipe.scorer_weight * selection / len(chats)).backward()
                 window["kl"] += kl.tolist()
                 window["ce"] += ce.tolist()
+                if scorer is not None:
+                    window["select"].append(float(selection.detach()))
             if recipe.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, recipe.clip_norm)
+                if scorer is not None:
+                    torch.nn.utils.clip_grad_norm_(scorer.parameters(), recipe.clip_norm)
             optimizer.step()
             step += 1
             cpu += time.process_time() - t0
@@ -205,6 +284,10 @@ def distill(
     path = tr.export_model(student, preset, out, info)
     (path / DISTILL_MARKER).write_text(json.dumps(info["distill"], indent=2) + "\n")
     shutil.move(log_path, path / CURVE_FILE)
+    if recipe.policy != "downscale" and min(recipe.ratios) < 1:
+        served = CivicRecipe(ratio=recipe.serve_ratio, policy=recipe.policy, exit_layer=recipe.exit_layer,
+                             scorer=scorer.config if scorer is not None else None)
+        write_recipe(path, served, scorer)
     return path
 
 
@@ -269,7 +352,8 @@ def _distill_cmd(args: argparse.Namespace) -> int:
     from civic_vllm.evaluation import _default_model
 
     recipe = DistillRecipe(ratios=args.ratios, policy=args.policy, exit_layer=args.exit_layer, params=args.params,
-                           lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed)
+                           lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed,
+                           serve_ratio=args.serve_ratio, scorer_lr=args.scorer_lr, scorer_weight=args.scorer_weight)
     path = distill(args.model or _default_model(), args.out, recipe=recipe, minutes=args.minutes,
                    max_steps=args.max_steps, threads=args.threads)
     print(path)
@@ -285,8 +369,14 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--params", choices=PARAM_CHOICES, default=d.params, help="which parameters learn")
     p.add_argument("--ratios", type=ratio_list, default=d.ratios,
                    help="student ratios, one drawn per chat (e.g. 0.5,1/3)")
-    p.add_argument("--policy", default=d.policy, choices=("civic", "pool", "random"))
+    p.add_argument("--policy", default=d.policy, choices=POLICY_CHOICES,
+                   help="student's retention (learned: train a scorer; downscale: shrink the image)")
     p.add_argument("--exit-layer", type=int, default=None, help="student's civic_exit_layer")
+    p.add_argument("--serve-ratio", type=float, default=d.serve_ratio,
+                   help="ratio the exported checkpoint serves by default (its CIVIC recipe)")
+    p.add_argument("--scorer-lr", type=float, default=d.scorer_lr, help="learned policy: scorer learning rate")
+    p.add_argument("--scorer-weight", type=float, default=d.scorer_weight,
+                   help="learned policy: weight of the BCE towards the late civic selection")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="weight of the answers' cross-entropy")
     p.add_argument("--temperature", type=float, default=d.temperature)

@@ -178,9 +178,15 @@ class ChatEncoder:
     def text(self, s: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(s, add_special_tokens=False))
 
-    def encode(self, image: Image.Image, questions: Sequence[str], answers: Sequence[str] | None) -> Encoded:
-        """All turns; with ``answers=None`` the chat ends in a generation prompt after the last question."""
-        pix = self.processor.image_processor(images=[image], return_tensors="pt")
+    def encode(self, image: Image.Image, questions: Sequence[str], answers: Sequence[str] | None,
+               size: dict[str, int] | None = None) -> Encoded:
+        """All turns; with ``answers=None`` the chat ends in a generation prompt after the last question.
+
+        ``size``: the image processor's resize bounds for this image (as a request's
+        ``mm_processor_kwargs`` ``size`` would set them), e.g. to downscale it.
+        """
+        extra = {"size": size} if size is not None else {}
+        pix = self.processor.image_processor(images=[image], return_tensors="pt", **extra)
         grid = pix["image_grid_thw"]
         n_image = int(grid.prod()) // self.merge
         nl = self.text("\n")

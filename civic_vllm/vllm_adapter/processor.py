@@ -25,6 +25,7 @@ budget and profiling, and any request may ask for ratio 1.0, so N is the bound.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from civic_vllm.budget import num_merged_tokens, num_retained
+from civic_vllm.recipe import CivicRecipe, recipe_of
 from civic_vllm.settings import KEY_PREFIX, POLICY_CHOICES, CivicSettings, strip_civic_kwargs
 from civic_vllm.vllm_adapter import metrics
 
@@ -62,10 +64,20 @@ class CivicQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
         return super().get_hf_processor(**strip_civic_kwargs(kwargs))
 
     def get_civic_settings(self, mm_kwargs: Mapping[str, object]) -> CivicSettings:
-        """Server defaults (--mm-processor-kwargs) merged with the request's kwargs."""
-        settings = CivicSettings.from_mm_kwargs(self.ctx.get_merged_mm_kwargs(mm_kwargs))
-        settings.check_vision_depth(self.vision_depth())
+        """The checkpoint's recipe, under the server defaults (--mm-processor-kwargs), under the request."""
+        recipe = self.civic_recipe()
+        defaults = recipe.as_mm_kwargs() if recipe else {}
+        settings = CivicSettings.from_mm_kwargs({**defaults, **self.ctx.get_merged_mm_kwargs(mm_kwargs)})
+        settings.check_model(self.vision_depth(), has_scorer=recipe is not None and recipe.scorer is not None)
         return settings
+
+    @functools.cached_property
+    def _recipe(self) -> CivicRecipe | None:
+        return recipe_of(self.get_hf_config())
+
+    def civic_recipe(self) -> CivicRecipe | None:
+        """The CIVIC recipe in the checkpoint's config.json (None for a plain Qwen3-VL checkpoint)."""
+        return self._recipe
 
     def vision_depth(self) -> int:
         return self.get_hf_config().vision_config.depth

@@ -25,6 +25,7 @@ import torch.nn as nn
 from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderAttention
 
 from civic_vllm.kernels import gather_merge_project, gather_rows
+from civic_vllm.retention.learned import TokenScorer
 from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_after_block
 
 SEQUENCE_KEYS = ("cu_seqlens", "max_seqlen", "sequence_lengths")
@@ -41,8 +42,10 @@ def encode_images_compact(
     pixel_values: torch.Tensor,
     grid_thw: Sequence[Sequence[int]],
     plans: Sequence[ImageRetention],
+    scorer: TokenScorer | None = None,
 ) -> CompactImageEmbeddings:
-    """Run the vision tower, keeping ``plans[i].num_kept`` tokens of image i."""
+    """Run the vision tower, keeping ``plans[i].num_kept`` tokens of image i (``scorer``: the
+    checkpoint's trained scorer, read by the learned policy)."""
     depth = len(visual.blocks)
     metadata = visual.prepare_encoder_metadata(list(grid_thw))
     hidden = visual.input_norm(pixel_values.to(device=visual.device, non_blocking=True), visual.dtype)
@@ -65,7 +68,7 @@ def encode_images_compact(
         ).squeeze(1)
         if block_index in visual.deepstack_visual_indexes:
             taps.append(hidden)
-        selecting = select_after_block(block_index, depth, hidden, groups, seed_pixels, plans, kept)
+        selecting = select_after_block(block_index, depth, hidden, groups, seed_pixels, plans, kept, scorer)
         compacting = {i: kept[i] for i in selecting if not plans[i].keeps_all}
         if block_index == depth - 1 or not compacting:
             continue  # after the last block the mergers do the gathering

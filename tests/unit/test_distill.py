@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from civic_vllm.data import shapes
+from civic_vllm.recipe import CivicRecipe
 from civic_vllm.training import distill as D
 from civic_vllm.training import train as T
 
@@ -43,12 +44,50 @@ def test_kl_is_zero_at_full_retention_and_positive_when_pruned(models, kind: str
     enc, qas = _chat(preset, 3, kind)
     merge = preset.vision.spatial_merge_size
     recipe = D.DistillRecipe()
-    kl_full, ce_full = D.distill_losses(teacher, teacher, enc, 1.0, recipe, merge)
+    kl_full, ce_full, _ = D.distill_losses(teacher, teacher, enc, 1.0, recipe, merge)
     assert kl_full.shape == (len(qas),) and float(kl_full.detach().abs().max()) < 1e-4
     reference = T.answer_losses(teacher, enc)  # the training loss of the same answers
     torch.testing.assert_close(ce_full, reference, atol=1e-4, rtol=1e-4)
-    kl_pruned, _ = D.distill_losses(teacher, teacher, enc, 0.15, recipe, merge)
+    kl_pruned, _, _ = D.distill_losses(teacher, teacher, enc, 0.15, recipe, merge)
     assert float(kl_pruned.detach().max()) > 1e-6
+
+
+def test_a_downscale_student_reads_the_smaller_image_against_the_full_image_teacher(models) -> None:
+    teacher, preset = models
+    rng = np.random.default_rng(11)
+    scene = shapes.sample_scene(rng, "single")
+    qas = shapes.scene_questions(rng, scene)
+    questions, answers = [q.question for q in qas], [q.answer for q in qas]
+    encoder = T.ChatEncoder(preset)
+    enc = encoder.encode(scene.image, questions, answers)
+    small = encoder.encode(scene.image, questions, answers, size={"shortest_edge": 1024, "longest_edge": 128 * 128})
+    assert small.mm_token_type_ids.sum() < enc.mm_token_type_ids.sum()
+    recipe = D.DistillRecipe(policy="downscale")
+    kl, ce, selection = D.distill_losses(teacher, teacher, enc, 0.25, recipe, preset.vision.spatial_merge_size,
+                                         student_enc=small)
+    assert kl.shape == ce.shape == (len(qas),) and float(kl.detach().min()) > 0 and float(selection) == 0.0
+    same, _, _ = D.distill_losses(teacher, teacher, enc, 0.25, recipe, preset.vision.spatial_merge_size)
+    assert float(same.abs().max()) < 1e-4  # the plans keep every token of whatever image the student sees
+
+
+def test_learned_distillation_trains_the_scorer_and_ships_the_recipe(teacher_dir: Path, tmp_path: Path) -> None:
+    from civic_vllm.recipe import load_scorer, read_recipe
+
+    recipe = D.DistillRecipe(policy="learned", exit_layer=1, params="all", lr=1e-3, ratios=[0.25, 0.5],
+                             serve_ratio=0.25, data=T.Recipe(images_per_step=1))
+    out = D.distill(teacher_dir, tmp_path / "learned", recipe=recipe, max_steps=2, log_every=1, progress=False)
+    served = read_recipe(out)
+    assert (served.policy, served.exit_layer, served.ratio) == ("learned", 1, 0.25)
+    scorer = load_scorer(out, served)
+    assert float(scorer.out.weight.abs().sum()) > 0  # left its zero init: the losses reached it
+    curve = [json.loads(line) for line in (out / D.CURVE_FILE).read_text().splitlines()]
+    assert all(np.isfinite(r["select"]) and r["select"] > 0 for r in curve)
+    plain = D.distill(teacher_dir, tmp_path / "pool", recipe=D.DistillRecipe(
+        policy="pool", exit_layer=1, ratios=[0.5], data=T.Recipe(images_per_step=1)), max_steps=1, progress=False)
+    assert read_recipe(plain) == CivicRecipe(ratio=1 / 3, policy="pool", exit_layer=1)
+    full = D.distill(teacher_dir, tmp_path / "full", recipe=D.DistillRecipe(
+        ratios=[1.0], data=T.Recipe(images_per_step=1)), max_steps=1, progress=False)
+    assert read_recipe(full) is None  # trained without retention: a plain checkpoint
 
 
 def test_trainable_parameter_choices(models) -> None:

@@ -68,6 +68,13 @@ def test_invalid_exit_layer(value):
 
 def test_exit_layer_beyond_the_vision_depth():
     settings = CivicSettings.from_mm_kwargs({"civic_exit_layer": 5})
-    settings.check_vision_depth(5)
+    settings.check_model(5, has_scorer=False)
     with pytest.raises(CivicSettingsError, match="between 1 and 4"):
-        settings.check_vision_depth(4)
+        settings.check_model(4, has_scorer=False)
+
+
+def test_learned_policy_needs_a_scorer():
+    settings = CivicSettings.from_mm_kwargs({"civic_policy": "learned", "civic_ratio": 0.5})
+    settings.check_model(4, has_scorer=True)
+    with pytest.raises(CivicSettingsError, match="trained CIVIC scorer"):
+        settings.check_model(4, has_scorer=False)
