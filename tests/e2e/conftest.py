@@ -7,6 +7,7 @@ through bf16 rounding: the tests then compare exact token ids.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from civic_vllm.model_factory import default_model_dir
 from civic_vllm.serving import ServerConfig, VllmServer
@@ -42,3 +43,12 @@ def civic_server(tiny_model):
 def vanilla_server(tiny_model):
     with _server(tiny_model, civic=False) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def hf(tiny_model):
+    """The tiny checkpoint in HF transformers (fp32) with its processor: the reference side."""
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_model)

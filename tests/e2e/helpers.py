@@ -6,9 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import openai
+import torch
 from PIL import Image
 
+from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, image_message
+from civic_vllm.hf_compact import build_compact_batch, compact_greedy
+from civic_vllm.retention.plan import ImageRetention
+
+MAX_TOKENS = 8  # greedy tokens compared with the HF reference
 
 QUESTIONS = ["Describe this image.", "What is in the picture?", "What color is the shape?"]
 
@@ -64,3 +70,28 @@ def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
 def merged_tokens(width: int, height: int) -> int:
     """Tokens of an image whose sides are multiples of 32 and within the tiny preset's pixel bounds."""
     return (width // 32) * (height // 32)
+
+
+def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=None):
+    """(prompt tokens, greedy tokens, logprobs) of the HF transformers reference of one retention.
+
+    ``hf`` is (model, processor) of the served checkpoint; ``scorer`` the checkpoint's trained
+    scorer for the learned policy.
+    """
+    model, processor = hf
+    messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    merge = model.config.vision_config.spatial_merge_size
+    plans = []
+    for _, h, w in inputs["image_grid_thw"].tolist():
+        n = (h // merge) * (w // merge)
+        plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio), policy=policy,
+                                    exit_layer=exit_layer))
+    raw = processor.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
+    batch = build_compact_batch(
+        model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
+        inputs["mm_token_type_ids"], plans, seed_pixels=raw["pixel_values"].round().to(torch.uint8), scorer=scorer,
+    )
+    tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS)
+    return batch.input_ids.shape[1], tokens, logprobs

@@ -8,46 +8,12 @@ were wrong on the vLLM side, greedy tokens and logprobs would differ.
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers import chat, make_image
-
-from civic_vllm.budget import num_retained
-from civic_vllm.hf_compact import build_compact_batch, compact_greedy
-from civic_vllm.retention.plan import ImageRetention
+from helpers import MAX_TOKENS, chat, hf_reference, make_image
 
 pytestmark = pytest.mark.e2e
 
-MAX_TOKENS = 8
 ONE_IMAGE = [(448, 448)]
 THREE_IMAGES = [(448, 448), (640, 320), (320, 512)]  # 556 image tokens: chunked at ratio >= 0.5
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model):
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
-
-    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(tiny_model)
-
-
-def reference(hf, images, question, ratio, policy, exit_layer=None):
-    model, processor = hf
-    messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text], images=images, return_tensors="pt")
-    merge = model.config.vision_config.spatial_merge_size
-    plans = []
-    for _, h, w in inputs["image_grid_thw"].tolist():
-        n = (h // merge) * (w // merge)
-        plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio), policy=policy,
-                                    exit_layer=exit_layer))
-    raw = processor.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
-    batch = build_compact_batch(
-        model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
-        inputs["mm_token_type_ids"], plans, seed_pixels=raw["pixel_values"].round().to(torch.uint8),
-    )
-    tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS)
-    return batch.input_ids.shape[1], tokens, logprobs
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 1 / 3, 0.1], ids=["r1", "r0.5", "r0.33", "r0.1"])
@@ -55,7 +21,7 @@ def reference(hf, images, question, ratio, policy, exit_layer=None):
 def test_vllm_civic_matches_hf_reference(civic_server, hf, sizes, ratio):
     images = [make_image(w, h, seed=7 * i + w) for i, (w, h) in enumerate(sizes)]
     question = "What is in the picture?"
-    prompt_len, tokens, logprobs = reference(hf, images, question, ratio, "civic")
+    prompt_len, tokens, logprobs = hf_reference(hf, images, question, ratio, "civic")
     served = chat(civic_server, images, question, ratio=ratio, max_tokens=MAX_TOKENS, ignore_eos=True)
     assert served.prompt_tokens == prompt_len
     assert served.token_ids == tokens
@@ -65,7 +31,7 @@ def test_vllm_civic_matches_hf_reference(civic_server, hf, sizes, ratio):
 @pytest.mark.parametrize("policy", ["pool", "random"])
 def test_other_policies_match_hf_reference(civic_server, hf, policy):
     images = [make_image(w, h, seed=w) for w, h in THREE_IMAGES]
-    prompt_len, tokens, logprobs = reference(hf, images, "Describe this image.", 1 / 3, policy)
+    prompt_len, tokens, logprobs = hf_reference(hf, images, "Describe this image.", 1 / 3, policy)
     served = chat(civic_server, images, "Describe this image.", ratio=1 / 3, policy=policy,
                   max_tokens=MAX_TOKENS, ignore_eos=True)
     assert served.prompt_tokens == prompt_len
@@ -79,7 +45,7 @@ def test_early_exit_matches_hf_reference(civic_server, hf, ratio, exit_layer):
     """Retention after vision block L: later blocks, DeepStack taps and mergers see kept rows only."""
     images = [make_image(w, h, seed=3 * w + h) for w, h in THREE_IMAGES]
     question = "What is in the picture?"
-    prompt_len, tokens, logprobs = reference(hf, images, question, ratio, "civic", exit_layer)
+    prompt_len, tokens, logprobs = hf_reference(hf, images, question, ratio, "civic", exit_layer)
     served = chat(civic_server, images, question, ratio=ratio, exit_layer=exit_layer,
                   max_tokens=MAX_TOKENS, ignore_eos=True)
     assert served.prompt_tokens == prompt_len
