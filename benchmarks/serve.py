@@ -8,6 +8,9 @@ What it does, in order (every loop is bounded in count and time; all traffic goe
 1. Builds (or reuses) the checkpoint of ``--preset`` and sizes one KV pool in bytes so that vanilla
    holds ``VANILLA_RESIDENT`` image-dominated requests (prompt + output): the regime where the pool,
    not only compute, limits how many requests decode together.
+   The served checkpoint carries a CIVIC recipe (ratio 1/3, policy learned, exit layer max(1, depth // 4),
+   a seeded random-weight scorer; ``--recipe-*``, ``--no-recipe``), attached to a copy of the checkpoint
+   that both servers serve (vanilla vLLM ignores it).
 2. Starts ``vllm serve`` (vanilla) and then ``vllm serve --model-impl civic`` on 127.0.0.1 with that
    pool and otherwise identical flags (``--trust-request-mm-kwargs`` on both; CIVIC's ratio is sent
    per request). Both stay up; an idle server costs ~1% of a core. vLLM's default OMP binding
@@ -17,7 +20,9 @@ What it does, in order (every loop is bounded in count and time; all traffic goe
    checkpoint on the same pixels, one thread pinned to the model worker's core (plus the HF full
    and CIVIC-compact prefills, for reference), while both servers are idle.
 4. For each workload and configuration (vanilla, civic r=RATIO, and civic r=RATIO with each early exit
-   layer of ``--exit-layers``, all per-request settings on the same civic server), warms the server up,
+   layer of ``--exit-layers``, all per-request settings on the same civic server, each sending ratio,
+   policy and exit layer explicitly; then "civic default", requests with no civic_* key at all, which
+   the civic server serves with the checkpoint's recipe), warms the server up,
    then runs locust headless (``benchmarks/locust/civic_locustfile.py``) at each concurrency: a
    warm-up that lasts until every user finished a request (bounded), a measuring window, then
    in-flight requests finish; ``/metrics`` is sampled all along; the warm-up is excluded.
@@ -46,6 +51,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -80,6 +86,7 @@ MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's CPU default for the API server, passed e
 ACCEPT_WORKLOAD = "image-dominated"
 GOAL_TTFT_SPEEDUP = 1.5  # issue 6: retention on the encoder output
 GOAL_TTFT_SPEEDUP_EXIT = 2.0  # issue 8: retention at an early exit layer of the vision tower
+GOAL_TTFT_SPEEDUP_DEFAULT = 2.0  # a recipe checkpoint served with no per-request settings ("civic default")
 P95_MIN_CONCURRENCY = 8  # "under load": p95 TTFT compared at these concurrencies and above
 GOAL_THROUGHPUT_C8 = 2.0
 GOAL_R1_TOLERANCE = 0.02
@@ -207,29 +214,51 @@ def parse_workload(text: str) -> WorkloadSpec:
 
 @dataclass(frozen=True)
 class Config:
-    """One served configuration: which server, the per-request CIVIC ratio (None: vanilla) and the
-    per-request ``civic_exit_layer`` (None: retention on the encoder output, the default)."""
+    """One served configuration: which server, the CIVIC ratio (None: vanilla) and ``civic_exit_layer``
+    (None: retention on the encoder output, after the last vision block).
+
+    Every civic configuration sends ratio, policy and exit layer explicitly per request (exit layer
+    null included), so a server whose checkpoint carries a CIVIC recipe applies what the label says,
+    not the recipe. ``default``: the recipe checkpoint's own default, requested with no civic_* key at
+    all; ``ratio`` / ``exit_layer`` / ``policy`` then record what the recipe applies (for the limits)."""
 
     server: str  # "vanilla" | "civic"
     ratio: Fraction | None
     exit_layer: int | None = None
+    default: bool = False
+    policy: str | None = None  # ``default`` only: the recipe's policy (the others send EXPLICIT_SETTINGS')
 
     @property
     def label(self) -> str:
         if self.server == "vanilla":
             return "vanilla"
+        if self.default:
+            return "civic default"
         return f"civic r={self.ratio}" + (f" exit {self.exit_layer}" if self.exit_layer else "")
 
     @property
     def slug(self) -> str:
         if self.server == "vanilla":
             return "vanilla"
+        if self.default:
+            return "civic_default"
         return f"civic_r{str(self.ratio).replace('/', '-')}" + (f"_exit{self.exit_layer}" if self.exit_layer else "")
 
     @property
+    def sends_settings(self) -> bool:
+        """Whether its requests carry civic_* keys (vanilla and the recipe default send none)."""
+        return self.server == "civic" and not self.default
+
+    @property
     def settings(self) -> dict[str, Any]:
-        """civic_* request settings of this configuration (on top of --civic-settings)."""
-        return {"exit_layer": self.exit_layer} if self.exit_layer else {}
+        """civic_* request settings of this configuration besides the ratio (on top of the explicit policy
+        and --civic-settings): the exit layer, null meaning after the last block."""
+        return {"exit_layer": self.exit_layer} if self.sends_settings else {}
+
+
+# What a civic configuration sends unless --civic-settings says otherwise: explicit values, so a
+# checkpoint's recipe (served by default) never fills in a setting the configuration leaves out.
+EXPLICIT_SETTINGS: dict[str, Any] = {"policy": "civic", "exit_layer": None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,23 +624,29 @@ class Run:
     seeds: Iterable[int] = field(default_factory=lambda: itertools.count(1))
     served_model: str = ""
     notes: list[str] = field(default_factory=list)
+    recipe: dict | None = None  # the served checkpoint's CIVIC recipe (what "civic default" gets), or None
 
     def workload(self, spec: WorkloadSpec, config: Config, **kw: Any) -> Workload:
+        """The request shape of ``config``: vanilla and the recipe default send no civic_* key; every
+        other civic configuration sends ratio, policy and exit layer (and --civic-settings)."""
+        sends = config.sends_settings
+        settings = {**EXPLICIT_SETTINGS, **(getattr(self.args, "civic_settings", None) or {}), **config.settings}
         return spec.workload(max_tokens=kw.pop("max_tokens", self.max_tokens),
-                             ratio=None if config.ratio is None else float(config.ratio),
+                             ratio=float(config.ratio) if sends else None,
                              seed=kw.pop("seed", None) or next(self.seeds),
-                             settings={**(getattr(self.args, "civic_settings", None) or {}), **config.settings},
+                             settings=settings if sends else {},
                              **kw)
 
     @property
     def full_tower_labels(self) -> set[str]:
         """Probed civic configurations whose vision tower runs on every patch (no early exit)."""
-        return {c.label for c in self.probe_configs if c.server == "civic" and not c.exit_layer}
+        return {c.label for c in self.probe_configs if c.server == "civic" and not c.exit_layer and not c.default}
 
     @property
     def main_configs(self) -> list[Config]:
-        """The civic configurations at the compared ratio (--ratio): default exit, then each exit layer."""
-        return [c for c in self.configs if c.server == "civic" and c.ratio == self.args.ratio]
+        """The compared civic configurations: --ratio at the default exit, then each exit layer, then the
+        recipe default (whatever its ratio)."""
+        return [c for c in self.configs if c.server == "civic" and (c.ratio == self.args.ratio or c.default)]
 
 
 def warm_up(run: Run, server: VllmServer, spec: WorkloadSpec, config: Config) -> list[float]:
@@ -655,6 +690,7 @@ def run_point(run: Run, server: VllmServer, spec: WorkloadSpec, config: Config, 
         "workload": spec.name, "config": config.label, "server_kind": config.server,
         "ratio": None if config.ratio is None else float(config.ratio),
         "ratio_label": None if config.ratio is None else str(config.ratio),
+        "recipe_default": config.default,
         "concurrency": users, "image_seed": wl.seed,
         "window": {"start": t0, "end": t1, "warmup_s": round(t0 - window["test_start"], 2),
                    "steady_after_warmup": window["events"].get("measure_start_steady")},
@@ -762,6 +798,59 @@ def decode_data_url(url: str):
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
 
 
+def hf_prompt_inputs(processor: Any, images: list, text: str) -> tuple[Any, Any]:
+    """HF processor outputs of one user turn [images..., text] (batch size 1, generation prompt added)
+    and the raw uint8 patch pixels vLLM ships (the random policy's seed)."""
+    import torch
+
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                           tokenize=False)
+    inputs = processor(text=[prompt], images=images, return_tensors="pt")
+    raw = processor.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
+    return inputs, raw["pixel_values"].round().to(torch.uint8)
+
+
+def retention_plans(grid_thw: Any, merge: int, ratio: float, exit_layer: int | None, policy: str,
+                    min_tokens: int = 1) -> list:
+    """One ImageRetention per image of ``grid_thw`` (patches): K = num_retained(N, ratio, min_tokens)."""
+    from civic_vllm.retention.plan import ImageRetention
+
+    plans = []
+    for _, h, w in grid_thw.tolist():
+        n = (h // merge) * (w // merge)
+        plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio, min_tokens),
+                                    policy=policy, exit_layer=exit_layer))
+    return plans
+
+
+def hf_compact_prefill(model: Any, inputs: Any, seed_pixels: Any, plans: list, scorer: Any = None,
+                       last_token_only: bool = False) -> Any:
+    """One HF prefill through CIVIC's compact path (civic_vllm.hf_compact): vision tower with retention at
+    each plan's exit layer, mergers, LLM over the compact prompt. ``last_token_only``: the LM head on the
+    last position only, as vLLM's prefill does (compact_logits applies it to every position)."""
+    from types import SimpleNamespace
+
+    from civic_vllm.hf_compact import build_compact_batch, compact_logits
+
+    batch = build_compact_batch(model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
+                                inputs["mm_token_type_ids"], plans, seed_pixels=seed_pixels, scorer=scorer)
+    if last_token_only:
+        model = SimpleNamespace(model=model.model, lm_head=lambda hidden: model.lm_head(hidden[:, -1:]))
+    return compact_logits(model, batch)
+
+
+def timed(fn, reps: int) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def vision_probe_main(spec_json: str) -> int:
     """Subprocess entry (``--vision-probe``): prints one JSON line with in-process timings."""
     spec = json.loads(spec_json)
@@ -772,32 +861,15 @@ def vision_probe_main(spec_json: str) -> int:
     torch.set_num_threads(1)
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-    from civic_vllm.hf_compact import build_compact_batch, compact_logits
-    from civic_vllm.retention.plan import ImageRetention
-
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[spec["dtype"]]
     settings = spec.get("civic_settings") or {}  # the civic requests' other settings (policy, min_tokens, ...)
     model = Qwen3VLForConditionalGeneration.from_pretrained(spec["model"], dtype=dtype).eval()
     processor = AutoProcessor.from_pretrained(spec["model"])
     wl = Workload(**spec["workload"])
     images = [decode_data_url(u) for u in wl.image_urls(0)]
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": wl.text()}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
-    inputs = processor(text=[text], images=images, return_tensors="pt")
+    inputs, seed_pixels = hf_prompt_inputs(processor, images, wl.text())
     merge = model.config.vision_config.spatial_merge_size
     grid = inputs["image_grid_thw"]
-    raw = processor.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
-    seed_pixels = raw["pixel_values"].round().to(torch.uint8)
-
-    def timed(fn, reps: int) -> list[float]:
-        fn()  # untimed warm-up
-        out = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return out
 
     result: dict[str, Any] = {"threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0)),
                               "prompt_tokens": int(inputs["input_ids"].shape[1]),
@@ -806,28 +878,34 @@ def vision_probe_main(spec_json: str) -> int:
         pixels = inputs["pixel_values"].to(dtype)
         result["vision_s"] = timed(lambda: model.model.visual(pixels, grid_thw=grid), spec["reps"])
         result["full_prefill_s"] = timed(lambda: model(**inputs, logits_to_keep=1), spec["reps"])
-        for ratio, exit_layer in spec["variants"]:
-            plans = []
-            for _, h, w in grid.tolist():
-                n = (h // merge) * (w // merge)
-                extra = {"exit_layer": exit_layer} if exit_layer else {}
-                plans.append(ImageRetention(grid_hw=(h // merge, w // merge),
-                                            num_kept=num_retained(n, ratio, settings.get("min_tokens", 1)),
-                                            policy=settings.get("policy", "civic"), **extra))
-
-            def compact(plans: list = plans) -> None:
-                batch = build_compact_batch(model, inputs["input_ids"], inputs["pixel_values"], grid,
-                                            inputs["mm_token_type_ids"], plans, seed_pixels=seed_pixels)
-                compact_logits(model, batch)
-
-            result[compact_key(ratio, exit_layer)] = timed(compact, spec["reps"])
+        for variant in spec["variants"]:
+            # [ratio, exit layer] sent per request, or [ratio, exit layer, policy] for the recipe default
+            ratio, exit_layer, recipe_policy = (*variant, None)[:3]
+            policy = recipe_policy or settings.get("policy", "civic")
+            scorer = recipe_scorer(spec["model"]) if policy == "learned" else None
+            min_tokens = 1 if recipe_policy else settings.get("min_tokens", 1)
+            plans = retention_plans(grid, merge, ratio, exit_layer, policy, min_tokens)
+            result[compact_key(ratio, exit_layer, recipe_policy is not None)] = timed(
+                lambda plans=plans, scorer=scorer: hf_compact_prefill(model, inputs, seed_pixels, plans, scorer),
+                spec["reps"])
     print("VISION_PROBE " + json.dumps(result), flush=True)
     return 0
 
 
-def compact_key(ratio: float, exit_layer: int | None) -> str:
+def compact_key(ratio: float, exit_layer: int | None, default: bool = False) -> str:
     """The vision probe's key for the HF compact prefill of one civic configuration."""
-    return f"compact_prefill_s_at_r{ratio!r}" + (f"_exit{exit_layer}" if exit_layer else "")
+    return (f"compact_prefill_s_at_r{ratio!r}" + (f"_exit{exit_layer}" if exit_layer else "")
+            + ("_recipe_default" if default else ""))
+
+
+def recipe_scorer(model: str | Path):
+    """The token scorer of a checkpoint's CIVIC recipe (fp32, eval mode)."""
+    from civic_vllm.recipe import load_scorer, read_recipe
+
+    recipe = read_recipe(model)
+    if recipe is None or recipe.scorer is None:
+        raise BenchError(f"{model}: policy 'learned' needs a CIVIC recipe with a scorer")
+    return load_scorer(model, recipe)
 
 
 def measure_vision(run: Run, spec: WorkloadSpec, cpus: list[int]) -> dict:
@@ -835,7 +913,8 @@ def measure_vision(run: Run, spec: WorkloadSpec, cpus: list[int]) -> dict:
     payload = {
         "model": str(run.model), "dtype": run.dtype, "reps": run.bounds.vision_reps, "cpus": cpus,
         "civic_settings": getattr(run.args, "civic_settings", None) or {},
-        "variants": [[float(c.ratio), c.exit_layer] for c in run.main_configs if c.ratio != 1],
+        "variants": [[float(c.ratio), c.exit_layer] + ([c.policy] if c.default else [])
+                     for c in run.main_configs if c.ratio != 1],
         "workload": {"image_size": list(wl.image_size), "images_per_request": wl.images_per_request,
                      "context_words": wl.context_words, "question": wl.question, "image_source": wl.image_source,
                      "image_format": wl.image_format, "seed": wl.seed},
@@ -1011,7 +1090,7 @@ def limits(run: Run, spec: WorkloadSpec, probe: dict, vision: dict | None) -> li
                 "attainable_speedup": ttft_v / ((pre or 0.0) + v_s * tower + rest / llm_limit),
                 "attainable_speedup_simple": 1.0 / (share * tower + (1.0 - share) / llm_limit),
             })
-            if (key := compact_key(float(c.ratio), c.exit_layer)) in vision:
+            if (key := compact_key(float(c.ratio), c.exit_layer, c.default)) in vision:
                 row["hf_in_process_speedup"] = vision["full_prefill_s"] / vision[key]
         if fit and fit.get("reliable") and ttft_v and text_tokens is not None and tower == 1.0:
             llm_v = fit["llm_s_per_token"] * (text_tokens + n)
@@ -1041,12 +1120,15 @@ def limits(run: Run, spec: WorkloadSpec, probe: dict, vision: dict | None) -> li
 
 def config_checks(run: Run, config: Config, lim: list[dict], probe: dict, ratios: list[dict]) -> list[dict]:
     """The goals of one compared civic configuration: issue 6's for retention on the encoder output,
-    issue 8's (a higher TTFT bar) for an early exit layer."""
-    label, goal_ttft = config.label, GOAL_TTFT_SPEEDUP_EXIT if config.exit_layer else GOAL_TTFT_SPEEDUP
+    issue 8's (a higher TTFT bar) for an early exit layer; the recipe default's: TTFT and throughput at
+    concurrency 8 as for an exit layer, and p95 TTFT not worse than vanilla at any concurrency."""
+    label = config.label
+    goal_ttft = (GOAL_TTFT_SPEEDUP_DEFAULT if config.default
+                 else GOAL_TTFT_SPEEDUP_EXIT if config.exit_layer else GOAL_TTFT_SPEEDUP)
     lim_row = next((r for r in lim if r["workload"] == ACCEPT_WORKLOAD and r["config"] == label), {})
     entry = probe.get(label, {})
     speed = entry.get("client_ttft_speedup")
-    base = {"config": label, "exit_layer": config.exit_layer}
+    base = {"config": label, "exit_layer": config.exit_layer, "recipe_default": config.default}
     checks = [{
         **base, "goal": "ttft",
         "name": f"TTFT speedup, {ACCEPT_WORKLOAD}, {label}, concurrency 1 (paired probe, client TTFT)",
@@ -1071,6 +1153,18 @@ def config_checks(run: Run, config: Config, lim: list[dict], probe: dict, ratios
         "also": {"req_per_s_ratio": rr.get(8, {}).get("req_per_s_civic_over_vanilla")},
     })
     measured_all = len(rr) == len(run.bounds.concurrency)
+    if config.default:
+        every = {c: r.get("ttft_p95_speedup") for c, r in sorted(rr.items())}
+        checks.append({
+            **base, "goal": "ttft_p95_all",
+            "name": f"p95 TTFT never worse than vanilla (vanilla p95 / civic p95 at concurrency {sorted(every)}), "
+                    f"{ACCEPT_WORKLOAD}, {label}",
+            "value": min((v for v in every.values() if v is not None), default=None),
+            "requirement": ">= 1.0 at every concurrency",
+            "pass": bool(every) and measured_all and all(v is not None and v >= 1.0 for v in every.values()),
+            "also": {"per_concurrency": every},
+        })
+        return checks
     all_c = {c: r.get("output_tok_per_s_civic_over_vanilla") for c, r in sorted(rr.items())}
     checks.append({
         **base, "goal": "throughput_all",
@@ -1098,7 +1192,7 @@ def acceptance(run: Run, lim: list[dict], probes: dict[str, dict], ratios: list[
     """The issues' "done when", computed from the measurements; a missing measurement is a FAIL."""
     probe = probes.get(ACCEPT_WORKLOAD, {}).get("configs", {})
     checks = [check for config in run.main_configs for check in config_checks(run, config, lim, probe, ratios)]
-    r1 = next((c.label for c in run.probe_configs if c.ratio == 1), None)
+    r1 = next((c.label for c in run.probe_configs if c.ratio == 1 and not c.default), None)
     s1 = probe.get(r1, {}).get("client_ttft_speedup")
     dev = None if s1 is None else 1.0 / s1 - 1.0  # civic TTFT / vanilla TTFT - 1
     checks.append({
@@ -1191,7 +1285,7 @@ def diagnose(run: Run, acc: dict, lim: list[dict], ratios: list[dict]) -> list[s
             out.append(diagnose_ttft(check))
         elif check["goal"] == "throughput_c8":
             out.append(diagnose_throughput(run, check, lim_row, ratios))
-        elif check["goal"] in ("throughput_all", "ttft_p95_under_load"):
+        elif check["goal"] in ("throughput_all", "ttft_p95_under_load", "ttft_p95_all"):
             bad = {c: v for c, v in check["also"]["per_concurrency"].items() if v is not None and v < 1}
             what = "Throughput" if check["goal"] == "throughput_all" else "p95 TTFT (vanilla/civic)"
             out.append(f"{what} below vanilla for {check['config']} at concurrency {sorted(bad)} (worst "
@@ -1423,6 +1517,15 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def recipe_line(recipe: dict | None) -> str:
+    if not recipe:
+        return "* CIVIC recipe: none (--no-recipe or a state from before recipes): no `civic default` configuration."
+    return (f"* CIVIC recipe of the served checkpoint ({recipe.get('source')}; `{recipe.get('checkpoint')}`): ratio "
+            f"{fmt(recipe['ratio'], '.4f')}, policy {recipe['policy']}, exit layer {recipe['exit_layer']}, scorer "
+            f"{recipe.get('scorer')}, seed {recipe.get('seed')}. `civic default` = requests with no civic_* key at "
+            "all, which the civic server serves with this recipe; vanilla serves the same checkpoint and ignores it.")
+
+
 def summary_markdown(report: dict, run: Run) -> str:
     rel = lambda p: os.path.relpath(p, run.out_dir)  # noqa: E731
     lines = [f"# Serving benchmark: vanilla vLLM vs CIVIC ({'QUICK' if report['quick'] else 'full'} run)", ""]
@@ -1448,7 +1551,10 @@ def summary_markdown(report: dict, run: Run) -> str:
         f"* Flags (both): {srv['common_flags']}; civic adds `--model-impl civic`; the ratio and the exit layer "
         "(`civic r=R exit L`: retention after vision block L; without it, on the encoder output) are sent per "
         "request to the same civic server"
-        + (f", with the settings {report['civic_settings']}." if report.get("civic_settings") else "."),
+        + (f", with the settings {report['civic_settings']}" if report.get("civic_settings") else "")
+        + "; every such request also sends policy and exit layer explicitly (exit layer null: after the last "
+          "block), so the checkpoint's recipe never fills them in.",
+        recipe_line(report.get("recipe")),
         f"* Per point: a warm-up (excluded) of at least {report['bounds']['warmup_s']:g} s that lasts until every "
         f"locust user finished {report['bounds']['warmup_requests']} request(s) (at most "
         f"{report['bounds']['warmup_max_s']:g} s), then {report['bounds']['duration_s']:g} s measured; in-flight "
@@ -1619,7 +1725,9 @@ def stop_servers(run: Run) -> None:
         server.stop()
 
 
-def build_run(args: argparse.Namespace, build_model: bool = True) -> Run:
+def build_run(args: argparse.Namespace, build_model: bool = True, recipe: dict | None = None) -> Run:
+    """The run's configurations and bounds. ``build_model``: build the preset and attach the recipe
+    (see :func:`serve_recipe`); otherwise (``--from-state``) ``recipe`` is the recorded one."""
     quick = args.quick or os.environ.get("QUICK", "").strip().lower() in ("1", "true", "yes", "on")
     args.quick = quick
     bounds = QUICK if quick else FULL
@@ -1634,6 +1742,8 @@ def build_run(args: argparse.Namespace, build_model: bool = True) -> Run:
             args.preset = None
     else:
         model = make_model(args.preset, models_root() / args.preset)
+    if build_model:
+        model, recipe = serve_recipe(model, args)
     stem = "serve" + ("_quick" if quick else "") + (f"_{args.preset}" if args.preset not in (None, "bench") else "")
     out_json = (args.out or RESULTS / f"{stem}.json").resolve()
     out_dir = out_json.with_suffix("")
@@ -1645,11 +1755,100 @@ def build_run(args: argparse.Namespace, build_model: bool = True) -> Run:
     # twin) and the fit ratios run in the paired probe only: a 4-point sweep of each would double the run.
     configs = [Config("vanilla", None), Config("civic", args.ratio)]
     configs += [Config("civic", args.ratio, layer) for layer in args.exit_layers if args.ratio != 1]
+    # The recipe default: what a user of the recipe checkpoint gets with no civic_* setting at all.
+    configs += [default_config(recipe)] if recipe else []
     probe_only = [Config("civic", r) for r in (Fraction(1), *PROBE_FIT_RATIOS) if r != args.ratio]
     return Run(args=args, bounds=bounds, model=model, dtype=args.dtype, specs=args.workload or
                [WORKLOADS["image-dominated"]], configs=configs,
                probe_configs=configs + sorted(probe_only, key=lambda c: -c.ratio), out_json=out_json,
-               out_dir=out_dir, raw_dir=raw_dir, max_tokens=args.max_tokens)
+               out_dir=out_dir, raw_dir=raw_dir, max_tokens=args.max_tokens, recipe=recipe)
+
+
+RECIPE_COPY_SUFFIX = "-civic-recipe"
+RECIPE_COPY_MARKER = "civic_bench_recipe.json"
+
+
+def _recipe_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in ("recipe_ratio", "recipe_policy", "recipe_exit_layer", "recipe_seed")
+            if getattr(args, k, None) is not None}
+
+
+def bench_recipe(model: Path, args: argparse.Namespace):
+    """The recipe ``--recipe-*`` describe for ``model``: ratio 1/3, policy learned, exit layer
+    max(1, depth // 4), a scorer as wide as the vision tower (seeded random weights)."""
+    from civic_vllm.recipe import CivicRecipe
+    from civic_vllm.retention.learned import ScorerConfig
+
+    vision = json.loads((model / "config.json").read_text())["vision_config"]
+    depth = vision["depth"]
+    exit_layer = getattr(args, "recipe_exit_layer", None)
+    exit_layer = max(1, depth // 4) if exit_layer is None else (None if exit_layer == 0 else exit_layer)
+    if exit_layer is not None and exit_layer > depth:
+        raise BenchError(f"--recipe-exit-layer {exit_layer} exceeds the vision depth {depth}")
+    policy = getattr(args, "recipe_policy", None) or "learned"
+    ratio = getattr(args, "recipe_ratio", None) or Fraction(1, 3)
+    scorer = ScorerConfig(in_dim=vision["hidden_size"]) if policy == "learned" else None
+    return CivicRecipe(ratio=float(ratio), policy=policy, exit_layer=exit_layer, scorer=scorer)
+
+
+def recipe_checkpoint(model: Path, recipe, seed: int) -> Path:
+    """A copy of ``model`` carrying ``recipe`` (via civic_vllm.recipe.attach_recipe), rebuilt every run.
+
+    Weight shards are hard links (same bytes, no disk; a copy across file systems), config.json is a
+    real copy, so the source checkpoint is never modified. Both servers serve the copy: vanilla vLLM
+    ignores the ``civic`` key and the ``civic/`` folder, so they serve the same weights."""
+    from civic_vllm.recipe import SCORER_FILE, attach_recipe
+
+    out = models_root() / f"{model.name}{RECIPE_COPY_SUFFIX}"
+    if out.resolve() == model.resolve():
+        raise BenchError(f"{model} is itself a recipe copy; pass its source checkpoint")
+    if out.exists():
+        if not (out / RECIPE_COPY_MARKER).is_file():
+            raise BenchError(f"{out} exists and was not written by benchmarks.serve; not touching it")
+        shutil.rmtree(out)
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(model, out, copy_function=link_or_copy,
+                    ignore=shutil.ignore_patterns(Path(SCORER_FILE).parent.name, RECIPE_COPY_MARKER))
+    (out / "config.json").unlink()  # attach_recipe rewrites it: never through a link to the source
+    shutil.copy2(model / "config.json", out / "config.json")
+    attach_recipe(out, recipe, seed=seed)
+    (out / RECIPE_COPY_MARKER).write_text(json.dumps({"source": str(model), "seed": seed,
+                                                       "recipe": recipe.to_dict()}, indent=2) + "\n")
+    return out
+
+
+def serve_recipe(model: Path, args: argparse.Namespace) -> tuple[Path, dict | None]:
+    """The checkpoint both servers serve and its recipe record (None with --no-recipe).
+
+    A checkpoint that already carries a recipe is served as it is unless a --recipe-* flag is given;
+    otherwise the recipe of :func:`bench_recipe` goes onto a copy (:func:`recipe_checkpoint`)."""
+    from civic_vllm.recipe import SCORER_FILE, read_recipe
+
+    if getattr(args, "no_recipe", False):
+        if _recipe_flags(args):
+            raise BenchError("--no-recipe and --recipe-* flags exclude each other")
+        return model, None
+    own = read_recipe(model)
+    if own is not None and not _recipe_flags(args):
+        return model, {**own.to_dict(), "source": "checkpoint", "checkpoint": str(model), "seed": None,
+                       "scorer_file": SCORER_FILE if own.scorer else None}
+    recipe = bench_recipe(model, args)
+    seed = getattr(args, "recipe_seed", None) or 0
+    out = recipe_checkpoint(model, recipe, seed)
+    return out, {**recipe.to_dict(), "source": "attached (seeded random-weight scorer)", "checkpoint": str(out),
+                 "from_checkpoint": str(model), "seed": seed, "scorer_file": SCORER_FILE if recipe.scorer else None}
+
+
+def default_config(recipe: dict) -> Config:
+    """The recipe default: requests carry no civic_* key; ratio / exit layer / policy say what it applies."""
+    return Config("civic", Fraction(recipe["ratio"]).limit_denominator(1000), recipe["exit_layer"], default=True,
+                  policy=recipe["policy"])
 
 
 STATE_FIELDS = ("points", "timeseries", "probe", "vision", "notes", "server_info", "client_cpus", "pool_bytes",
@@ -1663,7 +1862,7 @@ def save_state(run: Run, extra: dict) -> Path:
         "ratio": str(run.args.ratio), "exit_layers": list(run.args.exit_layers),
         "workloads": [asdict(s) for s in run.specs], "bounds": asdict(run.bounds),
         "max_tokens": run.max_tokens, "out": str(run.out_json), "raw_dir": str(run.raw_dir),
-        "civic_settings": getattr(run.args, "civic_settings", None),
+        "civic_settings": getattr(run.args, "civic_settings", None), "recipe": run.recipe,
         **{f: getattr(run, f) for f in STATE_FIELDS}, **extra,
     }
     path = run.raw_dir / "state.json"
@@ -1679,7 +1878,7 @@ def load_state(path: Path, args: argparse.Namespace) -> tuple[Run, dict]:
     args.out = args.out or Path(state["out"])
     args.civic_settings = state.get("civic_settings")
     args.exit_layers = tuple(state.get("exit_layers", ()))
-    run = build_run(args, build_model=False)
+    run = build_run(args, build_model=False, recipe=state.get("recipe"))  # states before recipes: None
     run.args.preset = state["preset"]
     base = asdict(QUICK if state["quick"] else FULL)
     run.bounds = Bounds(**{**base, **state["bounds"], "concurrency": tuple(state["bounds"]["concurrency"])})
@@ -1821,6 +2020,8 @@ def write_report(run: Run, state: dict) -> dict:
         "workloads": [{**asdict(s), **summarize_sizes(s.workload())} for s in run.specs],
         "configs": [c.label for c in run.configs], "probe_configs": [c.label for c in run.probe_configs],
         "civic_settings": getattr(run.args, "civic_settings", None),
+        "explicit_settings": EXPLICIT_SETTINGS,
+        "recipe": run.recipe,
         "method": METHOD,
         "vision": run.vision, "points": run.points, "ratios_vs_vanilla": ratios, "probe": probes,
         "probe_requests": run.probe, "limits": lim, "acceptance": acc, "diagnosis": diagnosis, "notes": run.notes,
@@ -1861,7 +2062,20 @@ def exit_layers_arg(text: str) -> tuple[int, ...]:
     return layers
 
 
-def main(argv: list[str] | None = None) -> int:
+def recipe_exit_layer_arg(text: str) -> int:
+    """--recipe-exit-layer: a vision block >= 1, or 'none' (after the last block), kept as 0."""
+    if text.strip().lower() == "none":
+        return 0
+    try:
+        layer = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the recipe's exit layer must be an integer >= 1 or 'none', got {text!r}") from None
+    if layer < 1:
+        raise argparse.ArgumentTypeError(f"the recipe's exit layer must be >= 1 or 'none', got {text!r}")
+    return layer
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_served_model_args(parser, "bench", "short bounds (also: QUICK=1 in the environment)")
     parser.add_argument("--ratio", type=Fraction, default=Fraction(1, 3), help="CIVIC ratio to compare (default 1/3)")
@@ -1891,7 +2105,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-state", type=Path, default=None,
                         help="rebuild the report from a run's state.json (under benchmarks/results/tmp/) "
                              "without measuring")
+    recipe = parser.add_argument_group(
+        "recipe", "the served checkpoint carries a CIVIC recipe (civic_vllm.recipe), measured as 'civic default': "
+                  "requests with no civic_* key. A checkpoint with its own recipe keeps it unless a --recipe-* flag "
+                  "is given; otherwise a copy of it gets this one (seeded random-weight scorer), and both servers "
+                  "serve that copy")
+    recipe.add_argument("--no-recipe", action="store_true",
+                        help="serve the checkpoint as it is, without the 'civic default' configuration")
+    recipe.add_argument("--recipe-ratio", type=Fraction, default=None, help="the recipe's ratio (default 1/3)")
+    recipe.add_argument("--recipe-policy", default=None,
+                        help="the recipe's policy (default learned: a scorer as wide as the vision tower)")
+    recipe.add_argument("--recipe-exit-layer", type=recipe_exit_layer_arg, default=None,
+                        help="the recipe's exit layer: a vision block, or 'none' (default max(1, depth // 4))")
+    recipe.add_argument("--recipe-seed", type=int, default=None, help="seed of the scorer's random weights (0)")
     parser.add_argument("--vision-probe", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.vision_probe:
         return vision_probe_main(args.vision_probe)
