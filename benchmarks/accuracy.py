@@ -1,41 +1,90 @@
-"""Accuracy vs retention ratio on the civic-shapes test split, through ``vllm serve --model-impl civic``.
+"""The fair accuracy protocol: CIVIC's compact path against equally trained contenders, through vLLM.
 
-    python -m benchmarks.accuracy [--n-test 600] [--quick]     (= make bench-accuracy)
+    python -m benchmarks.accuracy [--students DIR] [--minutes 15] [--n-val 1200] [--n-test 2400]
+                                  [--install]                  (= make bench-accuracy)
 
-For each model (the trained full-token checkpoint, and the KL-distilled one when it exists) it
-starts one server and evaluates every method at every ratio with ``civic eval``'s evaluator
-(per-request settings: nothing restarts between configurations), plus civic at early exit
-layers. Writes ``benchmarks/results/accuracy.json``, ``accuracy.md`` and ``accuracy.png`` and
-checks the accuracy issue's goals at r = 1/3 (civic + distillation vs the full-token model and
-vs downscale / pool / random at the same visual-token count).
+Every contender continues the same full-token model (``--teacher``, default
+models/civic-shapes-tiny) with the same recipe and the same CPU-minute budget (``civic distill``:
+all parameters, lr 5e-5, text-aligned KL + 0.5 x answer cross-entropy, ratios drawn per chat
+from {1/2, 1/3, 1/4, 0.15}, one thread):
+
+* ``full-same-budget``  ratio 1: the full-token model trained exactly as long, the reference;
+* civic candidates      ``learned-exit1`` (trained scorer) and ``civic-exit1`` (training-free
+                        selection), both selecting after vision block 1 of 4 (<= depth / 4);
+* ``pool-exit1``, ``random-exit1``  distilled at the same exit layer, so they cost the same;
+* ``downscale``         fine-tuned on images shrunk to each ratio's token budget.
+
+1. Students are trained into ``--students`` (two processes side by side) or reused when one with
+   exactly that recipe and budget is there. Their CPU-minutes are recorded and must agree.
+2. Validation split (seed VAL_SEED): the civic candidate with the highest minimum, over overall,
+   small-object and grounding accuracy at r = 1/3, of its share of ``full-same-budget`` is chosen.
+3. Test split (a seed no earlier run used, TEST_SEED): each reported model is scored once: the
+   chosen student served with its checkpoint's own default (no per-request setting), the
+   baselines at r = 1/3, the two full-token models. Bootstrap 95% intervals for every figure;
+   paired intervals (same resampled questions) for shares and differences.
+4. The issue's checks at r = 1/3: overall, small and grounding >= 99% of ``full-same-budget``,
+   and >= 5 points above every baseline on overall and small objects.
+
+Writes ``benchmarks/results/accuracy.json``, ``accuracy.md`` and ``accuracy.png``; ``--install``
+copies the chosen student to models/civic-shapes-tiny-distilled.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATA_ROOT = ROOT / "benchmarks" / "results" / "tmp" / "civic-shapes"  # gitignored
-DATA_SEED = 2026  # not a seed any training stream or quick eval uses
-RATIOS = (1.0, 0.5, 1 / 3, 0.25, 0.15)
-BASELINES = ("downscale", "pool", "random")
-EXIT_RATIOS = (0.5, 1 / 3, 0.25)
+DATA_SEED = 2026  # the split earlier protocols chose students on (benchmarks.distill_params); not used here
+VAL_SEED = 4242
+TEST_SEED = 31337  # never used by a training stream, a validation split or an earlier test
 GOAL_RATIO = 1 / 3
-KEEP_FRACTION = 0.99  # civic + distillation keeps >= 99% of the full-token accuracy
-MARGIN = 0.05  # ... and is >= 5 points above every baseline
-# The full-token model's own targets (issue 5): (label, where in a row, at least).
-FULL_TARGETS = (
-    ("colour", ("per_task", "color"), 0.90),
-    ("colour, small objects", ("per_task_split", "color_small"), 0.85),
-    ("count", ("per_task", "count"), 0.80),
-    ("grounding Acc@0.5, large objects", ("per_task_split", "ground_large"), 0.30),
+KEEP_FRACTION = 0.99
+MARGIN = 0.05
+METRICS = ("overall", "small", "ground")
+MARGIN_METRICS = ("overall", "small")
+BOOTSTRAP = 2000
+# The recipe every contender shares; each adds its own retention arguments.
+COMMON_DISTILL = ("--params", "all", "--lr", "5e-5", "--ce-weight", "0.5", "--threads", "1")
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    role: str  # "reference", "civic" (a candidate) or "baseline"
+    distill_args: tuple[str, ...]
+    method: str  # how it is evaluated (civic eval's method; "default" = the checkpoint's recipe)
+    exit_layer: int | None = None
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 if self.role == "reference" else GOAL_RATIO
+
+    @property
+    def policy(self) -> str:
+        args = dict(zip(self.distill_args[::2], self.distill_args[1::2]))
+        return args.get("--policy", "civic")
+
+
+CONTENDERS = (
+    Contender("full-same-budget", "reference", ("--ratios", "1"), "full"),
+    Contender("learned-exit1", "civic", ("--policy", "learned", "--exit-layer", "1"), "default", 1),
+    Contender("civic-exit1", "civic", ("--policy", "civic", "--exit-layer", "1"), "default", 1),
+    Contender("pool-exit1", "baseline", ("--policy", "pool", "--exit-layer", "1"), "pool", 1),
+    Contender("random-exit1", "baseline", ("--policy", "random", "--exit-layer", "1"), "random", 1),
+    Contender("downscale", "baseline", ("--policy", "downscale"), "downscale"),
 )
 
 
@@ -43,110 +92,202 @@ def ratio_label(r: float) -> str:
     return str(Fraction(r).limit_denominator(20))
 
 
-def test_split(n_test: int) -> Path:
-    """The test split of a civic-shapes set with ``n_test`` test samples (generated once)."""
+def split_path(seed: int, split: str, n: int) -> Path:
+    """A civic-shapes split of ``n`` samples (written once, then reused)."""
     from civic_vllm.data import shapes
 
-    out = DATA_ROOT / f"seed{DATA_SEED}-test{n_test}"
-    path = out / "test.jsonl"
+    out = DATA_ROOT / f"seed{seed}-{split}{n}"
+    path = out / f"{split}.jsonl"
     if not path.exists():
-        print(f"writing {n_test} test samples to {out} ...", file=sys.stderr)
-        shapes.write_dataset(out, n_test * 10, DATA_SEED, splits=["test"])
+        print(f"writing {n} {split} samples (seed {seed}) to {out} ...", file=sys.stderr)
+        shapes.write_dataset(out, n * 10, seed, splits=[split])
     return path
 
 
-def configurations(depth: int, exit_layers: list[int], ratios: tuple[float, ...]) -> list[dict[str, Any]]:
-    configs = [{"method": "full", "ratio": 1.0}]
-    for r in ratios:
-        if r < 1:
-            configs += [{"method": m, "ratio": r} for m in ("civic", *BASELINES)]
-    for layer in exit_layers:
-        if layer < depth:
-            configs += [{"method": "civic", "ratio": r, "exit_layer": layer} for r in EXIT_RATIOS if r in ratios]
-    return configs
+# --------------------------------------------------------------------------------------
+# Students
+# --------------------------------------------------------------------------------------
 
 
-def run_model(model: str, label: str, configs: list[dict[str, Any]], samples, concurrency: int) -> list[dict]:
-    from civic_vllm.evaluation import evaluate, geometry_of
-    from civic_vllm.serving import ServerConfig, VllmServer
+def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: float) -> bool:
+    """A finished student of exactly this contender's recipe and budget is at ``student``."""
+    from civic_vllm.training.distill import DISTILL_MARKER, DistillRecipe
 
-    geometry = geometry_of(model)
-    rows = []
-    with VllmServer(ServerConfig(model=model, dtype="float32", images_per_prompt=1)) as server:
-        for cfg in configs:
-            desc = f"{label} {cfg['method']} r={ratio_label(cfg['ratio'])}" + (
-                f" exit={cfg['exit_layer']}" if cfg.get("exit_layer") else "")
-            res = evaluate(samples, server.url, method=cfg["method"], ratio=cfg["ratio"],
-                           exit_layer=cfg.get("exit_layer"), geometry=geometry, concurrency=concurrency, desc=desc)
-            res.pop("predictions")
-            rows.append({**res, "model": label, "checkpoint": model, "served_as": res["model"]})
-            print(f"{desc}: accuracy {res['accuracy']:.3f}, visual tokens {res['mean_visual_tokens']:.1f}",
-                  file=sys.stderr)
-    return rows
-
-
-def _find(rows, model, method, ratio, exit_layer=None):
-    for r in rows:
-        if (r["model"] == model and r["method"] == method and abs(r["ratio"] - ratio) < 1e-9
-                and r.get("exit_layer") == exit_layer):
-            return r
-    return None
+    marker = student / DISTILL_MARKER
+    if not marker.is_file():
+        return False
+    done = json.loads(marker.read_text())
+    args = dict(zip(contender.distill_args[::2], contender.distill_args[1::2]))
+    common = dict(zip(COMMON_DISTILL[::2], COMMON_DISTILL[1::2]))
+    ratios = [1.0] if args.get("--ratios") == "1" else DistillRecipe().ratios
+    exit_layer = int(args["--exit-layer"]) if "--exit-layer" in args else None
+    return (done.get("teacher") == str(Path(teacher).resolve()) and done.get("params") == common["--params"]
+            and done.get("lr") == float(common["--lr"]) and done.get("ce_weight") == float(common["--ce-weight"])
+            and done.get("policy") == contender.policy and done.get("exit_layer") == exit_layer
+            and done.get("ratios") == ratios and not done.get("stopped_early") and done.get("cpu_min", 0) >= minutes)
 
 
-def metrics_of(row: dict[str, Any]) -> dict[str, float | None]:
-    """The three numbers the goals are about: overall, small objects, grounding Acc@0.5."""
-    return {"overall": row["accuracy"], "small": row["splits"].get("small"), "ground": row["per_task"].get("ground")}
+def ensure_students(students: Path, teacher: str, minutes: float, parallel: int = 2) -> dict[str, float]:
+    """Train the missing contenders (``parallel`` single-thread processes); their CPU-minutes."""
+    from civic_vllm.training.distill import DISTILL_MARKER
+
+    students.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in CONTENDERS if not recipe_matches(students / c.name, teacher, c, minutes)]
+    for c in CONTENDERS:
+        if c not in todo:
+            print(f"reusing {students / c.name}: same recipe and budget", file=sys.stderr)
+    running: list[tuple[Contender, subprocess.Popen, Any]] = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            c = todo.pop(0)
+            log = (students / f"{c.name}.log").open("w")
+            cmd = [sys.executable, "-m", "civic_vllm.training.distill", "--model", teacher,
+                   "--out", str(students / c.name), "--minutes", str(minutes), *COMMON_DISTILL, *c.distill_args]
+            print(f"training {c.name}: {' '.join(cmd[3:])}", file=sys.stderr)
+            running.append((c, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        c, proc, log = running.pop(0)
+        if proc.wait() != 0:
+            raise SystemExit(f"distill {c.name} failed: see {students / (c.name + '.log')}")
+        log.close()
+    spent = {c.name: json.loads((students / c.name / DISTILL_MARKER).read_text())["cpu_min"] for c in CONTENDERS}
+    if max(spent.values()) - min(spent.values()) > 0.1 * minutes:
+        raise SystemExit(f"unequal training budgets: {spent}")
+    return spent
 
 
-def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    full = _find(rows, "trained", "full", 1.0)
-    student = _find(rows, "distilled", "civic", GOAL_RATIO) or _find(rows, "trained", "civic", GOAL_RATIO)
-    if full is None or student is None:
-        return {"evaluated": False}
-    out: dict[str, Any] = {"ratio": GOAL_RATIO, "student": student["model"], "checks": []}
-    for label, (group, key), need in FULL_TARGETS:
-        value = full[group].get(key)
-        if value is not None:
-            out["checks"].append({"goal": f"full tokens {label} >= {need:.2f}", "full": value, "needed": need,
-                                  "pass": value >= need - 1e-12})
-    ref, got = metrics_of(full), metrics_of(student)
-    for key in ref:
-        if ref[key] is None or got[key] is None:
-            continue
-        need = KEEP_FRACTION * ref[key]
-        out["checks"].append({"goal": f"civic+distill {key} >= 99% of full", "full": ref[key], "civic": got[key],
-                              "needed": round(need, 4), "pass": got[key] >= need - 1e-12})
-    for method in BASELINES:
-        base = _find(rows, "trained", method, GOAL_RATIO)
-        if base is None:
-            continue
-        for key, value in metrics_of(base).items():
-            if value is None or got[key] is None:
-                continue
-            out["checks"].append({"goal": f"civic+distill {key} >= {method} + 5 pts", method: value,
-                                  "civic": got[key], "needed": round(value + MARGIN, 4),
-                                  "visual_tokens": {"civic": student["mean_visual_tokens"],
-                                                    method: base["mean_visual_tokens"]},
-                                  "pass": got[key] >= value + MARGIN - 1e-12})
-    out["pass"] = all(c["pass"] for c in out["checks"])
+# --------------------------------------------------------------------------------------
+# Scoring with intervals
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """Per-question correctness of one model on one split, with what each metric counts."""
+
+    correct: np.ndarray  # [n] bool
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> [n] bool (which questions count)
+
+    @classmethod
+    def from_predictions(cls, samples, predictions) -> Scored:
+        correct = np.array([p["correct"] for p in predictions], dtype=bool)
+        masks = {"overall": np.ones(len(samples), dtype=bool),
+                 "small": np.array([s.size_split == "small" for s in samples]),
+                 "ground": np.array([s.record["task"] == "ground" for s in samples])}
+        return cls(correct, masks)
+
+    def value(self, metric: str) -> float:
+        return float(self.correct[self.masks[metric]].mean())
+
+
+def bootstrap_indices(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
+
+
+def _resampled(scored: Scored, metric: str, idx: np.ndarray) -> np.ndarray:
+    mask = scored.masks[metric][idx]
+    return (scored.correct[idx] & mask).sum(1) / np.maximum(mask.sum(1), 1)
+
+
+def interval(values: np.ndarray) -> list[float]:
+    return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]
+
+
+def figure(scored: Scored, metric: str, idx: np.ndarray) -> dict[str, Any]:
+    return {"value": round(scored.value(metric), 4), "ci95": interval(_resampled(scored, metric, idx)),
+            "n": int(scored.masks[metric].sum())}
+
+
+def paired(a: Scored, b: Scored, metric: str, idx: np.ndarray) -> dict[str, Any]:
+    """a / b and a - b with paired 95% intervals (the same resampled questions for both)."""
+    ra, rb = _resampled(a, metric, idx), _resampled(b, metric, idx)
+    va, vb = a.value(metric), b.value(metric)
+    return {"share": round(va / vb, 4) if vb else None, "share_ci95": interval(ra / np.maximum(rb, 1e-9)),
+            "difference": round(va - vb, 4), "difference_ci95": interval(ra - rb)}
+
+
+def checks(civic: Scored, reference: Scored, baselines: dict[str, Scored], idx: np.ndarray) -> list[dict[str, Any]]:
+    """The issue's goals at r = 1/3, each with its point estimate, paired interval and PASS/FAIL."""
+    out = []
+    for metric in METRICS:
+        p = paired(civic, reference, metric, idx)
+        out.append({"goal": f"civic {metric} >= {KEEP_FRACTION:.0%} of full, same budget", "metric": metric,
+                    "civic": round(civic.value(metric), 4), "full_same_budget": round(reference.value(metric), 4),
+                    "share": p["share"], "share_ci95": p["share_ci95"],
+                    "pass": p["share"] is not None and p["share"] >= KEEP_FRACTION - 1e-12})
+    for name, base in baselines.items():
+        for metric in MARGIN_METRICS:
+            p = paired(civic, base, metric, idx)
+            out.append({"goal": f"civic {metric} >= {name} + {MARGIN * 100:.0f} points", "metric": metric,
+                        "civic": round(civic.value(metric), 4), name: round(base.value(metric), 4),
+                        "difference": p["difference"], "difference_ci95": p["difference_ci95"],
+                        "pass": p["difference"] >= MARGIN - 1e-12})
     return out
 
 
+def choose(candidates: dict[str, Scored], reference: Scored) -> tuple[str, dict[str, float]]:
+    """The candidate whose worst share of the reference (over METRICS) is highest."""
+    worst = {name: round(min(s.value(m) / max(reference.value(m), 1e-9) for m in METRICS), 4)
+             for name, s in candidates.items()}
+    return max(worst, key=worst.get), worst
+
+
+# --------------------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------------------
+
+
+def evaluate_model(model: str, label: str, contender_method: str, samples, exit_layer: int | None,
+                   ratio: float, concurrency: int) -> tuple[dict[str, Any], Scored]:
+    from civic_vllm.evaluation import evaluate, geometry_of
+    from civic_vllm.serving import ServerConfig, VllmServer
+
+    geometry = geometry_of(model) if contender_method == "downscale" else None
+    with VllmServer(ServerConfig(model=model, dtype="float32", images_per_prompt=1)) as server:
+        res = evaluate(samples, server.url, method=contender_method, ratio=ratio, exit_layer=exit_layer,
+                       geometry=geometry, concurrency=concurrency, desc=label)
+    scored = Scored.from_predictions(samples, res.pop("predictions"))
+    res.update(label=label, checkpoint=model, correct="".join("1" if c else "0" for c in scored.correct))
+    print(f"{label}: accuracy {res['accuracy']:.3f}, visual tokens {res['mean_visual_tokens']:.1f}", file=sys.stderr)
+    return res, scored
+
+
+def row_figures(res: dict[str, Any], scored: Scored, idx: np.ndarray) -> dict[str, Any]:
+    return {**res, "figures": {m: figure(scored, m, idx) for m in METRICS}}
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | method | r | exit layer | visual tokens | KV blocks | overall | small | large | "
-            "ground (Acc@0.5) | ground large | colour | count | shape | has_color | has_shape |")
+    head = ("| model | served as | r | visual tokens | KV blocks | overall (95% CI) | small (95% CI) | "
+            "grounding Acc@0.5 (95% CI) | colour | count | shape |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        pt, sp, pts = r["per_task"], r["splits"], r["per_task_split"]
+        f, pt = r["figures"], r["per_task"]
 
-        def f(v):
-            return "–" if v is None else f"{v:.3f}"
+        def ci(m: str) -> str:
+            lo, hi = f[m]["ci95"]
+            return f"{f[m]['value']:.3f} ({lo:.3f}–{hi:.3f})"
 
-        lines.append(
-            f"| {r['model']} | {r['method']} | {ratio_label(r['ratio'])} | {r.get('exit_layer') or 'last'} | "
-            f"{r['mean_visual_tokens']:.1f} | {r['mean_kv_blocks']:.2f} | {f(r['accuracy'])} | {f(sp.get('small'))} | "
-            f"{f(sp.get('large'))} | {f(pt.get('ground'))} | {f(pts.get('ground_large'))} | {f(pt.get('color'))} | "
-            f"{f(pt.get('count'))} | {f(pt.get('shape'))} | {f(pt.get('has_color'))} | {f(pt.get('has_shape'))} |")
+        served = r["method"] + (f", exit {r['exit_layer']}" if r.get("exit_layer") else "")
+        lines.append(f"| {r['label']} | {served} | {ratio_label(r['ratio'])} | {r['mean_visual_tokens']:.1f} | "
+                     f"{r['mean_kv_blocks']:.2f} | {ci('overall')} | {ci('small')} | {ci('ground')} | "
+                     f"{pt.get('color', 0):.3f} | {pt.get('count', 0):.3f} | {pt.get('shape', 0):.3f} |")
+    return "\n".join(lines)
+
+
+def check_lines(goal_checks: list[dict[str, Any]]) -> str:
+    lines = []
+    for c in goal_checks:
+        if "share" in c:
+            detail = f"{c['civic']:.3f} vs {c['full_same_budget']:.3f}: {c['share']:.1%} (95% CI " \
+                     f"{c['share_ci95'][0]:.1%}–{c['share_ci95'][1]:.1%})"
+        else:
+            detail = f"{c['difference'] * 100:+.1f} points (95% CI {c['difference_ci95'][0] * 100:+.1f} to " \
+                     f"{c['difference_ci95'][1] * 100:+.1f})"
+        lines.append(f"{'PASS' if c['pass'] else 'FAIL'}  {c['goal']}: {detail}")
     return "\n".join(lines)
 
 
@@ -155,57 +296,33 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    panels = [("overall", lambda r: r["accuracy"]), ("small objects", lambda r: r["splits"].get("small")),
-              ("grounding Acc@0.5", lambda r: r["per_task"].get("ground"))]
-    series = [("trained", "civic", "civic", "C0", "-"), ("distilled", "civic", "civic + KL distill", "C3", "-"),
-              ("trained", "downscale", "downscale", "C1", "--"), ("trained", "pool", "pool", "C2", "--"),
-              ("trained", "random", "random", "C7", ":")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (title, get) in zip(axes, panels):
-        full = _find(rows, "trained", "full", 1.0)
-        for model, method, label, colour, style in series:
-            pts = sorted((r["ratio"], get(r)) for r in rows if r["model"] == model and r["method"] in (method, "full")
-                         and not r.get("exit_layer") and get(r) is not None)
-            if model == "trained" and full is not None and method != "civic":
-                pts = sorted(set(pts) | {(1.0, get(full))})
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=colour, label=label)
-        for r in rows:
-            if r.get("exit_layer") and r["model"] == "trained" and get(r) is not None:
-                ax.plot(r["ratio"], get(r), marker="x", color="C4", linestyle="none")
-        if full is not None and get(full) is not None:
-            ax.axhline(get(full), color="k", linewidth=0.8, alpha=0.5)
-        base = full["baseline"]["accuracy"] if (full and title == "overall") else None
-        if base is not None:
-            ax.axhline(base, color="grey", linestyle=":", linewidth=0.8, label="most-common answer")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xticks(list(RATIOS), [ratio_label(r) for r in RATIOS])
-        ax.invert_xaxis()
-        ax.set_xlabel("retention ratio r (visual tokens kept)")
-        ax.set_title(title)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (civic-shapes test)")
-    axes[0].plot([], [], marker="x", color="C4", linestyle="none", label="civic, early exit layer")
-    axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("civic-shapes accuracy vs retention, served by vLLM (--model-impl civic); black line: full tokens")
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(15, 4.6), sharey=True)
+    titles = {"overall": "overall", "small": "small objects (16–40 px)", "ground": "grounding Acc@0.5"}
+    colours = {"reference": "0.35", "civic": "C3", "baseline": "C0"}
+    for ax, metric in zip(axes, METRICS):
+        for i, r in enumerate(rows):
+            fig_m = r["figures"][metric]
+            lo, hi = fig_m["ci95"]
+            ax.barh(i, fig_m["value"], color=colours.get(r.get("role"), "C7"), alpha=0.85)
+            ax.errorbar(fig_m["value"], i, xerr=[[fig_m["value"] - lo], [hi - fig_m["value"]]], color="k",
+                        capsize=3, linewidth=1)
+        ax.set_yticks(range(len(rows)), [f"{r['label']} ({r['mean_visual_tokens']:.0f} tok)" for r in rows],
+                      fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(titles[metric])
+        ax.set_xlim(0, 1)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_xlabel("accuracy, civic-shapes test split (bars: 95% bootstrap CI)")
+    fig.suptitle("Fair protocol, served by vLLM: every contender trained for the same CPU-minutes from the same model")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def reused_rows(path: Path, model: str, data_label: str, n: int) -> list[dict]:
-    """The full-token model's rows of an earlier run, if it measured this model on these data."""
-    if not path.is_file():
-        raise SystemExit(f"--reuse-trained: no earlier result at {path}")
-    earlier = json.loads(path.read_text())
-    if (earlier["models"]["trained"], earlier["data"], earlier["n"]) != (model, data_label, n):
-        raise SystemExit(f"--reuse-trained: {path} measured {earlier['models']['trained']} on {earlier['data']} "
-                         f"(n={earlier['n']}), not {model} on {data_label} (n={n})")
-    return [row for row in earlier["rows"] if row["model"] == "trained"]
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,70 +330,84 @@ def main(argv: list[str] | None = None) -> int:
     from civic_vllm.evaluation import load_samples
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="full-token checkpoint (default: models/civic-shapes-tiny)")
-    p.add_argument("--distilled", default=None,
-                   help="KL-distilled checkpoint (default: models/civic-shapes-tiny-distilled if present)")
-    p.add_argument("--data", default=None, help="a civic-shapes JSONL (default: a generated test split)")
-    p.add_argument("--n-test", type=int, default=600, help="size of the generated test split")
-    p.add_argument("--exit-layers", default="1,2", help="early exit layers to evaluate civic at ('' for none)")
+    p.add_argument("--teacher", default=None, help="full-token model every contender continues "
+                                                   "(default: models/civic-shapes-tiny)")
+    p.add_argument("--students", default=str(RESULTS / "tmp" / "fair"), help="where contenders are trained/reused")
+    p.add_argument("--minutes", type=float, default=15.0, help="training CPU-minutes per contender")
+    p.add_argument("--n-val", type=int, default=1200, help="validation questions (choice of the civic student)")
+    p.add_argument("--n-test", type=int, default=2400, help="test questions (scored once per model)")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--quick", action="store_true", help="120 samples, ratios 1 and 1/3, no exit layers")
     p.add_argument("--out", default=str(RESULTS / "accuracy.json"))
-    p.add_argument("--replot", action="store_true", help="redraw the PNG and Markdown from --out without measuring")
-    p.add_argument("--reuse-trained", action="store_true",
-                   help="keep the full-token model's rows from --out (same model and data) and measure the "
-                        "distilled student again: for a new student of an unchanged model")
+    p.add_argument("--install", action="store_true", help="copy the chosen student to models/civic-shapes-tiny-distilled")
+    p.add_argument("--replot", action="store_true", help="redraw PNG and Markdown from --out without measuring")
     args = p.parse_args(argv)
+    out = Path(args.out)
     if args.replot:
-        rows = json.loads(Path(args.out).read_text())["rows"]
-        Path(args.out).with_suffix(".md").write_text(table(rows) + "\n")
-        plot(rows, Path(args.out).with_suffix(".png"))
+        result = json.loads(out.read_text())
+        write_report(result, out)
         return 0
 
-    model = args.model or default_model()
-    distilled = args.distilled or str(ROOT / "models" / "civic-shapes-tiny-distilled")
-    if not Path(distilled, "config.json").is_file():
-        if args.distilled:
-            p.error(f"no checkpoint at --distilled {distilled}")
-        distilled = None
-    n_test = 120 if args.quick else args.n_test
-    ratios = (1.0, 1 / 3) if args.quick else RATIOS
-    exit_layers = [] if args.quick or not args.exit_layers else [int(x) for x in args.exit_layers.split(",")]
-    samples = load_samples(args.data or test_split(n_test))
-
-    from civic_vllm.planner import load_model
-
-    depth = load_model(model, with_tokenizer=False).dims.vision.depth
-    data_label = str(args.data or f"generated test split: seed {DATA_SEED}, {n_test} samples")
+    teacher = str(Path(args.teacher or default_model()).resolve())
+    students = Path(args.students)
     start = time.time()
-    if args.reuse_trained:
-        rows = reused_rows(Path(args.out), model, data_label, len(samples))
-    else:
-        rows = run_model(model, "trained", configurations(depth, exit_layers, ratios), samples, args.concurrency)
-    if distilled:
-        student_configs = [{"method": "full", "ratio": 1.0}]
-        student_configs += [{"method": "civic", "ratio": r} for r in ratios if r < 1]
-        rows += run_model(distilled, "distilled", student_configs, samples, args.concurrency)
+    spent = ensure_students(students, teacher, args.minutes)
+    by_name = {c.name: c for c in CONTENDERS}
+
+    def run(name: str, samples, split: str):
+        c = by_name[name]
+        return evaluate_model(str(students / name), f"{name} ({split})", c.method, samples, c.exit_layer,
+                              c.ratio, args.concurrency)
+
+    val = load_samples(split_path(VAL_SEED, "val", args.n_val))
+    val_ref = run("full-same-budget", val, "val")[1]
+    val_scored = {c.name: run(c.name, val, "val")[1] for c in CONTENDERS if c.role == "civic"}
+    chosen, worst_share = choose(val_scored, val_ref)
+    print(f"chosen on validation: {chosen} (worst share of full-same-budget: {worst_share})", file=sys.stderr)
+
+    test = load_samples(split_path(TEST_SEED, "test", args.n_test))
+    idx = bootstrap_indices(len(test))
+    reported = [("full-same-budget", by_name["full-same-budget"]), (chosen, by_name[chosen])]
+    reported += [(c.name, c) for c in CONTENDERS if c.role == "baseline"]
+    rows, scored = [], {}
+    for name, c in reported:
+        res, scored[name] = run(name, test, "test")
+        rows.append(row_figures({**res, "label": name, "role": c.role}, scored[name], idx))
+    res, teacher_scored = evaluate_model(teacher, "teacher (test)", "full", test, None, 1.0, args.concurrency)
+    rows.append(row_figures({**res, "label": "teacher (no extra training)", "role": "reference"}, teacher_scored, idx))
+
+    baselines = {name: scored[name] for name, c in reported if c.role == "baseline"}
     result = {
         "command": "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": data_label,
-        "n": len(samples), "models": {"trained": model, "distilled": distilled},
-        "minutes": round((time.time() - start) / 60, 1),
-        "baseline": rows[0]["baseline"], "goals": goals(rows), "rows": rows,
+        "teacher": teacher, "students": str(students.resolve()), "minutes_per_contender": args.minutes,
+        "cpu_minutes": spent, "recipe": list(COMMON_DISTILL),
+        "contenders": {c.name: {"role": c.role, "distill_args": list(c.distill_args), "evaluated_as": c.method}
+                       for c in CONTENDERS},
+        "validation": {"seed": VAL_SEED, "n": len(val), "chosen": chosen, "worst_share": worst_share,
+                       "figures": {name: {m: round(s.value(m), 4) for m in METRICS}
+                                   for name, s in {"full-same-budget": val_ref, **val_scored}.items()}},
+        "test": {"seed": TEST_SEED, "n": len(test), "bootstrap": BOOTSTRAP},
+        "checks": checks(scored[chosen], scored["full-same-budget"], baselines, idx),
+        "rows": rows, "minutes": round((time.time() - start) / 60, 1),
     }
-    out = Path(args.out)
+    result["pass"] = all(c["pass"] for c in result["checks"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    md = table(rows)
-    out.with_suffix(".md").write_text(md + "\n")
-    plot(rows, out.with_suffix(".png"))
-    print(md)
-    g = result["goals"]
-    for c in g.get("checks", []):
-        value = c.get("civic", c.get("full"))
-        print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['goal']}: {value:.3f}, needed {c['needed']:.3f}")
-    print(f"-> {out}, {out.with_suffix('.png')}")
+    write_report(result, out)
+    if args.install:
+        dest = ROOT / "models" / "civic-shapes-tiny-distilled"
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(students / chosen, dest)
+        print(f"installed {students / chosen} -> {dest}")
     return 0
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    md = table(result["rows"]) + "\n\n" + check_lines(result["checks"]) + "\n"
+    out.with_suffix(".md").write_text(md)
+    plot(result["rows"], out.with_suffix(".png"))
+    print(md)
+    print(f"-> {out}, {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ did not generate. Every sample is one OpenAI chat request (image, then question;
 * ``full``      every visual token (``civic_policy=full``);
 * ``civic`` / ``pool`` / ``random``  the retention policy at ``civic_ratio=R``;
 * ``downscale`` the image shrunk by the processor (per-request ``size.longest_edge``) to at
-  most the K = round(R * N) tokens the retention policies keep, the closest such size.
+  most the K = round(R * N) tokens the retention policies keep, the closest such size;
+* ``default``   no CIVIC setting at all: what the server serves by default (a checkpoint's CIVIC
+  recipe, or the server's --mm-processor-kwargs); ``--ratio`` then only labels the result.
 
 Visual tokens reaching the LLM are read from the plugin's counters on ``/metrics`` (so they are
 what the server did, not what this file expects); KV blocks per request follow vLLM's allocation
@@ -38,7 +40,7 @@ from civic_vllm.client import image_data_url, image_message
 from civic_vllm.data import shapes
 from civic_vllm.serving import ServerError
 
-METHODS = ("full", "civic", "downscale", "pool", "random")
+METHODS = ("full", "civic", "downscale", "pool", "random", "default")
 MAX_TOKENS = 24  # the spec's decoding budget
 REQUIRED_FIELDS = ("image", "question", "answer", "task")
 RETAINED_METRIC = "civic:visual_tokens_retained_total"
@@ -182,6 +184,8 @@ def geometry_of(model: str) -> ImageGeometry:
 def request_kwargs(method: str, ratio: float, exit_layer: int | None, image_size: tuple[int, int],
                    geometry: ImageGeometry | None) -> dict[str, Any]:
     """``mm_processor_kwargs`` of one request."""
+    if method == "default":
+        return {}
     if method in ("full", "downscale"):
         kwargs: dict[str, Any] = {"civic_policy": "full"}
         if method == "downscale" and ratio < 1:
