@@ -44,6 +44,14 @@ bench-accuracy: install
 bench-serve: install
 	QUICK="$(QUICK)" $(PY) -m benchmarks.serve
 
+# Prefill time at Qwen3-VL's real depth (qwen3-vl-2b preset, random weights, 24 vision blocks), in-process
+# with HF transformers: full vs civic r=1/3 after the last block and at exit layers 6 and 12, paired rounds,
+# next to civic plan's FLOP limits. Writes benchmarks/results/depth_probe.json and .png.
+# DEPTH_ARGS="--rounds 5 --budget-s 1800" passes options through.
+.PHONY: bench-depth
+bench-depth: install
+	$(PY) -m benchmarks.depth_probe $(DEPTH_ARGS)
+
 # Soak: locust against --model-impl civic (tiny preset) for SOAK_SECONDS (default 600) with mixed
 # ratios, sizes and image counts; checks 0 failures and RSS growth < 5% after the warm-up.
 # Writes benchmarks/results/soak.json and soak.png. SOAK_SECONDS=120 make soak: two minutes.

@@ -836,7 +836,8 @@ def hf_compact_prefill(model: Any, inputs: Any, seed_pixels: Any, plans: list, s
     batch = build_compact_batch(model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
                                 inputs["mm_token_type_ids"], plans, seed_pixels=seed_pixels, scorer=scorer)
     if last_token_only:
-        model = SimpleNamespace(model=model.model, lm_head=lambda hidden: model.lm_head(hidden[:, -1:]))
+        head = model.lm_head
+        model = SimpleNamespace(model=model.model, lm_head=lambda hidden: head(hidden[:, -1:]))
     return compact_logits(model, batch)
 
 
