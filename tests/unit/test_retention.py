@@ -68,9 +68,12 @@ def test_registry() -> None:
 
 
 def test_registry_matches_settings() -> None:
+    from civic_vllm.retention.plan import LEARNED_POLICY
     from civic_vllm.settings import POLICY_CHOICES
 
-    assert set(POLICY_CHOICES) == set(POLICY_NAMES)
+    # Every setting names a stateless policy, except the learned one (it needs the checkpoint's scorer).
+    assert set(POLICY_CHOICES) == set(POLICY_NAMES) | {LEARNED_POLICY}
+    assert LEARNED_POLICY not in POLICY_NAMES
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)
