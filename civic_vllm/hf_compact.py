@@ -52,19 +52,21 @@ def build_compact_batch(
     plans: Sequence[ImageRetention],
     seed_pixels: torch.Tensor | None = None,
     scorer: TokenScorer | None = None,
+    straight_through: bool = False,
 ) -> CompactBatch:
     """HF processor outputs of an unpruned prompt (batch size 1) -> the compact prompt.
 
     ``seed_pixels``: raw uint8 patch pixels (the processor run with do_rescale and
     do_normalize off), as vLLM ships them; only the random policy reads them, and
     passing them makes its draw identical to the served one. ``scorer``: the
-    checkpoint's trained scorer, read by the learned policy.
+    checkpoint's trained scorer, read by the learned policy; ``straight_through``: gate the
+    kept rows with it while training (see :func:`compact_vision`).
     """
     core = model.model
     image_token_id = model.config.image_token_id
     seed_pixels = pixel_values if seed_pixels is None else seed_pixels
     merged, deepstack, kept, scores = compact_vision(
-        core.visual, pixel_values, image_grid_thw, plans, seed_pixels, scorer
+        core.visual, pixel_values, image_grid_thw, plans, seed_pixels, scorer, straight_through
     )
 
     starts = torch.tensor([0] + [p.num_tokens for p in plans[:-1]]).cumsum(0).tolist()
@@ -102,12 +104,13 @@ def compact_vision(
     plans: Sequence[ImageRetention],
     seed_pixels,
     scorer: TokenScorer | None = None,
+    straight_through: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
     """HF's vision tower with CIVIC retention at each image's exit layer.
 
     Returns the merged rows of the kept tokens [sum K, D], the same for every DeepStack
     level, each image's kept raster indices and its learned scores (None for other
-    policies). While the scorer trains, each kept group's rows are multiplied by a
+    policies). With ``straight_through``, each kept group's rows are multiplied by a
     straight-through gate 1 + g - stop_grad(g), g = sigmoid(keep logit): the value is
     exactly 1 (the forward pass is the served one) and the loss reaches the scores.
     """
@@ -147,7 +150,7 @@ def compact_vision(
         group_index = torch.cat([s + start for s, start in zip(surviving, starts)])
         row_index = (group_index[:, None] * GROUP_ROWS + torch.arange(GROUP_ROWS)).flatten()
         hidden, cos, sin = hidden[row_index], cos[row_index], sin[row_index]
-        if scorer is not None and scorer.training:
+        if straight_through:
             hidden = hidden * _straight_through_gate(surviving, selecting, scores, plans).to(hidden.dtype)[:, None]
         taps = [tap[group_index] for tap in taps]
         groups = [len(s) for s in surviving]

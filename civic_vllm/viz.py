@@ -137,11 +137,12 @@ def compute_retention(
     grid_hw = merged_grid(grid_thw, merge)
     n = num_merged_tokens(grid_thw, merge)
     k = num_retained(n, settings.ratio, settings.min_tokens)
-    settings.check_model(len(tower.blocks), has_scorer=False)  # maps show training-free policies
+    scorer = _scorer(str(model_dir)) if settings.policy == "learned" else None
+    settings.check_model(len(tower.blocks), has_scorer=scorer is not None)
     plan = ImageRetention(grid_hw=grid_hw, num_kept=k, policy=settings.policy, exit_layer=settings.exit_layer)
     pixels = inputs["pixel_values"].to(_torch_dtype(dtype))
     with torch.inference_mode():
-        kept = _select(tower, pixels, grid, seed_pixels, plan)
+        kept = _select(tower, pixels, grid, seed_pixels, plan, scorer)
     resized = image.resize((grid_thw[2] * patch, grid_thw[1] * patch), PILImage.Resampling.BICUBIC)
     return Retention(image=resized, kept=kept.cpu(), grid_hw=grid_hw, cell_px=patch * merge, num_kept=k,
                      policy=settings.policy, ratio=settings.ratio)
@@ -155,12 +156,21 @@ def _load(model_dir: str, dtype: str):
     return AutoProcessor.from_pretrained(model_dir).image_processor, load_vision_tower(model_dir, dtype)
 
 
-def _select(tower, pixels, grid, seed_pixels, plan) -> torch.Tensor:
+@functools.lru_cache(maxsize=2)
+def _scorer(model_dir: str):
+    """The checkpoint's trained CIVIC scorer, or None when its recipe has none."""
+    from civic_vllm.recipe import load_scorer, read_recipe
+
+    recipe = read_recipe(model_dir) if Path(model_dir, "config.json").is_file() else None
+    return load_scorer(model_dir, recipe) if recipe is not None and recipe.scorer is not None else None
+
+
+def _select(tower, pixels, grid, seed_pixels, plan, scorer=None) -> torch.Tensor:
     """One image's kept raster indices: the HF reference of the served tower pass (retention
     at the plan's exit layer, through the selection code the server shares)."""
     from civic_vllm.hf_compact import compact_vision
 
-    _, _, kept, _ = compact_vision(tower, pixels, grid, [plan], seed_pixels)
+    _, _, kept, _ = compact_vision(tower, pixels, grid, [plan], seed_pixels, scorer)
     return kept[0]
 
 

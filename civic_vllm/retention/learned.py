@@ -110,3 +110,16 @@ def keep_logits(scores: torch.Tensor, k: int) -> torch.Tensor:
     The logits of the training losses: a straight-through gate and BCE towards a target set.
     """
     return scores - torch.topk(scores.detach(), k).values[-1]
+
+
+def saliency_loss(scores: torch.Tensor, target_saliency: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """KL(p || softmax(scores)), p = softmax(sharpness * target_saliency): the scorer learns to rank
+    like a target saliency (standardised per image), most of all at its head.
+
+    Threshold-free and independent of K. Two alternatives diverged or stalled in probes: a BCE
+    on ``keep_logits`` towards a target selection (its detached top-k threshold moves with the
+    scores, so the loss grew without bound) and a listwise CE towards the civic selection's
+    members (its spread-out background picks are arbitrary, so they cannot be learnt).
+    """
+    p = torch.softmax(sharpness * target_saliency, dim=0)
+    return (p * (torch.log(p.clamp_min(1e-30)) - torch.log_softmax(scores, dim=0))).sum()

@@ -13,11 +13,12 @@ answers' cross-entropy. Which parameters learn is a choice (``--params``):
 
 Which tokens the student keeps is ``--policy``: a training-free one (civic, pool, random), or
 ``learned``: a small scorer (:mod:`civic_vllm.retention.learned`) picks the tokens at the exit
-layer and trains with the student, through a straight-through gate on the kept rows (the KL and
-CE reach the scores) and a BCE towards the tokens the training-free ``civic`` policy keeps on
-the teacher's *final* vision states at the same K (the late selection that keeps accuracy), so
-an early selection learns to pick what a late one would. ``downscale`` fine-tunes the model on
-images shrunk to the ratio's token budget (as served), against the teacher on the full image.
+layer and trains with the student, towards the training-free ``civic`` saliency of the teacher's
+*final* vision states (retention there keeps accuracy), so an early selection learns to rank
+tokens as a late one would (:func:`~civic_vllm.retention.learned.saliency_loss`); ``--straight-through``
+also lets the KL and CE reach the scores through a gate on the kept rows. ``downscale``
+fine-tunes the model on images shrunk to the ratio's token budget (as served), against the
+teacher on the full image.
 
 Data are civic-shapes chats generated on the fly, as in ``civic train``; the result is a
 regular checkpoint directory that ``vllm serve ... --model-impl civic`` loads. A student trained
@@ -49,8 +50,8 @@ import torch.nn.functional as F
 from civic_vllm.budget import num_retained
 from civic_vllm.hf_compact import build_compact_batch
 from civic_vllm.recipe import CivicRecipe, write_recipe
-from civic_vllm.retention.learned import ScorerConfig, TokenScorer, keep_logits
-from civic_vllm.retention.plan import ImageRetention, select_image_tokens
+from civic_vllm.retention.learned import ScorerConfig, TokenScorer, prior_score, saliency_loss
+from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention
 from civic_vllm.training import train as tr
 
 PARAM_CHOICES = ("merger", "vision", "all")
@@ -65,8 +66,10 @@ class DistillRecipe:
     policy: str = "civic"
     exit_layer: int | None = None
     serve_ratio: float = 1 / 3  # the ratio the exported checkpoint serves by default
-    scorer_lr: float = 1e-3  # learned policy: the scorer's learning rate
-    scorer_weight: float = 1.0  # learned policy: weight of the BCE towards the late selection
+    scorer_lr: float = 1e-4  # learned policy: the scorer's learning rate (1e-3 drifted from its prior in probes)
+    scorer_weight: float = 1.0  # learned policy: weight of the saliency loss towards the late saliency
+    scorer_sharpness: float = 6.0  # learned policy: softmax sharpness of the late-saliency target
+    straight_through: bool = False  # learned policy: let the KL/CE reach the scores through a gate
     params: str = "merger"
     lr: float = 1e-4
     ce_weight: float = 0.0
@@ -135,18 +138,14 @@ class LateRows:
         self.rows = output[0] if isinstance(output, tuple) else output
 
 
-def late_selection_loss(late_rows: torch.Tensor, enc: tr.Encoded, batch, plans: Sequence[ImageRetention]) -> torch.Tensor:
-    """BCE of the learned keep logits towards the training-free civic selection on the teacher's final rows."""
+def late_saliency_loss(late_rows: torch.Tensor, batch, plans: Sequence[ImageRetention], sharpness: float) -> torch.Tensor:
+    """The learned scores' saliency loss towards the civic saliency of the teacher's final rows."""
     losses = []
-    for rows, pixels, plan, scores in zip(late_rows.split([4 * p.num_tokens for p in plans]),
-                                          enc.pixel_values.split([4 * p.num_tokens for p in plans]),
-                                          plans, batch.scores):
+    for rows, plan, scores in zip(late_rows.split([GROUP_ROWS * p.num_tokens for p in plans]), plans, batch.scores):
         if scores is None:
             continue
-        target, _ = select_image_tokens(rows, pixels, ImageRetention(plan.grid_hw, plan.num_kept, "civic"))
-        mask = torch.zeros_like(scores)
-        mask[target] = 1.0
-        losses.append(F.binary_cross_entropy_with_logits(keep_logits(scores, plan.num_kept), mask))
+        target = prior_score(rows.reshape(-1, GROUP_ROWS, rows.shape[-1]).mean(dim=1), plan.grid_hw)
+        losses.append(saliency_loss(scores, target, sharpness))
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
@@ -154,7 +153,7 @@ def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: Dist
                    scorer: TokenScorer | None = None, late: LateRows | None = None,
                    student_enc: tr.Encoded | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-answer KL(teacher || student) and cross-entropy of one chat, student at ``ratio``, and
-    the scorer's late-selection loss (0 without a scorer).
+    the scorer's saliency loss (0 without a scorer).
 
     ``student_enc``: the student's own encoding of the chat (a downscaled image); the text is
     the same, so answer positions map across by text column.
@@ -167,7 +166,8 @@ def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: Dist
     s_enc = enc if student_enc is None else student_enc
     plans = student_plans(s_enc, merge, ratio, recipe)
     batch = build_compact_batch(student, s_enc.input_ids, s_enc.pixel_values, s_enc.image_grid_thw,
-                                s_enc.mm_token_type_ids, plans, scorer=scorer)
+                                s_enc.mm_token_type_ids, plans, scorer=scorer,
+                                straight_through=recipe.straight_through and scorer is not None)
     s_hidden = student.model.language_model(
         input_ids=None, inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids,
         visual_pos_masks=batch.visual_pos_masks, deepstack_visual_embeds=batch.deepstack_embeds,
@@ -183,7 +183,8 @@ def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: Dist
     s_logp = F.log_softmax(s_logits / recipe.temperature, dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1) * recipe.temperature ** 2
     ce = F.cross_entropy(s_logits, enc.input_ids[0, pos + 1], reduction="none")
-    selection = late_selection_loss(late.rows, s_enc, batch, plans) if late is not None else torch.zeros(())
+    selection = (late_saliency_loss(late.rows, batch, plans, recipe.scorer_sharpness) if late is not None
+                 else torch.zeros(()))
     return tr.per_answer_mean(kl, owner), tr.per_answer_mean(ce, owner), selection
 
 
@@ -353,7 +354,9 @@ def _distill_cmd(args: argparse.Namespace) -> int:
 
     recipe = DistillRecipe(ratios=args.ratios, policy=args.policy, exit_layer=args.exit_layer, params=args.params,
                            lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed,
-                           serve_ratio=args.serve_ratio, scorer_lr=args.scorer_lr, scorer_weight=args.scorer_weight)
+                           serve_ratio=args.serve_ratio, scorer_lr=args.scorer_lr, scorer_weight=args.scorer_weight,
+                           scorer_sharpness=args.scorer_sharpness,
+                           straight_through=args.straight_through)
     path = distill(args.model or _default_model(), args.out, recipe=recipe, minutes=args.minutes,
                    max_steps=args.max_steps, threads=args.threads)
     print(path)
@@ -376,7 +379,11 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="ratio the exported checkpoint serves by default (its CIVIC recipe)")
     p.add_argument("--scorer-lr", type=float, default=d.scorer_lr, help="learned policy: scorer learning rate")
     p.add_argument("--scorer-weight", type=float, default=d.scorer_weight,
-                   help="learned policy: weight of the BCE towards the late civic selection")
+                   help="learned policy: weight of the saliency loss towards the late civic saliency")
+    p.add_argument("--scorer-sharpness", type=float, default=d.scorer_sharpness,
+                   help="learned policy: softmax sharpness of the late-saliency target")
+    p.add_argument("--straight-through", action="store_true",
+                   help="learned policy: also train the scorer through a straight-through gate on the kept rows")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="weight of the answers' cross-entropy")
     p.add_argument("--temperature", type=float, default=d.temperature)

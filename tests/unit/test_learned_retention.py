@@ -18,6 +18,7 @@ from civic_vllm.retention.learned import (
     keep_logits,
     learned_select,
     prior_score,
+    saliency_loss,
 )
 from civic_vllm.retention.plan import ImageRetention, select_image_tokens
 from civic_vllm.settings import CivicSettingsError
@@ -84,7 +85,7 @@ def test_learned_policy_in_the_shared_selection_step():
 
 def test_the_straight_through_gate_is_one_and_passes_gradients_to_the_scores():
     rows, grid = _rows(5, 5, seed=4), (5, 5)
-    scorer = _trained_looking(ScorerConfig(in_dim=16)).train()
+    scorer = _trained_looking(ScorerConfig(in_dim=16))
     plan = ImageRetention(grid_hw=grid, num_kept=8, policy="learned", exit_layer=1)
     kept, scores = select_image_tokens(rows, rows, plan, scorer)
     other = torch.arange(3)  # a second image that did not select at this block
@@ -141,3 +142,19 @@ def test_attach_recipe_gives_random_checkpoints_a_working_scorer(tmp_path: Path)
     assert not torch.allclose(scorer(rows, (6, 6)), prior)  # not the untrained prior
     attach_recipe(tmp_path, CivicRecipe(ratio=0.5, policy="civic", exit_layer=None))
     assert read_recipe(tmp_path).scorer is None
+
+
+def test_saliency_loss_is_zero_at_the_target_ranking_and_learnable():
+    target = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    assert float(saliency_loss(6.0 * target + 3.0, target, 6.0)) == pytest.approx(0.0, abs=1e-5)
+    rows = _rows(5, 10, seed=2)
+    scorer = TokenScorer(ScorerConfig(in_dim=16))
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = saliency_loss(scorer(rows, (5, 10)), target, 6.0)
+        first = float(loss) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 0.5 * first  # a proper loss of the parameters: gradient steps reduce it
