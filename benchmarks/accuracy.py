@@ -9,8 +9,10 @@ all parameters, lr 5e-5, text-aligned KL + 0.5 x answer cross-entropy, ratios dr
 from {1/2, 1/3, 1/4, 0.15}, one thread):
 
 * ``full-same-budget``  ratio 1: the full-token model trained exactly as long, the reference;
-* civic candidates      ``learned-exit1`` (trained scorer) and ``civic-exit1`` (training-free
-                        selection), both selecting after vision block 1 of 4 (<= depth / 4);
+* civic candidates      ``learned-exit1``: the trained scorer selecting after vision block 1 of 4
+                        (<= depth / 4). More candidates are added to CONTENDERS with role
+                        "civic"; validation chooses among them (a training-free ``civic`` student
+                        at exit 1 is the natural second one: not trained here for lack of time);
 * ``pool-exit1``, ``random-exit1``  distilled at the same exit layer, so they cost the same;
 * ``downscale``         fine-tuned on images shrunk to each ratio's token budget.
 
@@ -32,6 +34,7 @@ copies the chosen student to models/civic-shapes-tiny-distilled.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -81,7 +84,6 @@ class Contender:
 CONTENDERS = (
     Contender("full-same-budget", "reference", ("--ratios", "1"), "full"),
     Contender("learned-exit1", "civic", ("--policy", "learned", "--exit-layer", "1"), "default", 1),
-    Contender("civic-exit1", "civic", ("--policy", "civic", "--exit-layer", "1"), "default", 1),
     Contender("pool-exit1", "baseline", ("--policy", "pool", "--exit-layer", "1"), "pool", 1),
     Contender("random-exit1", "baseline", ("--policy", "random", "--exit-layer", "1"), "random", 1),
     Contender("downscale", "baseline", ("--policy", "downscale"), "downscale"),
@@ -238,13 +240,30 @@ def choose(candidates: dict[str, Scored], reference: Scored) -> tuple[str, dict[
 
 def evaluate_model(model: str, label: str, contender_method: str, samples, exit_layer: int | None,
                    ratio: float, concurrency: int) -> tuple[dict[str, Any], Scored]:
+    """One model on one split through a fresh ``vllm serve``; cached beside the checkpoint.
+
+    The cache (``eval-<key>.json`` in the checkpoint directory) is keyed by the weights' size and
+    mtime, the data file, method, ratio and exit layer, so each model meets a split once even
+    when the protocol is resumed, and a retrained checkpoint is measured again.
+    """
     from civic_vllm.evaluation import evaluate, geometry_of
     from civic_vllm.serving import ServerConfig, VllmServer
 
-    geometry = geometry_of(model) if contender_method == "downscale" else None
-    with VllmServer(ServerConfig(model=model, dtype="float32", images_per_prompt=1)) as server:
-        res = evaluate(samples, server.url, method=contender_method, ratio=ratio, exit_layer=exit_layer,
-                       geometry=geometry, concurrency=concurrency, desc=label)
+    weights = Path(model, "model.safetensors").stat()
+    key = {"weights": [weights.st_size, weights.st_mtime_ns], "data": str(samples[0].image_path.parent.parent),
+           "n": len(samples), "method": contender_method, "ratio": ratio, "exit_layer": exit_layer}
+    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=6).hexdigest()
+    cache = Path(model, f"eval-{digest}.json")
+    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        res = json.loads(cache.read_text())["result"]
+        print(f"{label}: reusing {cache}", file=sys.stderr)
+    else:
+        geometry = geometry_of(model) if contender_method == "downscale" else None
+        with VllmServer(ServerConfig(model=model, dtype="float32", images_per_prompt=1)) as server:
+            res = evaluate(samples, server.url, method=contender_method, ratio=ratio, exit_layer=exit_layer,
+                           geometry=geometry, concurrency=concurrency, desc=label)
+        cache.write_text(json.dumps({"key": key, "result": res}) + "\n")
+    res = dict(res)
     scored = Scored.from_predictions(samples, res.pop("predictions"))
     res.update(label=label, checkpoint=model, correct="".join("1" if c else "0" for c in scored.correct))
     print(f"{label}: accuracy {res['accuracy']:.3f}, visual tokens {res['mean_visual_tokens']:.1f}", file=sys.stderr)
@@ -264,16 +283,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = ("| model | served as | r | visual tokens | KV blocks | overall (95% CI) | small (95% CI) | "
             "grounding Acc@0.5 (95% CI) | colour | count | shape |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    def ci(figures: dict[str, Any], m: str) -> str:
+        lo, hi = figures[m]["ci95"]
+        return f"{figures[m]['value']:.3f} ({lo:.3f}–{hi:.3f})"
+
     for r in rows:
         f, pt = r["figures"], r["per_task"]
-
-        def ci(m: str) -> str:
-            lo, hi = f[m]["ci95"]
-            return f"{f[m]['value']:.3f} ({lo:.3f}–{hi:.3f})"
-
         served = r["method"] + (f", exit {r['exit_layer']}" if r.get("exit_layer") else "")
         lines.append(f"| {r['label']} | {served} | {ratio_label(r['ratio'])} | {r['mean_visual_tokens']:.1f} | "
-                     f"{r['mean_kv_blocks']:.2f} | {ci('overall')} | {ci('small')} | {ci('ground')} | "
+                     f"{r['mean_kv_blocks']:.2f} | {ci(f, 'overall')} | {ci(f, 'small')} | {ci(f, 'ground')} | "
                      f"{pt.get('color', 0):.3f} | {pt.get('count', 0):.3f} | {pt.get('shape', 0):.3f} |")
     return "\n".join(lines)
 
@@ -338,8 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=2400, help="test questions (scored once per model)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", default=str(RESULTS / "accuracy.json"))
-    p.add_argument("--install", action="store_true", help="copy the chosen student to models/civic-shapes-tiny-distilled")
+    p.add_argument("--install", action="store_true",
+                   help="copy the chosen student to models/civic-shapes-tiny-distilled")
     p.add_argument("--replot", action="store_true", help="redraw PNG and Markdown from --out without measuring")
+    p.add_argument("--prefetch", default=None, metavar="NAME[,NAME]",
+                   help="only evaluate these trained contenders on validation (civic candidates and "
+                        "full-same-budget) into the cache, e.g. while others still train; no report")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.replot:
@@ -350,8 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     teacher = str(Path(args.teacher or default_model()).resolve())
     students = Path(args.students)
     start = time.time()
-    spent = ensure_students(students, teacher, args.minutes)
     by_name = {c.name: c for c in CONTENDERS}
+    if args.prefetch:
+        val = load_samples(split_path(VAL_SEED, "val", args.n_val))
+        for name in args.prefetch.split(","):
+            c = by_name[name]
+            if not recipe_matches(students / name, teacher, c, args.minutes):
+                raise SystemExit(f"{students / name} is not a finished {name} student of this recipe and budget")
+            evaluate_model(str(students / name), f"{name} (val)", c.method, val, c.exit_layer, c.ratio,
+                           args.concurrency)
+        return 0
+    spent = ensure_students(students, teacher, args.minutes)
 
     def run(name: str, samples, split: str):
         c = by_name[name]
@@ -394,12 +425,18 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     write_report(result, out)
     if args.install:
-        dest = ROOT / "models" / "civic-shapes-tiny-distilled"
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(students / chosen, dest)
-        print(f"installed {students / chosen} -> {dest}")
+        install_student(students / chosen)
     return 0
+
+
+def install_student(student: Path) -> Path:
+    """Copy a student to models/civic-shapes-tiny-distilled (replacing it), without eval caches."""
+    dest = ROOT / "models" / "civic-shapes-tiny-distilled"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(student, dest, ignore=shutil.ignore_patterns("eval-*.json"))
+    print(f"installed {student} -> {dest}")
+    return dest
 
 
 def write_report(result: dict[str, Any], out: Path) -> None:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.accuracy import DATA_ROOT, DATA_SEED, RESULTS, ROOT, ratio_label
+from benchmarks.accuracy import DATA_ROOT, DATA_SEED, RESULTS, install_student, ratio_label
 from civic_vllm.training.distill import CURVE_FILE, DISTILL_MARKER, DistillRecipe, ratio_list
 
 CHOICES = ("merger", "vision", "all")
@@ -160,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<7} mean accuracy over r={[ratio_label(r) for r in RATIOS]}: {mean_acc(label):.4f}")
     print(f"best: {best} -> {out}")
     if args.install:
-        dest = ROOT / "models" / "civic-shapes-tiny-distilled"
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(work / best, dest)
-        print(f"installed {work / best} -> {dest}")
+        install_student(work / best)
     return 0
 
 

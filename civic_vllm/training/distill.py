@@ -138,7 +138,8 @@ class LateRows:
         self.rows = output[0] if isinstance(output, tuple) else output
 
 
-def late_saliency_loss(late_rows: torch.Tensor, batch, plans: Sequence[ImageRetention], sharpness: float) -> torch.Tensor:
+def late_saliency_loss(late_rows: torch.Tensor, batch, plans: Sequence[ImageRetention],
+                       sharpness: float) -> torch.Tensor:
     """The learned scores' saliency loss towards the civic saliency of the teacher's final rows."""
     losses = []
     for rows, plan, scores in zip(late_rows.split([GROUP_ROWS * p.num_tokens for p in plans]), plans, batch.scores):

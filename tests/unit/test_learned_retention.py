@@ -153,7 +153,7 @@ def test_saliency_loss_is_zero_at_the_target_ranking_and_learnable():
     first = None
     for _ in range(30):
         loss = saliency_loss(scorer(rows, (5, 10)), target, 6.0)
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
