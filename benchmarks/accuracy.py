@@ -22,7 +22,7 @@ from {1/2, 1/3, 1/4, 0.15}, one thread):
    small-object and grounding accuracy at r = 1/3, of its share of ``full-same-budget`` is chosen.
 3. Test split (a seed no earlier run used, TEST_SEED): each reported model is scored once: the
    chosen student served with its checkpoint's own default (no per-request setting), the
-   baselines at r = 1/3, the two full-token models. Bootstrap 95% intervals for every figure;
+   baselines at r = 1/3, the full-token reference. Bootstrap 95% intervals for every figure;
    paired intervals (same resampled questions) for shares and differences.
 4. The issue's checks at r = 1/3: overall, small and grounding >= 99% of ``full-same-budget``,
    and >= 5 points above every baseline on overall and small objects.
@@ -403,8 +403,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, c in reported:
         res, scored[name] = run(name, test, "test")
         rows.append(row_figures({**res, "label": name, "role": c.role}, scored[name], idx))
-    res, teacher_scored = evaluate_model(teacher, "teacher (test)", "full", test, None, 1.0, args.concurrency)
-    rows.append(row_figures({**res, "label": "teacher (no extra training)", "role": "reference"}, teacher_scored, idx))
 
     baselines = {name: scored[name] for name, c in reported if c.role == "baseline"}
     result = {

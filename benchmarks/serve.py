@@ -1553,8 +1553,8 @@ def summary_markdown(report: dict, run: Run) -> str:
         "(`civic r=R exit L`: retention after vision block L; without it, on the encoder output) are sent per "
         "request to the same civic server"
         + (f", with the settings {report['civic_settings']}" if report.get("civic_settings") else "")
-        + "; every such request also sends policy and exit layer explicitly (exit layer null: after the last "
-          "block), so the checkpoint's recipe never fills them in.",
+        + "; each of those requests names ratio, policy (civic unless the settings say otherwise) and exit layer "
+          "(null: after the last block), so the checkpoint's recipe never fills one in.",
         recipe_line(report.get("recipe")),
         f"* Per point: a warm-up (excluded) of at least {report['bounds']['warmup_s']:g} s that lasts until every "
         f"locust user finished {report['bounds']['warmup_requests']} request(s) (at most "
