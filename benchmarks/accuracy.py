@@ -360,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="copy the chosen student to models/civic-shapes-tiny-distilled")
     p.add_argument("--replot", action="store_true", help="redraw PNG and Markdown from --out without measuring")
     p.add_argument("--prefetch", default=None, metavar="NAME[,NAME]",
-                   help="only evaluate these trained contenders on validation (civic candidates and "
-                        "full-same-budget) into the cache, e.g. while others still train; no report")
+                   help="only evaluate these trained contenders into the cache (validation: reference and "
+                        "civic candidates; test: reference and baselines), e.g. while others train; no report")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.replot:
@@ -373,14 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     students = Path(args.students)
     start = time.time()
     by_name = {c.name: c for c in CONTENDERS}
-    if args.prefetch:
-        val = load_samples(split_path(VAL_SEED, "val", args.n_val))
+    if args.prefetch:  # the rows the full run will need, for contenders already trained
+        splits = {"val": load_samples(split_path(VAL_SEED, "val", args.n_val)),
+                  "test": load_samples(split_path(TEST_SEED, "test", args.n_test))}
         for name in args.prefetch.split(","):
             c = by_name[name]
             if not recipe_matches(students / name, teacher, c, args.minutes):
                 raise SystemExit(f"{students / name} is not a finished {name} student of this recipe and budget")
-            evaluate_model(str(students / name), f"{name} (val)", c.method, val, c.exit_layer, c.ratio,
-                           args.concurrency)
+            # validation: the reference and the civic candidates; test: the reference and the baselines
+            # (the chosen civic candidate meets the test split only after validation has chosen it)
+            wanted = {"reference": ("val", "test"), "civic": ("val",), "baseline": ("test",)}[c.role]
+            for split in wanted:
+                evaluate_model(str(students / name), f"{name} ({split})", c.method, splits[split], c.exit_layer,
+                               c.ratio, args.concurrency)
         return 0
     spent = ensure_students(students, teacher, args.minutes)
 
