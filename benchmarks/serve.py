@@ -1377,6 +1377,7 @@ def colour(label: str, configs: list[Config]) -> str:
 def concurrency_axes(ax, cs: list[int], ylabel: str, xlabel: str) -> None:
     """Concurrency on a log2 x axis with one tick per measured point, y from 0."""
     ax.set_xscale("log", base=2)
+    ax.set_xlim(min(cs) / 1.4, max(cs) * 1.4)  # explicit: a plot with no finite point has no data limits
     ax.set_xticks(cs, [str(c) for c in cs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
