@@ -45,7 +45,8 @@ import time
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+
+from benchmarks.serve import exit_layers_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "depth_probe.json"
@@ -58,18 +59,6 @@ DTYPE_NOTE = ("float32 by default: on this CPU (AVX512, no AMX) an earlier probe
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def exit_layers_arg(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    try:
-        layers = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"exit layers must be integers like 6,12 or 'none', got {text!r}") from None
-    if any(layer < 1 for layer in layers):
-        raise argparse.ArgumentTypeError(f"exit layers start at 1 (after the first vision block), got {text!r}")
-    return layers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         "image": {"size": args.size, "kind": "benchmarks.locust.synthetic_image, a fresh seed per round",
                   "grid_thw": grid_thw, "visual_tokens": n_merged, "question": QUESTION,
                   "prompt_tokens_full": prompt_tokens,
-                  "planner_prompt_tokens_full": next(iter(limits.values()))["full"]["prompt_tokens"] if limits else None},
+                  "planner_prompt_tokens_full": (next(iter(limits.values()))["full"]["prompt_tokens"]
+                                                 if limits else None)},
         "method": ("one prefill = build_compact_batch (vision tower with retention at the exit layer, mergers, "
                    "embedding, M-RoPE positions) + compact_logits with the LM head on the last position; full = "
                    "the same path with plans keeping every token; HF processor outside the clock; one untimed "
