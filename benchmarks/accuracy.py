@@ -380,9 +380,12 @@ def main(argv: list[str] | None = None) -> int:
             c = by_name[name]
             if not recipe_matches(students / name, teacher, c, args.minutes):
                 raise SystemExit(f"{students / name} is not a finished {name} student of this recipe and budget")
-            # validation: the reference and the civic candidates; test: the reference and the baselines
-            # (the chosen civic candidate meets the test split only after validation has chosen it)
-            wanted = {"reference": ("val", "test"), "civic": ("val",), "baseline": ("test",)}[c.role]
+            # validation: the reference and the civic candidates; test: the reference and the baselines.
+            # A civic candidate meets the test split only once validation has chosen it, which is
+            # settled in advance only when it is the sole candidate (its validation row comes first).
+            sole = [x.name for x in CONTENDERS if x.role == "civic"] == [name]
+            wanted = {"reference": ("val", "test"), "civic": ("val", "test") if sole else ("val",),
+                      "baseline": ("test",)}[c.role]
             for split in wanted:
                 evaluate_model(str(students / name), f"{name} ({split})", c.method, splits[split], c.exit_layer,
                                c.ratio, args.concurrency)
