@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -129,13 +130,14 @@ def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: f
             and done.get("ratios") == ratios and not done.get("stopped_early") and done.get("cpu_min", 0) >= minutes)
 
 
-def ensure_students(students: Path, teacher: str, minutes: float, parallel: int = 2) -> dict[str, float]:
-    """Train the missing contenders (``parallel`` single-thread processes); their CPU-minutes."""
+def ensure_students(students: Path, teacher: str, minutes: float, contenders: Sequence[Contender],
+                    parallel: int = 2) -> dict[str, float]:
+    """Train the missing ``contenders`` (``parallel`` single-thread processes); their CPU-minutes."""
     from civic_vllm.training.distill import DISTILL_MARKER
 
     students.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in CONTENDERS if not recipe_matches(students / c.name, teacher, c, minutes)]
-    for c in CONTENDERS:
+    todo = [c for c in contenders if not recipe_matches(students / c.name, teacher, c, minutes)]
+    for c in contenders:
         if c not in todo:
             print(f"reusing {students / c.name}: same recipe and budget", file=sys.stderr)
     running: list[tuple[Contender, subprocess.Popen, Any]] = []
@@ -151,7 +153,7 @@ def ensure_students(students: Path, teacher: str, minutes: float, parallel: int 
         if proc.wait() != 0:
             raise SystemExit(f"distill {c.name} failed: see {students / (c.name + '.log')}")
         log.close()
-    spent = {c.name: json.loads((students / c.name / DISTILL_MARKER).read_text())["cpu_min"] for c in CONTENDERS}
+    spent = {c.name: json.loads((students / c.name / DISTILL_MARKER).read_text())["cpu_min"] for c in contenders}
     if max(spent.values()) - min(spent.values()) > 0.1 * minutes:
         raise SystemExit(f"unequal training budgets: {spent}")
     return spent
@@ -359,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", action="store_true",
                    help="copy the chosen student to models/civic-shapes-tiny-distilled")
     p.add_argument("--replot", action="store_true", help="redraw PNG and Markdown from --out without measuring")
+    p.add_argument("--skip", default="", metavar="NAME[,NAME]",
+                   help="leave these baselines out (not trained, not measured; recorded, and the run "
+                        "cannot pass): for a run short of time")
     p.add_argument("--prefetch", default=None, metavar="NAME[,NAME]",
                    help="only evaluate these trained contenders into the cache (validation: reference and "
                         "civic candidates; test: reference and baselines), e.g. while others train; no report")
@@ -390,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
                 evaluate_model(str(students / name), f"{name} ({split})", c.method, splits[split], c.exit_layer,
                                c.ratio, args.concurrency)
         return 0
-    spent = ensure_students(students, teacher, args.minutes)
+    skipped = [name for name in args.skip.split(",") if name]
+    if any(by_name.get(name) is None or by_name[name].role != "baseline" for name in skipped):
+        p.error(f"--skip takes baselines only: {', '.join(c.name for c in CONTENDERS if c.role == 'baseline')}")
+    contenders = [c for c in CONTENDERS if c.name not in skipped]
+    spent = ensure_students(students, teacher, args.minutes, contenders)
 
     def run(name: str, samples, split: str):
         c = by_name[name]
@@ -406,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     test = load_samples(split_path(TEST_SEED, "test", args.n_test))
     idx = bootstrap_indices(len(test))
     reported = [("full-same-budget", by_name["full-same-budget"]), (chosen, by_name[chosen])]
-    reported += [(c.name, c) for c in CONTENDERS if c.role == "baseline"]
+    reported += [(c.name, c) for c in contenders if c.role == "baseline"]
     rows, scored = [], {}
     for name, c in reported:
         res, scored[name] = run(name, test, "test")
@@ -419,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_minutes": spent, "recipe": list(COMMON_DISTILL),
         "contenders": {c.name: {"role": c.role, "distill_args": list(c.distill_args), "evaluated_as": c.method}
                        for c in CONTENDERS},
+        "skipped": skipped,
         "validation": {"seed": VAL_SEED, "n": len(val), "chosen": chosen, "worst_share": worst_share,
                        "figures": {name: {m: round(s.value(m), 4) for m in METRICS}
                                    for name, s in {"full-same-budget": val_ref, **val_scored}.items()}},
@@ -426,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks(scored[chosen], scored["full-same-budget"], baselines, idx),
         "rows": rows, "minutes": round((time.time() - start) / 60, 1),
     }
-    result["pass"] = all(c["pass"] for c in result["checks"])
+    result["pass"] = not skipped and all(c["pass"] for c in result["checks"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     write_report(result, out)
@@ -447,6 +457,8 @@ def install_student(student: Path) -> Path:
 
 def write_report(result: dict[str, Any], out: Path) -> None:
     md = table(result["rows"]) + "\n\n" + check_lines(result["checks"]) + "\n"
+    if result.get("skipped"):
+        md += f"NOT MEASURED (--skip): {', '.join(result['skipped'])}; the run cannot pass\n"
     out.with_suffix(".md").write_text(md)
     plot(result["rows"], out.with_suffix(".png"))
     print(md)
