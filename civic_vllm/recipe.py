@@ -70,6 +70,11 @@ class CivicRecipe:
             raise CivicSettingsError(f"Invalid CIVIC recipe in the checkpoint's config: {exc}") from None
 
 
+def layered_settings(recipe: CivicRecipe | None, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Processor kwargs with the recipe underneath: keys in ``kwargs`` (server, then request) win."""
+    return {**(recipe.as_mm_kwargs() if recipe else {}), **(kwargs or {})}
+
+
 def recipe_of(config: Any) -> CivicRecipe | None:
     """The recipe of an HF config object or config.json dict; None when it has none."""
     section = config.get(RECIPE_KEY) if isinstance(config, Mapping) else getattr(config, RECIPE_KEY, None)

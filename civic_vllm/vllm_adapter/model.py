@@ -53,7 +53,7 @@ from civic_vllm.positions import (
     expand_image_spans,
     kept_grid_cells,
 )
-from civic_vllm.recipe import load_scorer, recipe_of
+from civic_vllm.recipe import layered_settings, load_scorer, recipe_of
 from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.learned import TokenScorer
 from civic_vllm.retention.plan import ImageRetention
@@ -103,9 +103,7 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         self._checkpoint = (vllm_config.model_config.model, vllm_config.model_config.revision)
         # The scorer exists only when the checkpoint ships one (its weights are read in load_weights).
         self.civic_scorer = TokenScorer(recipe.scorer) if recipe and recipe.scorer else None
-        defaults = CivicSettings.from_mm_kwargs(
-            {**(recipe.as_mm_kwargs() if recipe else {}), **(self.multimodal_config.mm_processor_kwargs or {})}
-        )
+        defaults = CivicSettings.from_mm_kwargs(layered_settings(recipe, self.multimodal_config.mm_processor_kwargs))
         logger.info("CIVIC active: %s with defaults %s (checkpoint recipe: %s)", ARCHITECTURE,
                     defaults.model_dump(), recipe.to_dict() if recipe else "none")
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"

@@ -39,7 +39,7 @@ from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from civic_vllm.budget import num_merged_tokens, num_retained
-from civic_vllm.recipe import CivicRecipe, recipe_of
+from civic_vllm.recipe import CivicRecipe, layered_settings, recipe_of
 from civic_vllm.settings import KEY_PREFIX, POLICY_CHOICES, CivicSettings, strip_civic_kwargs
 from civic_vllm.vllm_adapter import metrics
 
@@ -66,8 +66,7 @@ class CivicQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
     def get_civic_settings(self, mm_kwargs: Mapping[str, object]) -> CivicSettings:
         """The checkpoint's recipe, under the server defaults (--mm-processor-kwargs), under the request."""
         recipe = self.civic_recipe()
-        defaults = recipe.as_mm_kwargs() if recipe else {}
-        settings = CivicSettings.from_mm_kwargs({**defaults, **self.ctx.get_merged_mm_kwargs(mm_kwargs)})
+        settings = CivicSettings.from_mm_kwargs(layered_settings(recipe, self.ctx.get_merged_mm_kwargs(mm_kwargs)))
         settings.check_model(self.vision_depth(), has_scorer=recipe is not None and recipe.scorer is not None)
         return settings
 

@@ -106,6 +106,10 @@ def test_recipe_round_trip_and_validation(tmp_path: Path):
     write_recipe(tmp_path, recipe, scorer)
     assert read_recipe(tmp_path) == recipe
     assert recipe.as_mm_kwargs() == {"civic_ratio": 1 / 3, "civic_policy": "learned", "civic_exit_layer": 1}
+    from civic_vllm.recipe import layered_settings
+
+    assert layered_settings(recipe, {"civic_ratio": 0.5}) == {**recipe.as_mm_kwargs(), "civic_ratio": 0.5}
+    assert layered_settings(None, None) == {}
     loaded = load_scorer(tmp_path, recipe)
     rows = _rows(4, 4)
     torch.testing.assert_close(loaded(rows, (4, 4)), scorer(rows, (4, 4)))
