@@ -1119,6 +1119,18 @@ def limits(run: Run, spec: WorkloadSpec, probe: dict, vision: dict | None) -> li
     return rows
 
 
+def every_concurrency_check(base: dict, goal: str, per_concurrency: dict, measured_all: bool, name: str) -> dict:
+    """A check that a civic/vanilla ratio is >= 1.0 at every measured concurrency."""
+    return {
+        **base, "goal": goal, "name": name,
+        "value": min((v for v in per_concurrency.values() if v is not None), default=None),
+        "requirement": ">= 1.0 at every concurrency",
+        "pass": bool(per_concurrency) and measured_all
+        and all(v is not None and v >= 1.0 for v in per_concurrency.values()),
+        "also": {"per_concurrency": per_concurrency},
+    }
+
+
 def config_checks(run: Run, config: Config, lim: list[dict], probe: dict, ratios: list[dict]) -> list[dict]:
     """The goals of one compared civic configuration: issue 6's for retention on the encoder output,
     issue 8's (a higher TTFT bar) for an early exit layer; the recipe default's: TTFT and throughput at
@@ -1156,26 +1168,15 @@ def config_checks(run: Run, config: Config, lim: list[dict], probe: dict, ratios
     measured_all = len(rr) == len(run.bounds.concurrency)
     if config.default:
         every = {c: r.get("ttft_p95_speedup") for c, r in sorted(rr.items())}
-        checks.append({
-            **base, "goal": "ttft_p95_all",
-            "name": f"p95 TTFT never worse than vanilla (vanilla p95 / civic p95 at concurrency {sorted(every)}), "
-                    f"{ACCEPT_WORKLOAD}, {label}",
-            "value": min((v for v in every.values() if v is not None), default=None),
-            "requirement": ">= 1.0 at every concurrency",
-            "pass": bool(every) and measured_all and all(v is not None and v >= 1.0 for v in every.values()),
-            "also": {"per_concurrency": every},
-        })
+        checks.append(every_concurrency_check(
+            base, "ttft_p95_all", every, measured_all,
+            f"p95 TTFT never worse than vanilla (vanilla p95 / civic p95 at concurrency {sorted(every)}), "
+            f"{ACCEPT_WORKLOAD}, {label}"))
         return checks
     all_c = {c: r.get("output_tok_per_s_civic_over_vanilla") for c, r in sorted(rr.items())}
-    checks.append({
-        **base, "goal": "throughput_all",
-        "name": f"throughput civic/vanilla never below 1 at any concurrency ({sorted(all_c)}), "
-                f"{ACCEPT_WORKLOAD}, {label}",
-        "value": min((v for v in all_c.values() if v is not None), default=None),
-        "requirement": ">= 1.0 at every concurrency",
-        "pass": bool(all_c) and measured_all and all(v is not None and v >= 1.0 for v in all_c.values()),
-        "also": {"per_concurrency": all_c},
-    })
+    checks.append(every_concurrency_check(
+        base, "throughput_all", all_c, measured_all,
+        f"throughput civic/vanilla never below 1 at any concurrency ({sorted(all_c)}), {ACCEPT_WORKLOAD}, {label}"))
     loaded = {c: r.get("ttft_p95_speedup") for c, r in sorted(rr.items()) if c >= P95_MIN_CONCURRENCY}
     checks.append({
         **base, "goal": "ttft_p95_under_load",
