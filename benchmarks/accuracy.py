@@ -9,10 +9,12 @@ all parameters, lr 5e-5, text-aligned KL + 0.5 x answer cross-entropy, ratios dr
 from {1/2, 1/3, 1/4, 0.15}, one thread):
 
 * ``full-same-budget``  ratio 1: the full-token model trained exactly as long, the reference;
-* civic candidates      ``learned-exit1``: the trained scorer selecting after vision block 1 of 4
-                        (<= depth / 4). More candidates are added to CONTENDERS with role
-                        "civic"; validation chooses among them (a training-free ``civic`` student
-                        at exit 1 is the natural second one: not trained here for lack of time);
+* civic candidates      all select after vision block 1 of 4 (<= depth / 4) and serve with their
+                        checkpoint's own recipe: ``learned-exit1`` (the scorer trained towards the
+                        teacher's late civic saliency), ``civic-exit1`` (training-free civic
+                        selection), ``learned-prior-exit1`` (the scorer frozen at its prior: civic
+                        saliency at block 1, top-k) and ``learned-st-exit1`` (the scorer trained only
+                        by the answers' loss through a straight-through gate). Validation chooses;
 * ``pool-exit1``, ``random-exit1``  distilled at the same exit layer, so they cost the same;
 * ``downscale``         fine-tuned on images shrunk to each ratio's token budget.
 
@@ -85,6 +87,13 @@ class Contender:
 CONTENDERS = (
     Contender("full-same-budget", "reference", ("--ratios", "1"), "full"),
     Contender("learned-exit1", "civic", ("--policy", "learned", "--exit-layer", "1"), "default", 1),
+    Contender("civic-exit1", "civic", ("--policy", "civic", "--exit-layer", "1"), "default", 1),
+    # the scorer left at its prior (civic saliency at block 1, top-k): the control for the two above
+    Contender("learned-prior-exit1", "civic", ("--policy", "learned", "--exit-layer", "1", "--scorer-lr", "0",
+                                               "--scorer-weight", "0"), "default", 1),
+    # the scorer trained only by the answers' KL/CE through a straight-through gate
+    Contender("learned-st-exit1", "civic", ("--policy", "learned", "--exit-layer", "1", "--scorer-weight", "0",
+                                            "--straight-through"), "default", 1),
     Contender("pool-exit1", "baseline", ("--policy", "pool", "--exit-layer", "1"), "pool", 1),
     Contender("random-exit1", "baseline", ("--policy", "random", "--exit-layer", "1"), "random", 1),
     Contender("downscale", "baseline", ("--policy", "downscale"), "downscale"),
@@ -114,20 +123,24 @@ def split_path(seed: int, split: str, n: int) -> Path:
 
 def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: float) -> bool:
     """A finished student of exactly this contender's recipe and budget is at ``student``."""
-    from civic_vllm.training.distill import DISTILL_MARKER, DistillRecipe
+    from dataclasses import asdict
+
+    from civic_vllm.training.distill import DISTILL_MARKER, parse_recipe
 
     marker = student / DISTILL_MARKER
     if not marker.is_file():
         return False
     done = json.loads(marker.read_text())
-    args = dict(zip(contender.distill_args[::2], contender.distill_args[1::2]))
-    common = dict(zip(COMMON_DISTILL[::2], COMMON_DISTILL[1::2]))
-    ratios = [1.0] if args.get("--ratios") == "1" else DistillRecipe().ratios
-    exit_layer = int(args["--exit-layer"]) if "--exit-layer" in args else None
-    return (done.get("teacher") == str(Path(teacher).resolve()) and done.get("params") == common["--params"]
-            and done.get("lr") == float(common["--lr"]) and done.get("ce_weight") == float(common["--ce-weight"])
-            and done.get("policy") == contender.policy and done.get("exit_layer") == exit_layer
-            and done.get("ratios") == ratios and not done.get("stopped_early") and done.get("cpu_min", 0) >= minutes)
+    wanted = asdict(parse_recipe([*COMMON_DISTILL, *contender.distill_args]))
+    wanted.pop("data")  # the data mix is the distill default for every contender
+    if wanted["policy"] != "learned":  # scorer settings mean nothing without a scorer
+        for name in ("scorer_lr", "scorer_weight", "scorer_sharpness", "straight_through"):
+            wanted.pop(name)
+    if wanted["ratios"] == [1.0]:  # a full-token student exports no recipe
+        wanted.pop("serve_ratio")
+    same = all(done.get(name) == value for name, value in wanted.items())
+    return (same and done.get("teacher") == str(Path(teacher).resolve()) and not done.get("stopped_early")
+            and done.get("cpu_min", 0) >= minutes)
 
 
 def ensure_students(students: Path, teacher: str, minutes: float, contenders: Sequence[Contender],

@@ -350,14 +350,26 @@ def ratio_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def recipe_from_args(args: argparse.Namespace) -> DistillRecipe:
+    """The DistillRecipe that ``civic distill``'s parsed arguments ask for."""
+    return DistillRecipe(ratios=args.ratios, policy=args.policy, exit_layer=args.exit_layer, params=args.params,
+                         lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed,
+                         serve_ratio=args.serve_ratio, scorer_lr=args.scorer_lr, scorer_weight=args.scorer_weight,
+                         scorer_sharpness=args.scorer_sharpness,
+                         straight_through=args.straight_through)
+
+
+def parse_recipe(argv: Sequence[str]) -> DistillRecipe:
+    """The DistillRecipe of a ``civic distill`` command line (``--out`` may be left out)."""
+    parser = argparse.ArgumentParser()
+    add_distill_parser(parser.add_subparsers()).set_defaults(handler=None)
+    return recipe_from_args(parser.parse_args(["distill", "--out", "-", *argv]))
+
+
 def _distill_cmd(args: argparse.Namespace) -> int:
     from civic_vllm.evaluation import _default_model
 
-    recipe = DistillRecipe(ratios=args.ratios, policy=args.policy, exit_layer=args.exit_layer, params=args.params,
-                           lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed,
-                           serve_ratio=args.serve_ratio, scorer_lr=args.scorer_lr, scorer_weight=args.scorer_weight,
-                           scorer_sharpness=args.scorer_sharpness,
-                           straight_through=args.straight_through)
+    recipe = recipe_from_args(args)
     path = distill(args.model or _default_model(), args.out, recipe=recipe, minutes=args.minutes,
                    max_steps=args.max_steps, threads=args.threads)
     print(path)

@@ -57,24 +57,31 @@ def test_checks_and_choice():
 
 
 def test_recipe_match_requires_the_same_recipe_and_budget(tmp_path: Path):
-    from civic_vllm.training.distill import DISTILL_MARKER, DistillRecipe
+    from dataclasses import asdict
+
+    from civic_vllm.training.distill import DISTILL_MARKER, parse_recipe
 
     teacher = tmp_path / "teacher"
-    learned = next(c for c in A.CONTENDERS if c.name == "learned-exit1")
+    by_name = {c.name: c for c in A.CONTENDERS}
+    learned = by_name["learned-exit1"]
     student = tmp_path / learned.name
     student.mkdir()
-    done = {"teacher": str(teacher.resolve()), "params": "all", "lr": 5e-5, "ce_weight": 0.5, "policy": "learned",
-            "exit_layer": 1, "ratios": DistillRecipe().ratios, "stopped_early": False, "cpu_min": 15.0}
+    recipe = asdict(parse_recipe([*A.COMMON_DISTILL, *learned.distill_args]))  # what civic distill records
+    done = {**recipe, "teacher": str(teacher.resolve()), "stopped_early": False, "cpu_min": 15.0}
     (student / DISTILL_MARKER).write_text(json.dumps(done))
     assert A.recipe_matches(student, str(teacher), learned, 15.0)
     assert not A.recipe_matches(student, str(teacher), learned, 20.0)  # budget not met
-    pool = next(c for c in A.CONTENDERS if c.name == "pool-exit1")
-    assert not A.recipe_matches(student, str(teacher), pool, 15.0)  # another policy
-    for key, value in (("exit_layer", None), ("lr", 1e-4), ("ce_weight", 0.0), ("stopped_early", True)):
+    assert not A.recipe_matches(student, str(teacher), by_name["pool-exit1"], 15.0)  # another policy
+    # the same policy with other scorer settings is another contender
+    assert not A.recipe_matches(student, str(teacher), by_name["learned-st-exit1"], 15.0)
+    for key, value in (("exit_layer", None), ("lr", 1e-4), ("ce_weight", 0.0), ("stopped_early", True),
+                       ("scorer_lr", 0.0), ("straight_through", True), ("seed", 1)):
         (student / DISTILL_MARKER).write_text(json.dumps({**done, key: value}))
         assert not A.recipe_matches(student, str(teacher), learned, 15.0), key
-    full = next(c for c in A.CONTENDERS if c.role == "reference")
-    (student / DISTILL_MARKER).write_text(json.dumps({**done, "policy": "civic", "exit_layer": None, "ratios": [1.0]}))
+    # scorer settings do not matter to a student without a scorer, nor the serve ratio to a full one
+    full = by_name["full-same-budget"]
+    (student / DISTILL_MARKER).write_text(json.dumps({**done, "policy": "civic", "exit_layer": None, "ratios": [1.0],
+                                                      "scorer_lr": 1e-3, "serve_ratio": 0.5}))
     assert A.recipe_matches(student, str(teacher), full, 15.0)
 
 
