@@ -63,3 +63,13 @@ soak: install
 .PHONY: test-deploy
 test-deploy: install
 	$(PY) -m pytest tests/unit/test_deploy.py -q
+
+# The prepared GPU check (issue 23): Triton kernels compiled on CUDA vs their torch references, the fused merger's
+# call site, do_bench microbenchmarks and the HF compact prefill (qwen3-vl-2b, 1344x1344), in under 8 minutes.
+# Installs nothing and needs no vLLM: it runs with the machine's own python (this venv's when there is one).
+# Without CUDA it is a CPU harness check (interpreter, small sizes) that exits 0. Writes gpu_check.json and .md
+# to $$OUT, else benchmarks/results/gpu/ (CUDA) or benchmarks/results/tmp/gpu_check/. GPU_CHECK_ARGS passes options.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
