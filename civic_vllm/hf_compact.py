@@ -145,16 +145,17 @@ def compact_vision(
         selecting = select_after_block(block_index, depth, hidden, groups, image_pixels, plans, kept, scorer, scores)
         if not selecting:
             continue
-        surviving = [kept[i] if i in selecting else torch.arange(g) for i, g in enumerate(groups)]
+        surviving = [kept[i] if i in selecting else torch.arange(g, device=hidden.device) for i, g in enumerate(groups)]
         starts = torch.tensor([0] + groups[:-1]).cumsum(0).tolist()
         group_index = torch.cat([s + start for s, start in zip(surviving, starts)])
-        row_index = (group_index[:, None] * GROUP_ROWS + torch.arange(GROUP_ROWS)).flatten()
+        row_index = (group_index[:, None] * GROUP_ROWS + torch.arange(GROUP_ROWS, device=hidden.device)).flatten()
         hidden, cos, sin = hidden[row_index], cos[row_index], sin[row_index]
         if straight_through:
             hidden = hidden * _straight_through_gate(surviving, selecting, scores, plans).to(hidden.dtype)[:, None]
         taps = [tap[group_index] for tap in taps]
         groups = [len(s) for s in surviving]
-        cu_seqlens = F.pad(torch.tensor([GROUP_ROWS * g for g in groups]).cumsum(0, dtype=torch.int32), (1, 0))
+        cu_seqlens = F.pad(torch.tensor([GROUP_ROWS * g for g in groups], device=hidden.device).cumsum(0, dtype=torch.int32),
+                           (1, 0))
     return visual.merger(hidden), taps, kept, scores
 
 
@@ -166,7 +167,7 @@ def _straight_through_gate(surviving, selecting, scores, plans) -> torch.Tensor:
             g = torch.sigmoid(keep_logits(scores[i], plans[i].num_kept)[groups])
             gates.append(1.0 + g - g.detach())
         else:
-            gates.append(torch.ones(len(groups)))
+            gates.append(torch.ones(len(groups), device=groups.device))
     return torch.cat(gates).repeat_interleave(GROUP_ROWS)
 
 
@@ -198,13 +199,14 @@ def compact_greedy(model, batch: CompactBatch, max_new_tokens: int) -> tuple[lis
         token = int(log_probs.argmax())
         tokens.append(token)
         logprobs.append(float(log_probs[token]))
-        next_id = torch.tensor([[token]])
-        position = torch.full((3, 1, 1), batch.next_position, dtype=batch.position_ids.dtype)
+        device = batch.input_ids.device
+        next_id = torch.tensor([[token]], device=device)
+        position = torch.full((3, 1, 1), batch.next_position, dtype=batch.position_ids.dtype, device=device)
         batch = CompactBatch(
             input_ids=torch.cat([batch.input_ids, next_id], dim=1),
             position_ids=torch.cat([batch.position_ids, position], dim=2),
             inputs_embeds=torch.cat([batch.inputs_embeds, embed(next_id).to(batch.inputs_embeds.dtype)], dim=1),
-            visual_pos_masks=torch.cat([batch.visual_pos_masks, torch.zeros(1, 1, dtype=torch.bool)], dim=1),
+            visual_pos_masks=torch.cat([batch.visual_pos_masks, torch.zeros(1, 1, dtype=torch.bool, device=device)], dim=1),
             deepstack_embeds=batch.deepstack_embeds,
             kept_indices=batch.kept_indices,
             scores=batch.scores,
