@@ -4,10 +4,14 @@ The server always binds to 127.0.0.1, logs to a file (printed on failure) and is
 stopped with SIGTERM then SIGKILL, so no stray server outlives its caller, even when the
 caller itself is sent SIGTERM (a timeout, ``kill``): while a server runs, SIGTERM in the caller
 raises SystemExit, so ``with`` blocks and ``finally`` clauses stop the server on the way out.
+A SIGTERM or SIGINT that arrives while a server is being stopped (a second Ctrl-C, a supervisor
+repeating its signal) kills the server's process group at once instead of interrupting the stop;
+it is delivered to the caller once the stop is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,11 +22,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+
+from civic_vllm.access import MIDDLEWARE
 
 
 def free_port() -> int:
@@ -52,7 +58,8 @@ class ServerConfig:
     civic_defaults: dict = field(default_factory=dict)  # server-wide civic_* kwargs
     trust_request_mm_kwargs: bool = True
     prefix_caching: bool = True
-    api_key: str | None = None
+    api_key: str | None = None  # vLLM's --api-key: guards /v1, /v2, /inference, /cohere only
+    civic_api_key: str | None = None  # CIVIC_API_KEY + civic_vllm.access: every route but /health, /v1/models
     extra_args: Sequence[str] = ()
     extra_env: dict = field(default_factory=dict)
 
@@ -81,7 +88,13 @@ class ServerConfig:
             args += ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
         if self.api_key:
             args += ["--api-key", self.api_key]
+        if self.civic_api_key:
+            args += ["--middleware", MIDDLEWARE]
         return args + list(self.extra_args)
+
+    def auth_headers(self) -> dict[str, str]:
+        key = self.civic_api_key or self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -90,6 +103,8 @@ class ServerConfig:
         if self.kv_cache_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if self.civic_api_key:
+            env["CIVIC_API_KEY"] = self.civic_api_key
         env.update({k: str(v) for k, v in self.extra_env.items()})
         return env
 
@@ -125,6 +140,23 @@ class _SigtermAsExit:
     @staticmethod
     def _raise(signum, _frame) -> None:
         raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT only recorded (in the yielded list) inside the block; main thread only,
+    elsewhere signals reach the main thread and the list stays empty."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    saved = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
+             for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 class VllmServer:
@@ -176,26 +208,45 @@ class VllmServer:
         raise ServerError(f"vllm serve not healthy after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (vLLM drains and exits), then SIGKILL the whole group if it hangs."""
-        if self.process is not None:
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGTERM)
+        """SIGTERM (vLLM drains and exits), then SIGKILL the whole group if it hangs.
+
+        Safe under repeated signals: a SIGTERM/SIGINT received meanwhile (main thread) cuts the
+        drain short with SIGKILL and is re-delivered to the caller after the cleanup.
+        """
+        try:
+            with _signals_deferred() as received:
+                self._terminate(timeout, received)
+            if received:
+                signal.raise_signal(received[0])  # the caller's own handling, now the group is gone
+        finally:
+            self._release()
+        return None if self.process is None else self.process.returncode
+
+    def _terminate(self, timeout: float, received: list[int]) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while not received and time.monotonic() < deadline:
                 try:
-                    self.process.wait(timeout)
+                    self.process.wait(min(0.2, max(deadline - time.monotonic(), 0.0)))
+                    break
                 except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait()
-            try:  # stragglers of the group (engine core) must not outlive the server
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                    pass
+        try:  # a hung or interrupted drain, and stragglers of the group (engine core): none outlives us
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def _release(self) -> None:
         if self._started:  # the log and the SIGTERM hold are released once
             self._started = False
             self._log.close()
             if self._own_log:
                 self.log_path.unlink(missing_ok=True)
             _SigtermAsExit.release()
-        return None if self.process is None else self.process.returncode
 
     def log_tail(self, lines: int = 60) -> str:
         try:
@@ -207,7 +258,7 @@ class VllmServer:
         return self.log_path.read_text(errors="replace")
 
     def metrics(self) -> str:
-        return requests.get(self.url + "/metrics", timeout=10).text
+        return requests.get(self.url + "/metrics", headers=self.config.auth_headers(), timeout=10).text
 
     IDLE_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 
@@ -229,6 +280,19 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes of a process group, from /proc (Linux)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
 
 
 def metric_value(metrics_text: str, name: str) -> float:

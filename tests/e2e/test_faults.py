@@ -17,7 +17,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 import requests
 import torch
@@ -25,7 +24,7 @@ from helpers import chat, make_image
 from PIL import Image
 
 from civic_vllm.client import civic_body, image_message
-from civic_vllm.serving import ServerConfig, VllmServer, metric_value
+from civic_vllm.serving import ServerConfig, VllmServer, group_members, metric_value
 
 pytestmark = pytest.mark.e2e
 
@@ -162,22 +161,11 @@ def test_precomputed_embeddings_below_ratio_one_are_a_400_not_an_engine_crash(fa
     assert chat(fault_server, [make_image(64, 64)], ratio=0.5, max_tokens=2).token_ids
 
 
-def _group_members(pgid: int) -> list[psutil.Process]:
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                members.append(process)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
-
-
 def test_sigterm_drains_the_in_flight_stream_and_exits_cleanly(fault_server):
     """Runs last: it stops the module's server. SIGTERM goes to the API server only, as
     Kubernetes and Docker send it; the engine core and worker must follow."""
     pid = fault_server.process.pid
-    assert len(_group_members(pid)) >= 3  # API server, engine core, worker
+    assert len(group_members(pid)) >= 3  # API server, engine core, worker
     # On a busy machine the client reads chunks seconds after the server made them: a 400-token
     # stream was already finished server-side by its 5th chunk (no drain to see). So the stream is
     # long and the signal goes at its first chunk.
@@ -205,9 +193,9 @@ def test_sigterm_drains_the_in_flight_stream_and_exits_cleanly(fault_server):
     assert fault_server.process.wait(timeout=DRAIN_SECONDS + 60) == 0
     assert time.monotonic() - signalled_at < DRAIN_SECONDS + 60
     deadline = time.monotonic() + 30
-    while _group_members(pid) and time.monotonic() < deadline:
+    while group_members(pid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _group_members(pid) == [], "processes of the server's group outlived it"
+    assert group_members(pid) == [], "processes of the server's group outlived it"
     log = fault_server.log_text()
     assert "[shutdown] EngineCore: draining in-flight requests count=1" in log
     assert "EngineCore encountered a fatal error" not in log

@@ -1,6 +1,8 @@
 """Security settings of a civic server, as deploy/ configures them, against a real `vllm serve`.
 
-* --api-key (or VLLM_API_KEY): 401 without the key on the OpenAI routes.
+* the API key on every route (civic_vllm.access, as deploy/ runs it: CIVIC_API_KEY and
+  --middleware): 401 without it everywhere but GET /health and GET /v1/models, including
+  /invocations, /tokenize and /metrics, which vLLM's own --api-key leaves open.
 * --allowed-media-domains: remote image URLs outside the list are refused before any
   connection is made; VLLM_MEDIA_URL_ALLOW_REDIRECTS=0 stops an allowed host from redirecting
   the fetch elsewhere. vLLM's default (no list) fetches any URL: deploy/ always sets a list.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -94,7 +97,7 @@ def secure_server(tiny_model, media_dirs):
         model=tiny_model,
         dtype="float32",
         max_num_batched_tokens=256,
-        api_key=API_KEY,
+        civic_api_key=API_KEY,
         extra_args=["--allowed-media-domains", "localhost", "--allowed-local-media-path", str(allowed)],
         extra_env={"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"},
     )
@@ -125,25 +128,40 @@ def test_api_key_is_required_on_openai_routes(secure_server, media_dirs):
     url = "file://" + str(media_dirs[0] / "ok.png")
     assert post_chat(secure_server, url, key=None).status_code == 401
     assert post_chat(secure_server, url, key="wrong-key").status_code == 401
-    assert requests.get(secure_server.url + "/v1/models", timeout=10).status_code == 401
-    models = requests.get(secure_server.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
-    assert models.status_code == 200
     assert post_chat(secure_server, url).status_code == 200
 
 
-def test_probes_and_metrics_need_no_key(secure_server):
-    # Kubernetes probes and Prometheus scrape without credentials: keep /metrics off public networks.
-    assert requests.get(secure_server.url + "/health", timeout=10).status_code == 200
-    assert requests.get(secure_server.url + "/metrics", timeout=10).status_code == 200
+def _routes(server) -> list[tuple[str, str]]:
+    """(method, path) of every route in the server's OpenAPI schema (read with the key), path
+    parameters filled in, plus routes outside the schema and a path that does not exist."""
+    schema = requests.get(server.url + "/openapi.json", headers=server.config.auth_headers(), timeout=10)
+    assert schema.status_code == 200
+    routes = [(method.upper(), re.sub(r"\{[^}]*\}", "x", path))
+              for path, methods in schema.json()["paths"].items() for method in methods]
+    assert len(routes) > 10 and ("POST", "/invocations") in routes and ("POST", "/tokenize") in routes
+    return routes + [("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/no/such/route"),
+                     ("POST", "/health"), ("POST", "/v1/models")]
 
 
-def test_routes_outside_the_guarded_prefixes_are_open(secure_server, media_dirs):
-    # vLLM 0.32's key check covers /v1, /v2, /inference and /cohere only. /invocations (the
-    # SageMaker route) and /tokenize answer without a key: expose only /v1 (see deploy/README.md).
-    url = "file://" + str(media_dirs[0] / "ok.png")
-    assert post_chat(secure_server, url, key=None, path="/invocations").status_code == 200
-    tokenize = requests.post(secure_server.url + "/tokenize", json={"prompt": "hello"}, timeout=10)
+def test_only_health_and_the_model_list_are_open(secure_server):
+    statuses = {(method, path): requests.request(method, secure_server.url + path, json={}, timeout=30).status_code
+                for method, path in _routes(secure_server)}
+    open_routes = {route for route, status in statuses.items() if status != 401}
+    closed = {path for (_, path), status in statuses.items() if status == 401}
+    assert open_routes == {("GET", "/health"), ("GET", "/v1/models")}, open_routes
+    assert "/invocations" in closed and "/tokenize" in closed and "/metrics" in closed
+
+
+def test_the_key_opens_every_route(secure_server, media_dirs):
+    # Prometheus scrapes with the key (deploy/README.md); the SageMaker route and the tokenizer work with it.
+    headers = secure_server.config.auth_headers()
+    assert requests.get(secure_server.url + "/metrics", headers=headers, timeout=10).status_code == 200
+    tokenize = requests.post(secure_server.url + "/tokenize", json={"prompt": "hello"}, headers=headers, timeout=10)
     assert tokenize.status_code == 200
+    url = "file://" + str(media_dirs[0] / "ok.png")
+    assert post_chat(secure_server, url, path="/invocations").status_code == 200
+    models = requests.get(secure_server.url + "/v1/models", timeout=10)
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == secure_server.config.model
 
 
 def test_remote_url_outside_allowed_domains_is_not_fetched(secure_server, media_server):
