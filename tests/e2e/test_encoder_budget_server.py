@@ -1,9 +1,10 @@
 """The scheduler of a real `vllm serve --model-impl civic` caps vision-tower work per step.
 
-The shared tiny fp32 server runs with max_num_batched_tokens 256. vLLM's own encoder budget is
-16384 placeholder tokens (the tiny preset's max tokens per image), so without the CIVIC manager
-two 448x448 images at ratio 0.1 (K = 20 each, N = 196 each) are both encoded in the first step
-(40 placeholders); with it, their vision-tower cost 392 > 256 puts the second in the next step.
+The shared tiny fp32 server runs with max_num_batched_tokens 256 and max_model_len 4096. vLLM's own
+encoder budget is the max tokens per image, 4096 placeholder tokens (the tiny preset's 16384 lowered
+to the default per-image encoder cap, N <= max_model_len), so without the CIVIC manager two 448x448
+images at ratio 0.1 (K = 20 each, N = 196 each) are both encoded in the first step (40
+placeholders); with it, their vision-tower cost 392 > 256 puts the second in the next step.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ SIZE, RATIO = 448, 0.1
 
 def test_scheduler_uses_the_civic_budget(civic_server):
     found = STARTUP.findall(civic_server.log_text())
-    # One scheduler, in the engine core: vLLM's placeholder budget and the CIVIC cap on N.
-    assert found == [("16384", "256")], civic_server.log_tail()
+    # One scheduler, in the engine core: vLLM's placeholder budget (the largest image it admits:
+    # the per-image encoder cap, by default max_model_len merged tokens) and the CIVIC cap on N.
+    config = civic_server.config
+    assert found == [(str(config.max_model_len), str(config.max_num_batched_tokens))], civic_server.log_tail()
 
 
 def test_two_images_over_the_cap_are_encoded_in_two_steps_with_the_same_answer(civic_server):

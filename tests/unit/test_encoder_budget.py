@@ -8,6 +8,7 @@ request, then ``allocate`` for the approved ones; ``get_freed_mm_hashes`` once p
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -255,6 +256,7 @@ def test_budget_numbers_from_the_real_vllm_config():
     from vllm.engine.arg_utils import EngineArgs
 
     import civic_vllm
+    from civic_vllm.image_cap import ImageCap
     from civic_vllm.model_factory import default_model_dir
 
     civic_vllm.register()
@@ -262,7 +264,14 @@ def test_budget_numbers_from_the_real_vllm_config():
                       max_num_batched_tokens=256, max_model_len=4096,
                       limit_mm_per_prompt={"image": 4, "video": 0})
     config = args.create_engine_config()
-    assert encoder_budget._vanilla_budget(config) == (16384, 16384)
+    # The processor's own limit (16,777,216 pixels: 16,384 merged tokens of 32x32 pixels) lowered to
+    # the per-image encoder cap, by default max_model_len merged tokens.
+    vision = config.model_config.hf_config.vision_config
+    preprocessor = json.loads((default_model_dir("tiny") / "preprocessor_config.json").read_text())
+    processor_max = preprocessor["size"]["longest_edge"] // (vision.patch_size * vision.spatial_merge_size) ** 2
+    cap = ImageCap.for_model({}, max_model_len=4096, vision_config=vision)
+    assert cap.max_tokens == 4096 < processor_max
+    assert encoder_budget._vanilla_budget(config) == (cap.max_tokens, cap.max_tokens)
     manager = EncoderCacheManager.create_manager(cache_size=16384, vllm_config=config)
     assert type(manager) is CivicEncoderCacheManager
     assert manager.step_budget == 256 and manager.depth == 4
