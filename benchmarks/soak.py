@@ -7,19 +7,21 @@ counts) for SOAK_SECONDS, samples the resident memory of the server's whole proc
 checks:
 
 * locust reports 0 failed requests;
-* memory growth after the warm-up (the first SOAK_WARMUP of the run) stays under
-  SOAK_MAX_GROWTH: RSS at the end (mean of the last 3 samples) against RSS right after the
-  warm-up (mean of the first 3 samples after it);
+* memory is flat after the warm-up: the least-squares slope of the group's RSS over the second
+  half of the run (the first half is the warm-up: caches filling, allocator arenas growing) is
+  at most MAX_SLOPE_MIB_PER_MIN, a fixed figure, whatever the run's length. A relative growth
+  threshold is not used: 5% of 3 GiB over 8 minutes would pass a leak of about 19 MiB/min;
 * the server is idle afterwards (no running request, KV usage 0).
 
-Writes benchmarks/results/soak.json and soak.png (RSS and req/s over time); exits 1 when a
-check fails. Environment (all optional):
+The RSS growth from the warm-up's end to the end and the slope's standard error are reported
+too. Writes benchmarks/results/soak.json and soak.png (RSS with the fitted line, and req/s, over
+time); exits 1 when a check fails. Environment (all optional):
 
-    SOAK_SECONDS=600 SOAK_USERS=4 SOAK_WARMUP=0.2 SOAK_SAMPLE_SECONDS=5 SOAK_MAX_GROWTH=0.05
+    SOAK_SECONDS=1800 SOAK_USERS=4 SOAK_SAMPLE_SECONDS=5
     SOAK_PRESET=tiny SOAK_OUT=benchmarks/results/soak.json
 
-    make soak                      # 10 minutes
-    SOAK_SECONDS=120 make soak     # 2 minutes
+    make soak                      # 30 minutes
+    SOAK_SECONDS=120 make soak     # 2 minutes (a smoke run: a 1-minute fit says little)
 """
 
 from __future__ import annotations
@@ -118,31 +120,49 @@ def locust_totals(csv_prefix: str) -> dict:
     }
 
 
-def memory_growth(samples: list[dict], warmup_seconds: float) -> dict:
-    after = [s for s in samples if s["t"] >= warmup_seconds]
-    if len(after) < 6:
-        raise RuntimeError(f"only {len(after)} samples after the warm-up: run longer or sample more often")
-    start = statistics.mean(s["rss_bytes"] for s in after[:3])
-    end = statistics.mean(s["rss_bytes"] for s in after[-3:])
-    peak = max(s["rss_bytes"] for s in after)
-    half = after[len(after) // 2 :]
-    return {
-        "rss_after_warmup_mib": round(start / 2**20, 1),
-        "rss_end_mib": round(end / 2**20, 1),
-        "rss_peak_after_warmup_mib": round(peak / 2**20, 1),
-        "growth": round((end - start) / start, 4),
-        # Least-squares slopes (MiB/min): a leak keeps the second half's slope up, a cache
-        # filling up flattens it.
-        "slope_mib_per_min": round(_slope(after) * 60, 2),
-        "slope_second_half_mib_per_min": round(_slope(half) * 60, 2),
-    }
+WARMUP_FRACTION = 0.5  # the RSS slope is fitted on the second half of the run
+MAX_SLOPE_MIB_PER_MIN = 2.0  # fixed: 30 MiB over a 30-minute run's second half
+MIN_FIT_SAMPLES = 10
 
 
-def _slope(samples: list[dict]) -> float:
-    ts = [s["t"] for s in samples]
-    ys = [s["rss_bytes"] / 2**20 for s in samples]
+def fit_line(ts: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least squares y = a + b·t: (a, b, standard error of b)."""
+    if len(ts) < 3:
+        raise ValueError(f"a line needs at least 3 points to fit with an error, got {len(ts)}")
     mean_t, mean_y = statistics.mean(ts), statistics.mean(ys)
-    return sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys)) / sum((t - mean_t) ** 2 for t in ts)
+    sxx = sum((t - mean_t) ** 2 for t in ts)
+    if sxx == 0:
+        raise ValueError("all samples at the same time")
+    slope = sum((t - mean_t) * (y - mean_y) for t, y in zip(ts, ys)) / sxx
+    intercept = mean_y - slope * mean_t
+    residual = sum((y - intercept - slope * t) ** 2 for t, y in zip(ts, ys))
+    return intercept, slope, (residual / (len(ts) - 2) / sxx) ** 0.5
+
+
+def memory_trend(samples: list[dict], run_seconds: float, max_slope: float = MAX_SLOPE_MIB_PER_MIN) -> dict:
+    """RSS slope (MiB/min) over the post-warm-up half of the run, against the fixed limit."""
+    warmup = WARMUP_FRACTION * run_seconds
+    after = [s for s in samples if s["t"] >= warmup and s.get("rss_bytes")]
+    if len(after) < MIN_FIT_SAMPLES:
+        raise RuntimeError(f"only {len(after)} samples after the warm-up ({warmup:.0f} s): run longer "
+                           f"or sample more often (at least {MIN_FIT_SAMPLES})")
+    minutes = [s["t"] / 60 for s in after]
+    mib = [s["rss_bytes"] / 2**20 for s in after]
+    intercept, slope, error = fit_line(minutes, mib)
+    return {
+        "warmup_seconds": warmup,
+        "fit_window_seconds": [after[0]["t"], after[-1]["t"]],
+        "fit_samples": len(after),
+        "slope_mib_per_min": round(slope, 3),
+        "slope_stderr_mib_per_min": round(error, 3),
+        "intercept_mib": round(intercept, 1),
+        "max_slope_mib_per_min": max_slope,
+        "slope_ok": slope <= max_slope,
+        "rss_after_warmup_mib": round(mib[0], 1),
+        "rss_end_mib": round(mib[-1], 1),
+        "rss_peak_after_warmup_mib": round(max(mib), 1),
+        "growth": round((mib[-1] - mib[0]) / mib[0], 4),
+    }
 
 
 def request_rate(samples: list[dict]) -> list[tuple[float, float]]:
@@ -153,14 +173,19 @@ def request_rate(samples: list[dict]) -> list[tuple[float, float]]:
     return points
 
 
-def plot(samples: list[dict], warmup_seconds: float, path: Path, title: str) -> None:
+def plot(samples: list[dict], memory: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    warmup_seconds = memory["warmup_seconds"]
     top.plot([s["t"] for s in samples], [s["rss_bytes"] / 2**20 for s in samples], color="tab:blue")
+    window = memory["fit_window_seconds"]
+    top.plot(window, [memory["intercept_mib"] + memory["slope_mib_per_min"] * t / 60 for t in window],
+             color="tab:red", label=f"fit {memory['slope_mib_per_min']:+.2f} MiB/min "
+                                    f"(limit {memory['max_slope_mib_per_min']:g})")
     top.set_ylabel("server group RSS (MiB)")
     rate = request_rate(samples)
     bottom.plot([t for t, _ in rate], [r for _, r in rate], color="tab:green")
@@ -177,11 +202,9 @@ def plot(samples: list[dict], warmup_seconds: float, path: Path, title: str) -> 
 
 
 def main() -> int:
-    seconds = int(_env_float("SOAK_SECONDS", 600))
+    seconds = int(_env_float("SOAK_SECONDS", 1800))
     users = int(_env_float("SOAK_USERS", 4))
-    warmup = _env_float("SOAK_WARMUP", 0.2)
     interval = _env_float("SOAK_SAMPLE_SECONDS", 5)
-    max_growth = _env_float("SOAK_MAX_GROWTH", 0.05)
     preset = os.environ.get("SOAK_PRESET", "tiny")
     out = Path(os.environ.get("SOAK_OUT", ROOT / "benchmarks" / "results" / "soak.json"))
     if not 30 <= seconds <= 6 * 3600:
@@ -220,14 +243,14 @@ def main() -> int:
         server_alive = server.process.poll() is None
 
     totals = locust_totals(csv_prefix)
-    growth = memory_growth(sampler.samples, warmup * seconds)
+    memory = memory_trend(sampler.samples, seconds)
     idle = {
         "num_requests_running": metric_value(idle_metrics, "vllm:num_requests_running"),
         "kv_cache_usage_perc": metric_value(idle_metrics, "vllm:kv_cache_usage_perc"),
     }
     checks = {
         "zero_failures": totals["failures"] == 0 and totals["requests"] > 0,
-        "memory_flat": growth["growth"] < max_growth,
+        "memory_flat": memory["slope_ok"],
         "idle_after": idle["num_requests_running"] == 0 and idle["kv_cache_usage_perc"] == 0,
         "server_alive": server_alive,
     }
@@ -242,7 +265,7 @@ def main() -> int:
         "load": {"seconds": seconds, "users": users, "wall_seconds": round(wall, 1),
                  "locustfile": str(LOCUSTFILE.relative_to(ROOT))},
         "locust": totals,
-        "memory": {"warmup_seconds": warmup * seconds, "max_growth": max_growth, **growth},
+        "memory": memory,
         "idle_after": idle,
         "checks": checks,
         "passed": all(checks.values()),
@@ -251,16 +274,17 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     title = (f"civic soak: {seconds}s, {users} users, {totals['requests']} requests, "
-             f"{totals['failures']} failures, RSS growth {growth['growth']:+.1%}")
-    plot(sampler.samples, warmup * seconds, out.with_suffix(".png"), title)
+             f"{totals['failures']} failures, RSS slope {memory['slope_mib_per_min']:+.2f} MiB/min")
+    plot(sampler.samples, memory, out.with_suffix(".png"), title)
 
     print(locust.stdout[-3000:] if locust.returncode else "", end="")
     print(f"[soak] requests {totals['requests']}, failures {totals['failures']}, "
           f"{totals['requests_per_second']:.2f} req/s, median {totals['latency_ms']['median']:.0f} ms, "
           f"p95 {totals['latency_ms']['p95']:.0f} ms")
-    print(f"[soak] RSS after warm-up {growth['rss_after_warmup_mib']} MiB -> end {growth['rss_end_mib']} MiB "
-          f"({growth['growth']:+.2%}; slope {growth['slope_mib_per_min']:+.1f} MiB/min, second half "
-          f"{growth['slope_second_half_mib_per_min']:+.1f} MiB/min; limit {max_growth:.0%})")
+    print(f"[soak] RSS slope over the second half {memory['slope_mib_per_min']:+.2f} "
+          f"± {memory['slope_stderr_mib_per_min']:.2f} MiB/min (limit {memory['max_slope_mib_per_min']:g}); "
+          f"RSS after warm-up {memory['rss_after_warmup_mib']} MiB -> end {memory['rss_end_mib']} MiB "
+          f"({memory['growth']:+.2%})")
     print(f"[soak] idle after: {idle}; checks {checks}")
     print(f"[soak] wrote {out} and {out.with_suffix('.png')}: {'PASSED' if result['passed'] else 'FAILED'}")
     return 0 if result["passed"] else 1
