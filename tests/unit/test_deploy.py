@@ -27,6 +27,9 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from civic_vllm.access import MIDDLEWARE
+from civic_vllm.settings import CivicSettings, ServerSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = {"cpu": DEPLOY / "docker" / "Dockerfile.cpu", "gpu": DEPLOY / "docker" / "Dockerfile.gpu"}
@@ -118,8 +121,20 @@ def test_serve_args_are_secure_by_default(name):
     assert args[args.index("--model-impl") + 1] == "civic"
     assert "--allowed-media-domains" in args  # without it vLLM fetches any URL
     assert "--allowed-local-media-path" not in args
-    assert "--api-key" not in args  # the key comes from VLLM_API_KEY at run time
+    assert "--api-key" not in args  # the key comes from CIVIC_API_KEY at run time
+    assert args[args.index("--middleware") + 1] == MIDDLEWARE  # the key on every route, not /v1 only
     assert int(args[args.index("--shutdown-timeout") + 1]) > 0  # SIGTERM drains
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "k8s"])
+def test_operator_settings_are_valid(name):
+    args = _serve_args()[name]
+    kwargs = json.loads(args[args.index("--mm-processor-kwargs") + 1]) if "--mm-processor-kwargs" in args else {}
+    CivicSettings.from_mm_kwargs(kwargs)  # raises on a bad civic_* value
+    server = ServerSettings.from_mm_kwargs(kwargs)
+    assert not server.allow_request_pixels  # requests may not raise the per-image encoder cap
+    if "--max-model-len" not in args:  # a long context would make the default cap (N <= max_model_len) large
+        assert server.max_image_patches is not None
 
 
 def test_every_serve_arg_list_parses_with_vllm():
@@ -137,6 +152,7 @@ for name, argv in json.loads(sys.stdin.read()).items():
         continue
     validate_parsed_serve_args(args)
     out[name] = {"model_impl": args.model_impl, "domains": args.allowed_media_domains,
+                 "middleware": args.middleware,
                  "local": args.allowed_local_media_path, "shutdown_timeout": args.shutdown_timeout,
                  "tp": args.tensor_parallel_size}
 print("RESULT " + json.dumps(out))
@@ -153,6 +169,7 @@ print("RESULT " + json.dumps(out))
         assert values["domains"] == ["media.invalid"]
         assert not values["local"]
         assert values["shutdown_timeout"] == 30
+        assert values["middleware"] == [MIDDLEWARE]
     assert parsed["k8s"]["tp"] == 2
 
 
@@ -160,7 +177,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_k8s_manifests_validate_against_kubernetes_schemas():
-    assert {m for m in _manifests()} >= {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    assert {m for m in _manifests()} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "Ingress"}
     result = _run([str(BIN / "kubernetes-validate"), "--strict", *map(str, K8S)])
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -203,7 +220,8 @@ def test_deployment_probes_ports_gpus_and_shutdown_fit_together():
     drain = int(args[args.index("--shutdown-timeout") + 1])
     assert pod["spec"]["terminationGracePeriodSeconds"] >= drain + 30  # drain + engine teardown
     env = {e["name"]: e for e in container["env"]}
-    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == manifests["Secret"]["metadata"]["name"]
+    assert env["CIVIC_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == manifests["Secret"]["metadata"]["name"]
+    assert "VLLM_API_KEY" not in env  # vLLM's own check would close /v1/models too
     assert env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"]["value"] == "0"
 
 
@@ -222,24 +240,35 @@ def test_service_hpa_and_pdb_point_at_the_deployment():
     assert manifests["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+def test_ingress_exposes_the_api_and_health_only():
+    manifests = _manifests()
+    service = manifests["Service"]
+    paths = [path for rule in manifests["Ingress"]["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert {(p["path"], p["pathType"]) for p in paths} == {("/v1", "Prefix"), ("/health", "Exact")}
+    port_names = {port["name"] for port in service["spec"]["ports"]}
+    for path in paths:
+        backend = path["backend"]["service"]
+        assert backend["name"] == service["metadata"]["name"] and backend["port"]["name"] in port_names
+
+
 # ---- Compose -----------------------------------------------------------------
 
 
 def test_compose_file_validates_with_docker_compose():
-    env = dict(os.environ, VLLM_API_KEY="test-key")
+    env = dict(os.environ, CIVIC_API_KEY="test-key")
     result = _run([str(_compose_binary()), "-f", str(COMPOSE), "config", "--format", "json"], env=env)
     assert result.returncode == 0, result.stderr
     service = json.loads(result.stdout)["services"]["civic-vllm"]
-    assert service["environment"]["VLLM_API_KEY"] == "test-key"
+    assert service["environment"]["CIVIC_API_KEY"] == "test-key"
     assert Path(service["build"]["context"], service["build"]["dockerfile"]) == DOCKERFILES["cpu"]
     assert [(p["host_ip"], p["target"]) for p in service["ports"]] == [("127.0.0.1", 8000)]
     assert "/health" in " ".join(service["healthcheck"]["test"])
 
 
 def test_compose_requires_an_api_key_and_catches_bad_files(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    env = {k: v for k, v in os.environ.items() if k != "CIVIC_API_KEY"}
     result = _run([str(_compose_binary()), "-f", str(COMPOSE), "config", "--quiet"], env=env)
-    assert result.returncode != 0 and "VLLM_API_KEY" in result.stderr
+    assert result.returncode != 0 and "CIVIC_API_KEY" in result.stderr
     bad = tmp_path / "compose.yaml"
     bad.write_text("services:\n  a:\n    image: busybox\n    prots: ['80:80']\n")
     result = _run([str(_compose_binary()), "-f", str(bad), "config", "--quiet"])
