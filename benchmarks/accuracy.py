@@ -78,11 +78,6 @@ class Contender:
     def ratio(self) -> float:
         return 1.0 if self.role == "reference" else GOAL_RATIO
 
-    @property
-    def policy(self) -> str:
-        args = dict(zip(self.distill_args[::2], self.distill_args[1::2]))
-        return args.get("--policy", "civic")
-
 
 CONTENDERS = (
     Contender("full-same-budget", "reference", ("--ratios", "1"), "full"),

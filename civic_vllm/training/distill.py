@@ -362,7 +362,7 @@ def recipe_from_args(args: argparse.Namespace) -> DistillRecipe:
 def parse_recipe(argv: Sequence[str]) -> DistillRecipe:
     """The DistillRecipe of a ``civic distill`` command line (``--out`` may be left out)."""
     parser = argparse.ArgumentParser()
-    add_distill_parser(parser.add_subparsers()).set_defaults(handler=None)
+    add_distill_parser(parser.add_subparsers())
     return recipe_from_args(parser.parse_args(["distill", "--out", "-", *argv]))
 
 
