@@ -19,7 +19,8 @@ from {1/2, 1/3, 1/4, 0.15}, one thread):
 * ``downscale``         fine-tuned on images shrunk to each ratio's token budget.
 
 1. Students are trained into ``--students`` (two processes side by side) or reused when one with
-   exactly that recipe and budget is there. Their CPU-minutes are recorded and must agree.
+   exactly that recipe and budget is there; one of that recipe with a smaller budget is continued
+   to it (``--resume``). Their CPU-minutes are recorded and must agree.
 2. Validation split (seed VAL_SEED): the civic candidate with the highest minimum, over overall,
    small-object and grounding accuracy at r = 1/3, of its share of ``full-same-budget`` is chosen.
 3. Test split (a seed no earlier run used, TEST_SEED): each reported model is scored once: the
@@ -118,13 +119,19 @@ def split_path(seed: int, split: str, n: int) -> Path:
 
 def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: float) -> bool:
     """A finished student of exactly this contender's recipe and budget is at ``student``."""
+    done = same_recipe(student, teacher, contender)
+    return done is not None and not done.get("stopped_early") and done.get("cpu_min", 0) >= minutes
+
+
+def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, Any] | None:
+    """The distill record at ``student`` if it is this contender's recipe from ``teacher`` (any budget)."""
     from dataclasses import asdict
 
     from civic_vllm.training.distill import DISTILL_MARKER, parse_recipe
 
     marker = student / DISTILL_MARKER
     if not marker.is_file():
-        return False
+        return None
     done = json.loads(marker.read_text())
     wanted = asdict(parse_recipe([*COMMON_DISTILL, *contender.distill_args]))
     wanted.pop("data")  # the data mix is the distill default for every contender
@@ -134,13 +141,16 @@ def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: f
     if wanted["ratios"] == [1.0]:  # a full-token student exports no recipe
         wanted.pop("serve_ratio")
     same = all(done.get(name) == value for name, value in wanted.items())
-    return (same and done.get("teacher") == str(Path(teacher).resolve()) and not done.get("stopped_early")
-            and done.get("cpu_min", 0) >= minutes)
+    return done if same and done.get("teacher") == str(Path(teacher).resolve()) else None
 
 
 def ensure_students(students: Path, teacher: str, minutes: float, contenders: Sequence[Contender],
                     parallel: int = 2) -> dict[str, float]:
-    """Train the missing ``contenders`` (``parallel`` single-thread processes); their CPU-minutes."""
+    """Train the missing ``contenders`` (``parallel`` single-thread processes); their CPU-minutes.
+
+    A student of the same recipe with a smaller budget (an earlier, shorter protocol, or a run
+    that was stopped) is continued to ``minutes`` (``civic distill --resume``), not retrained.
+    """
     from civic_vllm.training.distill import DISTILL_MARKER
 
     students.mkdir(parents=True, exist_ok=True)
@@ -155,6 +165,8 @@ def ensure_students(students: Path, teacher: str, minutes: float, contenders: Se
             log = (students / f"{c.name}.log").open("w")
             cmd = [sys.executable, "-m", "civic_vllm.training.distill", "--model", teacher,
                    "--out", str(students / c.name), "--minutes", str(minutes), *COMMON_DISTILL, *c.distill_args]
+            if same_recipe(students / c.name, teacher, c) is not None:
+                cmd += ["--resume", str(students / c.name)]
             print(f"training {c.name}: {' '.join(cmd[3:])}", file=sys.stderr)
             running.append((c, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
         c, proc, log = running.pop(0)
@@ -369,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", action="store_true",
                    help="copy the chosen student to models/civic-shapes-tiny-distilled")
     p.add_argument("--replot", action="store_true", help="redraw PNG and Markdown from --out without measuring")
+    p.add_argument("--candidates", default="", metavar="NAME[,NAME]",
+                   help="consider only these civic candidates (default: all; recorded): e.g. when a longer "
+                        "budget continues the one an earlier validation chose")
     p.add_argument("--skip", default="", metavar="NAME[,NAME]",
                    help="leave these baselines out (not trained, not measured; recorded, and the run "
                         "cannot pass): for a run short of time")
@@ -386,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     students = Path(args.students)
     start = time.time()
     by_name = {c.name: c for c in CONTENDERS}
+    candidates = [name for name in args.candidates.split(",") if name]
+    if any(by_name.get(name) is None or by_name[name].role != "civic" for name in candidates):
+        p.error(f"--candidates takes civic candidates only: {', '.join(c.name for c in CONTENDERS if c.role == 'civic')}")
+    candidates = candidates or [c.name for c in CONTENDERS if c.role == "civic"]
     if args.prefetch:  # the rows the full run will need, for contenders already trained
         splits = {"val": load_samples(split_path(VAL_SEED, "val", args.n_val)),
                   "test": load_samples(split_path(TEST_SEED, "test", args.n_test))}
@@ -396,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             # validation: the reference and the civic candidates; test: the reference and the baselines.
             # A civic candidate meets the test split only once validation has chosen it, which is
             # settled in advance only when it is the sole candidate (its validation row comes first).
-            sole = [x.name for x in CONTENDERS if x.role == "civic"] == [name]
+            sole = candidates == [name]
             wanted = {"reference": ("val", "test"), "civic": ("val", "test") if sole else ("val",),
                       "baseline": ("test",)}[c.role]
             for split in wanted:
@@ -406,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [name for name in args.skip.split(",") if name]
     if any(by_name.get(name) is None or by_name[name].role != "baseline" for name in skipped):
         p.error(f"--skip takes baselines only: {', '.join(c.name for c in CONTENDERS if c.role == 'baseline')}")
-    contenders = [c for c in CONTENDERS if c.name not in skipped]
+    contenders = [c for c in CONTENDERS if c.name not in skipped and (c.role != "civic" or c.name in candidates)]
     spent = ensure_students(students, teacher, args.minutes, contenders)
 
     def run(name: str, samples, split: str):
@@ -416,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
     val = load_samples(split_path(VAL_SEED, "val", args.n_val))
     val_ref = run("full-same-budget", val, "val")[1]
-    val_scored = {c.name: run(c.name, val, "val")[1] for c in CONTENDERS if c.role == "civic"}
+    val_scored = {c.name: run(c.name, val, "val")[1] for c in contenders if c.role == "civic"}
     chosen, worst_share = choose(val_scored, val_ref)
     print(f"chosen on validation: {chosen} (worst share of full-same-budget: {worst_share})", file=sys.stderr)
 
@@ -434,9 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "teacher": teacher, "students": str(students.resolve()), "minutes_per_contender": args.minutes,
         "cpu_minutes": spent, "recipe": list(COMMON_DISTILL),
+        "pieces": {c.name: same_recipe(students / c.name, teacher, c).get("pieces", []) for c in contenders},
         "contenders": {c.name: {"role": c.role, "distill_args": list(c.distill_args), "evaluated_as": c.method}
                        for c in CONTENDERS},
-        "skipped": skipped,
+        "skipped": skipped, "candidates": [c.name for c in contenders if c.role == "civic"],
         "validation": {"seed": VAL_SEED, "n": len(val), "chosen": chosen, "worst_share": worst_share,
                        "figures": {name: {m: round(s.value(m), 4) for m in METRICS}
                                    for name, s in {"full-same-budget": val_ref, **val_scored}.items()}},
@@ -458,7 +478,7 @@ def install_student(student: Path) -> Path:
     dest = ROOT / "models" / "civic-shapes-tiny-distilled"
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(student, dest, ignore=shutil.ignore_patterns("eval-*.json"))
+    shutil.copytree(student, dest, ignore=shutil.ignore_patterns("eval-*.json", "distill_state.pt"))
     print(f"installed {student} -> {dest}")
     return dest
 

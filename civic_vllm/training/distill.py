@@ -20,6 +20,12 @@ also lets the KL and CE reach the scores through a gate on the kept rows. ``down
 fine-tunes the model on images shrunk to the ratio's token budget (as served), against the
 teacher on the full image.
 
+Long budgets run in pieces: every export also saves the training state (fp32 weights, optimizer
+moments, data stream, steps and CPU-minutes; ``civic/distill_state.pt``), and ``--resume DIR``
+continues that student to a larger ``--minutes`` total exactly where it stopped. A student saved
+without that state resumes from its bf16 weights with fresh optimizer moments and a data stream
+reseeded by its step count (recorded as such).
+
 Data are civic-shapes chats generated on the fly, as in ``civic train``; the result is a
 regular checkpoint directory that ``vllm serve ... --model-impl civic`` loads. A student trained
 with retention records its recipe (ratio ``serve_ratio``, policy, exit layer, scorer) in its
@@ -58,6 +64,7 @@ PARAM_CHOICES = ("merger", "vision", "all")
 POLICY_CHOICES = ("civic", "pool", "random", "learned", "downscale")
 DISTILL_MARKER = "civic_distill.json"
 CURVE_FILE = "distill_curve.jsonl"  # KL / CE every log_every steps, inside the exported checkpoint
+STATE_FILE = "civic/distill_state.pt"  # what --resume needs; a subfolder, so vLLM's weight loader never sees it
 
 
 @dataclass
@@ -199,8 +206,13 @@ def distill(
     threads: int = 1,
     log_every: int = 10,
     progress: bool = True,
+    resume: str | Path | None = None,
 ) -> Path:
-    """Distil for ``minutes`` training CPU-minutes (or ``max_steps``); export to ``out_dir``."""
+    """Distil for ``minutes`` training CPU-minutes (or ``max_steps``); export to ``out_dir``.
+
+    ``resume``: a student of this teacher and recipe to continue; ``minutes`` and ``max_steps``
+    are then totals over all its pieces.
+    """
     from tqdm import tqdm
 
     recipe = recipe or DistillRecipe()
@@ -209,7 +221,8 @@ def distill(
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = copy.deepcopy(teacher)
+    previous = resumable_student(resume, model_dir, recipe) if resume is not None else None
+    student = copy.deepcopy(teacher) if previous is None else load_hf_model(resume)[0]
     student.train()
     params = trainable_parameters(student, recipe.params)
     if recipe.policy not in POLICY_CHOICES:
@@ -236,8 +249,16 @@ def distill(
     log_path.write_text("")
     budget = minutes * 60.0
     step, cpu = 0, 0.0
+    pieces: list[dict] = []
+    if previous is not None:
+        step, cpu, pieces = previous["steps"], previous["cpu_min"] * 60.0, previous.get("pieces", [])
+        rng = restore_state(Path(resume), student, scorer, optimizer, step, recipe.seed)
+        pieces = [*pieces, {"steps": step, "cpu_min": previous["cpu_min"], "state": rng is not None}]
+        rng = rng or np.random.default_rng([recipe.seed, 2, step])
+        log_path.write_text((Path(resume) / CURVE_FILE).read_text())
     window: dict[str, list[float]] = defaultdict(list)
-    bar = tqdm(total=max_steps or round(minutes, 1), unit="step" if max_steps else "cpu-min", disable=not progress,
+    bar = tqdm(total=max_steps or round(minutes, 1), initial=step if max_steps else round(cpu / 60, 1),
+               unit="step" if max_steps else "cpu-min", disable=not progress,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     with tr._Stop() as stop:
         while not stop.requested and (step < max_steps if max_steps else cpu < budget):
@@ -282,7 +303,10 @@ def distill(
     bar.close()
     info = {"distill": {**asdict(recipe), "teacher": str(Path(model_dir).resolve()), "steps": step,
                         "cpu_min": round(cpu / 60, 3), "stopped_early": stop.requested,
-                        "curve": CURVE_FILE}}
+                        "curve": CURVE_FILE, "pieces": pieces}}
+    state = {"student": {k: v.detach().clone() for k, v in student.state_dict().items()},
+             "scorer": scorer.state_dict() if scorer is not None else None,
+             "optimizer": optimizer.state_dict(), "rng": rng.bit_generator.state, "steps": step}
     path = tr.export_model(student, preset, out, info)
     (path / DISTILL_MARKER).write_text(json.dumps(info["distill"], indent=2) + "\n")
     shutil.move(log_path, path / CURVE_FILE)
@@ -290,7 +314,52 @@ def distill(
         served = CivicRecipe(ratio=recipe.serve_ratio, policy=recipe.policy, exit_layer=recipe.exit_layer,
                              scorer=scorer.config if scorer is not None else None)
         write_recipe(path, served, scorer)
+    (path / STATE_FILE).parent.mkdir(exist_ok=True)
+    torch.save(state, path / STATE_FILE)
     return path
+
+
+def resumable_student(student: str | Path, teacher: str | Path, recipe: DistillRecipe) -> dict:
+    """The distill record of ``student`` after checking it continues ``teacher`` with ``recipe``."""
+    marker = Path(student) / DISTILL_MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"{student}: not a civic distill checkpoint (no {DISTILL_MARKER})")
+    done = json.loads(marker.read_text())
+    if done.get("teacher") != str(Path(teacher).resolve()):
+        raise ValueError(f"{student} was distilled from {done.get('teacher')}, not {Path(teacher).resolve()}")
+    wanted = json.loads(json.dumps(asdict(recipe)))  # as recorded: tuples become lists
+    # a field the record lacks was added later; the student ran with its default then
+    defaults = json.loads(json.dumps(asdict(DistillRecipe())))
+    differing = sorted(k for k, v in wanted.items() if done.get(k, defaults[k]) != v)
+    if differing:
+        raise ValueError(f"{student} was distilled with another recipe ({', '.join(differing)} differ)")
+    return done
+
+
+def restore_state(student_dir: Path, student, scorer, optimizer, step: int, seed: int) -> np.random.Generator | None:
+    """Load the fp32 weights, optimizer moments and data stream saved with ``student_dir``.
+
+    Returns the data stream, or None when the checkpoint has no saved state (then the bf16
+    weights already loaded, a fresh optimizer and a stream the caller reseeds carry on). A
+    learned student without state loads its scorer from the checkpoint.
+    """
+    path = student_dir / STATE_FILE
+    if not path.is_file():
+        if scorer is not None:
+            from civic_vllm.recipe import load_scorer, read_recipe
+
+            scorer.load_state_dict(load_scorer(student_dir, read_recipe(student_dir)).state_dict())
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["steps"] != step:
+        raise ValueError(f"{path} is from step {state['steps']}, the checkpoint from step {step}")
+    student.load_state_dict(state["student"])
+    if scorer is not None:
+        scorer.load_state_dict(state["scorer"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng"]
+    return rng
 
 
 def soup(students: Sequence[str | Path], out_dir: str | Path) -> Path:
@@ -371,7 +440,7 @@ def _distill_cmd(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)
     path = distill(args.model or _default_model(), args.out, recipe=recipe, minutes=args.minutes,
-                   max_steps=args.max_steps, threads=args.threads)
+                   max_steps=args.max_steps, threads=args.threads, resume=args.resume)
     print(path)
     return 0
 
@@ -400,8 +469,10 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="weight of the answers' cross-entropy")
     p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--minutes", type=float, default=15.0, help="budget in training CPU-minutes")
+    p.add_argument("--minutes", type=float, default=15.0, help="budget in training CPU-minutes (with --resume: the total)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue this student (same teacher and recipe) up to the total budget")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(handler=_distill_cmd)

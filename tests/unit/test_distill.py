@@ -133,6 +133,32 @@ def test_distill_trains_only_the_merger_and_exports_a_checkpoint(teacher_dir: Pa
     assert not reusable(tmp_path / "absent", str(teacher_dir), "merger", 1e-2, 0.0, minutes=0.0, ratios=[0.25])
 
 
+def test_a_resumed_run_equals_one_run_of_the_total_budget(teacher_dir: Path, tmp_path: Path) -> None:
+    recipe = D.DistillRecipe(params="merger", lr=1e-2, ratios=[0.25, 0.5], data=T.Recipe(images_per_step=1))
+    whole = D.distill(teacher_dir, tmp_path / "whole", recipe=recipe, max_steps=4, log_every=1, progress=False)
+    piece = D.distill(teacher_dir, tmp_path / "piece", recipe=recipe, max_steps=2, log_every=1, progress=False)
+    resumed = D.distill(teacher_dir, piece, recipe=recipe, max_steps=4, log_every=1, progress=False, resume=piece)
+    a, b = (torch.load(p / D.STATE_FILE, weights_only=False) for p in (whole, resumed))
+    assert a["steps"] == b["steps"] == 4
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+    info = json.loads((resumed / D.DISTILL_MARKER).read_text())
+    assert info["steps"] == 4 and [p["steps"] for p in info["pieces"]] == [2] and info["pieces"][0]["state"]
+    curve = [json.loads(line) for line in (resumed / D.CURVE_FILE).read_text().splitlines()]
+    assert [r["step"] for r in curve] == [1, 2, 3, 4]
+
+    # without its saved state a student still resumes, from its bf16 weights, and says so
+    (resumed / D.STATE_FILE).unlink()
+    again = D.distill(teacher_dir, tmp_path / "again", recipe=recipe, max_steps=5, progress=False, resume=resumed)
+    info = json.loads((again / D.DISTILL_MARKER).read_text())
+    assert info["steps"] == 5 and [p["state"] for p in info["pieces"]] == [True, False]
+
+    with pytest.raises(ValueError, match="another recipe"):
+        D.distill(teacher_dir, tmp_path / "other", recipe=D.DistillRecipe(params="merger", lr=1e-3),
+                  max_steps=6, progress=False, resume=again)
+    with pytest.raises(ValueError, match="distilled from"):
+        D.distill(again, tmp_path / "other", recipe=recipe, max_steps=6, progress=False, resume=again)
+
+
 def test_soup_is_the_mean_of_its_students(teacher_dir: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     recipe = dict(params="merger", lr=1e-2, ratios=[0.25], data=T.Recipe(images_per_step=1))

@@ -70,7 +70,9 @@ def test_recipe_match_requires_the_same_recipe_and_budget(tmp_path: Path):
     done = {**recipe, "teacher": str(teacher.resolve()), "stopped_early": False, "cpu_min": 15.0}
     (student / DISTILL_MARKER).write_text(json.dumps(done))
     assert A.recipe_matches(student, str(teacher), learned, 15.0)
-    assert not A.recipe_matches(student, str(teacher), learned, 20.0)  # budget not met
+    assert not A.recipe_matches(student, str(teacher), learned, 20.0)  # budget not met ...
+    assert A.same_recipe(student, str(teacher), learned)["cpu_min"] == 15.0  # ... but it can be continued
+    assert A.same_recipe(student, str(tmp_path / "other"), learned) is None
     assert not A.recipe_matches(student, str(teacher), by_name["pool-exit1"], 15.0)  # another policy
     # the same policy with other scorer settings is another contender
     assert not A.recipe_matches(student, str(teacher), by_name["learned-st-exit1"], 15.0)
