@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {c.name: c for c in CONTENDERS}
     candidates = [name for name in args.candidates.split(",") if name]
     if any(by_name.get(name) is None or by_name[name].role != "civic" for name in candidates):
-        p.error(f"--candidates takes civic candidates only: {', '.join(c.name for c in CONTENDERS if c.role == 'civic')}")
+        p.error("--candidates takes civic candidates only: "
+                + ", ".join(c.name for c in CONTENDERS if c.role == "civic"))
     candidates = candidates or [c.name for c in CONTENDERS if c.role == "civic"]
     if args.prefetch:  # the rows the full run will need, for contenders already trained
         splits = {"val": load_samples(split_path(VAL_SEED, "val", args.n_val)),

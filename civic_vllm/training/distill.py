@@ -469,7 +469,8 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="weight of the answers' cross-entropy")
     p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--minutes", type=float, default=15.0, help="budget in training CPU-minutes (with --resume: the total)")
+    p.add_argument("--minutes", type=float, default=15.0,
+                   help="budget in training CPU-minutes (with --resume: the total)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue this student (same teacher and recipe) up to the total budget")
