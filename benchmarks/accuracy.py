@@ -127,7 +127,7 @@ def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, 
     """The distill record at ``student`` if it is this contender's recipe from ``teacher`` (any budget)."""
     from dataclasses import asdict
 
-    from civic_vllm.training.distill import DISTILL_MARKER, parse_recipe
+    from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, parse_recipe
 
     marker = student / DISTILL_MARKER
     if not marker.is_file():
@@ -136,7 +136,7 @@ def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, 
     wanted = asdict(parse_recipe([*COMMON_DISTILL, *contender.distill_args]))
     wanted.pop("data")  # the data mix is the distill default for every contender
     if wanted["policy"] != "learned":  # scorer settings mean nothing without a scorer
-        for name in ("scorer_lr", "scorer_weight", "scorer_sharpness", "straight_through"):
+        for name in SCORER_FIELDS:
             wanted.pop(name)
     if wanted["ratios"] == [1.0]:  # a full-token student exports no recipe
         wanted.pop("serve_ratio")

@@ -64,6 +64,7 @@ PARAM_CHOICES = ("merger", "vision", "all")
 POLICY_CHOICES = ("civic", "pool", "random", "learned", "downscale")
 DISTILL_MARKER = "civic_distill.json"
 CURVE_FILE = "distill_curve.jsonl"  # KL / CE every log_every steps, inside the exported checkpoint
+SCORER_FIELDS = ("scorer_lr", "scorer_weight", "scorer_sharpness", "straight_through")  # the learned policy's
 STATE_FILE = "civic/distill_state.pt"  # what --resume needs; a subfolder, so vLLM's weight loader never sees it
 
 
@@ -330,6 +331,9 @@ def resumable_student(student: str | Path, teacher: str | Path, recipe: DistillR
     wanted = json.loads(json.dumps(asdict(recipe)))  # as recorded: tuples become lists
     # a field the record lacks was added later; the student ran with its default then
     defaults = json.loads(json.dumps(asdict(DistillRecipe())))
+    if recipe.policy != "learned":  # without a scorer its settings change nothing
+        for name in SCORER_FIELDS:
+            wanted.pop(name)
     differing = sorted(k for k, v in wanted.items() if done.get(k, defaults[k]) != v)
     if differing:
         raise ValueError(f"{student} was distilled with another recipe ({', '.join(differing)} differ)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -152,9 +153,12 @@ def test_a_resumed_run_equals_one_run_of_the_total_budget(teacher_dir: Path, tmp
     info = json.loads((again / D.DISTILL_MARKER).read_text())
     assert info["steps"] == 5 and [p["state"] for p in info["pieces"]] == [True, False]
 
+    # the learned policy's scorer settings change nothing for a civic student; its lr does
+    D.distill(teacher_dir, tmp_path / "other", recipe=dataclasses.replace(recipe, scorer_lr=0.5), max_steps=6,
+              progress=False, resume=again)
     with pytest.raises(ValueError, match="another recipe"):
-        D.distill(teacher_dir, tmp_path / "other", recipe=D.DistillRecipe(params="merger", lr=1e-3),
-                  max_steps=6, progress=False, resume=again)
+        D.distill(teacher_dir, tmp_path / "other", recipe=dataclasses.replace(recipe, lr=1e-3),
+                  max_steps=7, progress=False, resume=again)
     with pytest.raises(ValueError, match="distilled from"):
         D.distill(again, tmp_path / "other", recipe=recipe, max_steps=6, progress=False, resume=again)
 
