@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,12 +13,17 @@ import openai
 import torch
 from PIL import Image
 
+from civic_vllm import planner
 from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, image_message
 from civic_vllm.hf_compact import build_compact_batch, compact_greedy
 from civic_vllm.retention.plan import ImageRetention
+from civic_vllm.serving import ServerConfig, VllmServer
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
+
+# Small enough that a 3-image prompt is prefilled in several chunks.
+CHUNK_TOKENS = 256
 
 QUESTIONS = ["Describe this image.", "What is in the picture?", "What color is the shape?"]
 
@@ -95,3 +104,51 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
     )
     tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS)
     return batch.input_ids.shape[1], tokens, logprobs
+
+
+def test_server(model: str, *, civic: bool, startup_timeout: float = 300.0, log_path=None, **overrides) -> VllmServer:
+    """A test server: fp32 (greedy tokens compare exactly), chunked prefill, request kwargs trusted for civic."""
+    config = ServerConfig(
+        model=model,
+        civic=civic,
+        dtype="float32",
+        max_num_batched_tokens=CHUNK_TOKENS,
+        trust_request_mm_kwargs=civic,
+        **overrides,
+    )
+    return VllmServer(config, startup_timeout=startup_timeout, log_path=log_path)
+
+
+test_server.__test__ = False  # a factory, not a test
+
+
+def ratio_arg(ratio: float) -> str:
+    return "1/3" if ratio == 1 / 3 else repr(ratio)
+
+
+def planner_argv(model: str, sizes, ratio: float, question: str, max_tokens: int = 1,
+                 kv_cache: str = "1GiB") -> list[str]:
+    """``civic plan`` flags for a CPU test server (fp32, ``kv_cache`` pool) and one request."""
+    argv = ["--model", model, "--question", question, "--ratio", ratio_arg(ratio),
+            "--max-tokens", str(max_tokens), "--device", "cpu", "--dtype", "float32",
+            "--kv-cache-memory", kv_cache]
+    for width, height in sizes:
+        argv += ["--image", f"{width}x{height}"]
+    return argv
+
+
+def run_planner(argv: list[str]) -> dict:
+    """``civic plan ARGV --json`` in-process, as an operator would run it for this server."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = planner.main([*argv, "--json"])
+    assert code == 0, err.getvalue()
+    return json.loads(out.getvalue())
+
+
+def cache_config(server) -> dict[str, str]:
+    """The labels of ``vllm:cache_config_info`` (num_gpu_blocks, block_size, ...)."""
+    for line in server.metrics().splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            return dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+    raise AssertionError("vllm:cache_config_info not in /metrics")

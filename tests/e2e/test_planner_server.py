@@ -20,17 +20,14 @@ How vLLM 0.32 counts KV blocks, established from its source and checked here:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import io
-import json
-import re
 import threading
 import time
 
+import helpers
 import pytest
 import requests
-from helpers import chat, make_image
+from helpers import cache_config, chat, make_image
 
 from civic_vllm import planner
 from civic_vllm.client import civic_body, image_message
@@ -61,38 +58,17 @@ BLOCK_CASES = [
 ]
 
 
-def _ratio_arg(ratio: float) -> str:
-    return "1/3" if ratio == 1 / 3 else repr(ratio)
-
-
 def planner_argv(model: str, sizes, ratio: float, max_tokens: int = 1) -> list[str]:
     """``civic plan`` flags for this server and request."""
-    argv = ["--model", model, "--question", QUESTION, "--ratio", _ratio_arg(ratio),
-            "--max-tokens", str(max_tokens), "--device", "cpu", "--dtype", "float32",
-            "--kv-cache-memory", KV_CACHE]
-    for width, height in sizes:
-        argv += ["--image", f"{width}x{height}"]
-    return argv
+    return helpers.planner_argv(model, sizes, ratio, QUESTION, max_tokens, KV_CACHE)
 
 
 def run_planner(model: str, sizes, ratio: float, max_tokens: int = 1) -> dict:
-    """``civic plan ... --json`` in-process, as an operator would run it for this server."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = planner.main([*planner_argv(model, sizes, ratio, max_tokens), "--json"])
-    assert code == 0, err.getvalue()
-    return json.loads(out.getvalue())
+    return helpers.run_planner(planner_argv(model, sizes, ratio, max_tokens))
 
 
 def images_for(sizes):
     return [make_image(w, h, seed=i + w) for i, (w, h) in enumerate(sizes)]
-
-
-def cache_config(server) -> dict[str, str]:
-    for line in server.metrics().splitlines():
-        if line.startswith("vllm:cache_config_info{"):
-            return dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
-    raise AssertionError("vllm:cache_config_info not in /metrics")
 
 
 @pytest.fixture(scope="module")
