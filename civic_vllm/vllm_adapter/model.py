@@ -69,6 +69,7 @@ from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.learned import TokenScorer
 from civic_vllm.retention.plan import ImageRetention
 from civic_vllm.settings import CivicSettings
+from civic_vllm.vllm_adapter.data_parallel_encoder import encode_images_sharded
 from civic_vllm.vllm_adapter.processor import (
     EXIT_LAYER_KEY,
     NUM_KEPT_KEY,
@@ -105,11 +106,6 @@ POSITION_PATCH_KEY = "civic_position_patch"
 class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.use_data_parallel:
-            raise NotImplementedError(
-                "CIVIC does not support --mm-encoder-tp-mode data yet: the data-parallel "
-                "vision path shards images across ranks before retention can run."
-            )
         if self.is_multimodal_pruning_enabled:
             raise NotImplementedError("CIVIC and --video-pruning-rate cannot be combined.")
         recipe = recipe_of(self.config)
@@ -172,16 +168,20 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
                 raise ValueError("CIVIC retention needs pixel inputs; precomputed image embeddings are kept whole.")
             embeddings = list(self._process_image_input(image_input))
             kept = [torch.arange(n, device=e.device) for n, e in zip(num_tokens, embeddings)]
-        else:
-            if self._fault_injection:
-                retention = _inject_faults(retention, image_input["pixel_values"], grid_thw)
-            embeddings, kept = self._encode_compact(image_input["pixel_values"], grid_thw, retention)
-        outputs = []
-        for embedding, indices, (_, width) in zip(embeddings, kept, grids_hw):
-            rows, cols = kept_grid_cells(indices, width)
-            channels = encode_position_channels(rows, cols, embedding.dtype).to(embedding.device)
-            outputs.append(torch.cat([embedding, channels], dim=1))
-        return outputs
+            return _with_position_channels(embeddings, kept, grids_hw)
+        pixel_values = image_input["pixel_values"]
+        if self._fault_injection:
+            retention = _inject_faults(retention, pixel_values, grid_thw)
+        if self.use_data_parallel:  # --mm-encoder-tp-mode data: see data_parallel_encoder
+            row_width = self.visual.out_hidden_size + NUM_POSITION_CHANNELS
+            return encode_images_sharded(self._encode_with_channels, pixel_values, grid_thw, retention,
+                                         row_width, self.visual.dtype)
+        return self._encode_with_channels(pixel_values, grid_thw, retention)
+
+    def _encode_with_channels(self, pixel_values, grid_thw, retention):
+        embeddings, kept = self._encode_compact(pixel_values, grid_thw, retention)
+        merge = self.visual.spatial_merge_size
+        return _with_position_channels(embeddings, kept, [(h // merge, w // merge) for _, h, w in grid_thw])
 
     def _encode_compact(self, pixel_values, grid_thw, retention):
         """``encode_images_compact``, with an error inside retention confined to its image.
@@ -315,6 +315,16 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         positions = contract_positions(full_positions.numpy(), spans, full_offsets)
         delta = int(positions.max()) + 1 - len(input_tokens)
         return torch.from_numpy(positions), delta
+
+
+def _with_position_channels(embeddings, kept, grids_hw) -> list[torch.Tensor]:
+    """Each image's rows with the (h, w) of its kept tokens appended as position channels."""
+    outputs = []
+    for embedding, indices, (_, width) in zip(embeddings, kept, grids_hw):
+        rows, cols = kept_grid_cells(indices, width)
+        channels = encode_position_channels(rows, cols, embedding.dtype).to(embedding.device)
+        outputs.append(torch.cat([embedding, channels], dim=1))
+    return outputs
 
 
 def _with_position_patch(make_empty_intermediate_tensors):
