@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,23 +160,6 @@ PRESETS: dict[str, ModelPreset] = {
             ),
         ),
         ModelPreset(
-            name="tiny-split",
-            description=(
-                "Parallel-layout tests (TP = 2, PP = 2, DP = 2 on two CPU cores): the tiny preset with "
-                "8 text layers, so that pipeline stage 2 starts after the 3 DeepStack layers (vLLM "
-                "requires it) and every head count splits in two."
-            ),
-            text=TextDims(
-                hidden_size=256, num_hidden_layers=8, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=64, intermediate_size=512,
-                mrope_section=_MROPE_64, max_position_embeddings=32_768,
-            ),
-            vision=VisionDims(
-                depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
-                out_hidden_size=256, deepstack_visual_indexes=(1, 2, 3),
-            ),
-        ),
-        ModelPreset(
             name="bench",
             description=(
                 "Serving benchmarks: 183 M parameters (text 1024 x 12 layers, vision 384 x 6). "
@@ -236,6 +219,19 @@ PRESETS: dict[str, ModelPreset] = {
         ),
     )
 }
+
+
+# Parallel-layout tests: the tiny preset with 8 text layers, so that vLLM accepts pipeline parallelism.
+PRESETS["tiny-split"] = ModelPreset(
+    name="tiny-split",
+    description=(
+        "Parallel-layout tests (TP = 2, PP = 2, DP = 2 on two CPU cores): the tiny preset with 8 "
+        "text layers, so that pipeline stage 2 starts after the 3 DeepStack layers (vLLM requires "
+        "it) and every head count splits in two."
+    ),
+    text=replace(PRESETS["tiny"].text, num_hidden_layers=8),
+    vision=PRESETS["tiny"].vision,
+)
 
 
 def get_preset(preset: str | ModelPreset) -> ModelPreset:
