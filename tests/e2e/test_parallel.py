@@ -13,8 +13,8 @@ the tests compare the records:
   tokens as the single-process civic server, logprobs within fp32 reduction noise, and the
   prompt tokens ``civic plan`` says;
 * the KV pool has the blocks ``civic plan --tensor-parallel-size/--pipeline-parallel-size``
-  says per worker (KV blocks per request do not depend on the layout: same prompt tokens,
-  same block size).
+  says per worker, and the KV blocks a civic request holds at each decode step are the
+  planner's for that many output tokens.
 
 All servers run in fp32. PP = 2 runs on vLLM's compiled path (no --enforce-eager): that is
 also this suite's compiled-path test. PP = 2 in eager mode is a vLLM limitation on CPU,
@@ -31,7 +31,16 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from helpers import Reply, cache_config, chat, make_image, planner_argv, run_planner, test_server
+from helpers import (
+    Reply,
+    blocks_during_decode,
+    cache_config,
+    chat,
+    make_image,
+    planner_argv,
+    run_planner,
+    test_server,
+)
 
 from civic_vllm.model_factory import default_model_dir
 
@@ -77,6 +86,8 @@ CASES = [
 ]
 COMPACT_CASES = [c for c in CASES if c.ratio < 1]
 FULL_CASES = [c for c in CASES if c.ratio == 1]
+# KV blocks in use are sampled while this request decodes DECODE_TOKENS tokens (crossing block boundaries).
+DECODE_CASE, DECODE_TOKENS = CASES[1], 256
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,7 @@ class Record:
     replies: dict[Case, Reply] = field(default_factory=dict)
     num_blocks: int = 0
     block_size: int = 0
+    decode_blocks: list[tuple[int, int]] = field(default_factory=list)  # (output tokens, KV blocks in use)
     log: str = ""
 
 
@@ -120,6 +132,9 @@ def serve_and_record(model: str, *, civic: bool, cases, **settings) -> Record:
             record.replies[case] = chat(server, case.images(), case.question, max_tokens=MAX_TOKENS, **extra)
         pool = cache_config(server)
         record.num_blocks, record.block_size = int(pool["num_gpu_blocks"]), int(pool["block_size"])
+        if civic:
+            record.decode_blocks, _ = blocks_during_decode(server, DECODE_CASE.images(), DECODE_CASE.question,
+                                                           DECODE_CASE.ratio, DECODE_TOKENS, record.num_blocks - 1)
     return record
 
 
@@ -201,6 +216,19 @@ def test_kv_pool_per_worker_as_civic_plan_says(layout_run, split_model, single_p
     assert plan["memory"]["num_blocks"] == layout_run.civic.num_blocks == layout_run.vanilla.num_blocks
     splits = layout_run.layout.tensor_parallel_size * layout_run.layout.pipeline_parallel_size
     assert layout_run.civic.num_blocks == splits * single_process.num_blocks
+
+
+def test_kv_blocks_in_decode_as_civic_plan_says(layout_run, split_model):
+    """Blocks in use at output token g == the planner's KV blocks for --max-tokens g, in this layout."""
+    samples = layout_run.civic.decode_blocks
+    assert samples, "no decode step was sampled"
+    planned = {}
+    for generated, _ in samples:
+        if generated not in planned:
+            argv = planner_argv(split_model, DECODE_CASE.sizes, DECODE_CASE.ratio, DECODE_CASE.question,
+                                max_tokens=generated) + layout_run.layout.planner_flags()
+            planned[generated] = run_planner(argv)["scenarios"][1]["kv_blocks"]
+    assert [(g, blocks) for g, blocks in samples] == [(g, planned[g]) for g, _ in samples]
 
 
 # vLLM 0.32's CPU worker skips its warm-up forward in eager mode (cpu_model_runner.warming_up_model

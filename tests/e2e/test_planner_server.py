@@ -21,17 +21,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import threading
-import time
 
 import helpers
 import pytest
-import requests
-from helpers import cache_config, chat, make_image
+from helpers import blocks_during_decode, cache_config, chat, make_image
 
 from civic_vllm import planner
-from civic_vllm.client import civic_body, image_message
-from civic_vllm.serving import metric_value
 
 pytestmark = pytest.mark.e2e
 
@@ -96,43 +91,6 @@ def test_pool_blocks_equal_the_servers(civic_server, pool):
     assert plan["memory"]["usable_blocks"] == pool["num_blocks"] - 1
 
 
-class _HeldRequest:
-    """One chat held in decode up to max_model_len (ignore_eos), sent from a thread.
-
-    Not streamed: the output tokens come from the server's own counter, and without a stream
-    the API server (which also answers /metrics) has far less to do on a 2-core machine.
-    """
-
-    def __init__(self, server, sizes, ratio: float, max_tokens: int):
-        self.usage: dict | None = None
-        self.error: BaseException | None = None
-        body = {
-            "model": server.config.model, "messages": image_message(QUESTION, images_for(sizes)),
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **civic_body(ratio),
-        }
-        self.thread = threading.Thread(target=self._send, args=(server.url, body), daemon=True)
-        self.thread.start()
-
-    def _send(self, url: str, body: dict) -> None:
-        try:
-            response = requests.post(url + "/v1/chat/completions", json=body, timeout=300)
-            response.raise_for_status()
-            self.usage = response.json()["usage"]
-        except Exception as exc:  # noqa: BLE001 - re-raised by the test through self.error
-            self.error = exc
-
-
-def _wait_idle(server, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = server.metrics()
-        if (metric_value(text, "vllm:num_requests_running") == 0
-                and metric_value(text, "vllm:kv_cache_usage_perc") == 0):
-            return
-        time.sleep(0.1)
-    raise AssertionError("server did not become idle")
-
-
 @pytest.mark.parametrize(("sizes", "ratio"), BLOCK_CASES,
                          ids=[f"{len(s)}img-r{r:.3g}" for s, r in BLOCK_CASES])
 def test_kv_blocks_of_a_request_held_in_decode(civic_server, pool, sizes, ratio):
@@ -160,22 +118,11 @@ def test_kv_blocks_of_a_request_held_in_decode(civic_server, pool, sizes, ratio)
     max_tokens = civic_server.config.max_model_len - prompt_tokens
     samples: list[tuple[int, int, int]] = []  # (g, blocks in use, planned blocks)
     for _attempt in range(3):
-        _wait_idle(civic_server)
-        generated_before = metric_value(civic_server.metrics(), "vllm:generation_tokens_total")
-        request = _HeldRequest(civic_server, sizes, ratio, max_tokens)
-        while request.thread.is_alive():
-            text = civic_server.metrics()
-            generated = round(metric_value(text, "vllm:generation_tokens_total") - generated_before)
-            if generated < 1 or metric_value(text, "vllm:num_requests_running") != 1:
-                continue  # still in (chunked) prefill, or already finished
-            blocks = metric_value(text, "vllm:kv_cache_usage_perc") * usable
-            assert blocks == pytest.approx(round(blocks), abs=1e-6), (blocks, usable)
-            samples.append((generated, round(blocks), planned_blocks(generated)))
-            assert samples[-1][1] == samples[-1][2], samples[-1]
-        request.thread.join()
-        assert request.error is None, request.error
-        assert request.usage["prompt_tokens"] == prompt_tokens
-        assert request.usage["completion_tokens"] == max_tokens
+        decode, usage = blocks_during_decode(civic_server, images_for(sizes), QUESTION, ratio, max_tokens, usable)
+        samples += [(generated, blocks, planned_blocks(generated)) for generated, blocks in decode]
+        assert all(blocks == planned for _, blocks, planned in samples), samples
+        assert usage["prompt_tokens"] == prompt_tokens
+        assert usage["completion_tokens"] == max_tokens
         block_counts = {blocks for _, blocks, _ in samples}
         if len(block_counts) >= 2:
             break
