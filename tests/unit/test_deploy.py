@@ -178,7 +178,7 @@ for name, argv in json.loads(sys.stdin.read()).items():
     out[name] = {"model_impl": args.model_impl, "domains": args.allowed_media_domains,
                  "middleware": args.middleware,
                  "local": args.allowed_local_media_path, "shutdown_timeout": args.shutdown_timeout,
-                 "tp": args.tensor_parallel_size}
+                 "tp": args.tensor_parallel_size, "mm_encoder_tp_mode": args.mm_encoder_tp_mode}
 print("RESULT " + json.dumps(out))
 """
     cases = dict(_serve_args(), broken=["model", "--model-impl", "civic", "--no-such-flag"])
@@ -194,7 +194,7 @@ print("RESULT " + json.dumps(out))
         assert not values["local"]
         assert values["shutdown_timeout"] == 30
         assert values["middleware"] == [MIDDLEWARE]
-    assert parsed["k8s"]["tp"] == 2
+    assert parsed["k8s"]["tp"] == 2 and parsed["k8s"]["mm_encoder_tp_mode"] == "data"
     assert parsed["production-stack"]["tp"] == _engine_spec()["vllmConfig"]["tensorParallelSize"]
 
 
