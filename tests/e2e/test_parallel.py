@@ -27,6 +27,7 @@ in eager mode.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import pytest
@@ -118,7 +119,7 @@ class Record:
     """What one server answered: replies per case, its KV pool, its log."""
 
     replies: dict[Case, Reply] = field(default_factory=dict)
-    num_blocks: int = 0
+    num_blocks: int = 0  # KV blocks of one engine's pool
     block_size: int = 0
     decode_blocks: list[tuple[int, int]] = field(default_factory=list)  # (output tokens, KV blocks in use)
     log: str = ""
@@ -131,7 +132,10 @@ def serve_and_record(model: str, *, civic: bool, cases, **settings) -> Record:
             extra = {"ratio": case.ratio, "exit_layer": case.exit_layer} if civic else {}
             record.replies[case] = chat(server, case.images(), case.question, max_tokens=MAX_TOKENS, **extra)
         pool = cache_config(server)
-        record.num_blocks, record.block_size = int(pool["num_gpu_blocks"]), int(pool["block_size"])
+        # With --data-parallel-size, vLLM reports the sum of its engines' pools (core_client.py);
+        # each engine has its own pool and its own vllm:kv_cache_usage_perc.
+        engines = settings.get("data_parallel_size", 1)
+        record.num_blocks, record.block_size = int(pool["num_gpu_blocks"]) // engines, int(pool["block_size"])
         if civic:
             record.decode_blocks, _ = blocks_during_decode(server, DECODE_CASE.images(), DECODE_CASE.question,
                                                            DECODE_CASE.ratio, DECODE_TOKENS, record.num_blocks - 1)
@@ -219,16 +223,25 @@ def test_kv_pool_per_worker_as_civic_plan_says(layout_run, split_model, single_p
 
 
 def test_kv_blocks_in_decode_as_civic_plan_says(layout_run, split_model):
-    """Blocks in use at output token g == the planner's KV blocks for --max-tokens g, in this layout."""
+    """Blocks in use at output token g == the planner's KV blocks for --max-tokens g, in this layout.
+
+    Under pipeline parallelism vLLM runs its batch-queue engine loop (engine/core.py
+    step_with_batch_queue), and the pool was seen to hold the next step's slot already when the
+    step's stats were recorded (at g = 148, prompt 109: 3 blocks, the planner's for g + 1), so
+    there the planner's blocks for g or g + 1 are accepted.
+    """
     samples = layout_run.civic.decode_blocks
     assert samples, "no decode step was sampled"
-    planned = {}
-    for generated, _ in samples:
-        if generated not in planned:
-            argv = planner_argv(split_model, DECODE_CASE.sizes, DECODE_CASE.ratio, DECODE_CASE.question,
-                                max_tokens=generated) + layout_run.layout.planner_flags()
-            planned[generated] = run_planner(argv)["scenarios"][1]["kv_blocks"]
-    assert [(g, blocks) for g, blocks in samples] == [(g, planned[g]) for g, _ in samples]
+    lookahead = 1 if layout_run.layout.pipeline_parallel_size > 1 else 0
+
+    @functools.cache
+    def planned(generated: int) -> int:
+        argv = planner_argv(split_model, DECODE_CASE.sizes, DECODE_CASE.ratio, DECODE_CASE.question,
+                            max_tokens=generated) + layout_run.layout.planner_flags()
+        return run_planner(argv)["scenarios"][1]["kv_blocks"]
+
+    wrong = [(g, blocks) for g, blocks in samples if blocks not in {planned(g), planned(g + lookahead)}]
+    assert not wrong, wrong
 
 
 # vLLM 0.32's CPU worker skips its warm-up forward in eager mode (cpu_model_runner.warming_up_model
