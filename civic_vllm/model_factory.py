@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,6 +219,19 @@ PRESETS: dict[str, ModelPreset] = {
         ),
     )
 }
+
+
+# Parallel-layout tests: the tiny preset with 8 text layers, so that vLLM accepts pipeline parallelism.
+PRESETS["tiny-split"] = ModelPreset(
+    name="tiny-split",
+    description=(
+        "Parallel-layout tests (TP = 2, PP = 2, DP = 2 on two CPU cores): the tiny preset with 8 "
+        "text layers, so that pipeline stage 2 starts after the 3 DeepStack layers (vLLM requires "
+        "it) and every head count splits in two."
+    ),
+    text=replace(PRESETS["tiny"].text, num_hidden_layers=8),
+    vision=PRESETS["tiny"].vision,
+)
 
 
 def get_preset(preset: str | ModelPreset) -> ModelPreset:

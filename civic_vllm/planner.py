@@ -427,6 +427,37 @@ def kv_blocks(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def layers_and_kv_heads_per_gpu(dims: mf.ModelPreset, tensor_parallel: int, pipeline_parallel: int) -> tuple[int, int]:
+    """Decoder layers and KV heads whose cache one GPU holds, as vLLM 0.32 splits them.
+
+    Pipeline stages get ``layers // PP`` layers, the remainder one each to the stages before the
+    last (``get_pp_indices``, without VLLM_PP_LAYER_PARTITION); every worker gets the
+    same pool and vLLM keeps the smallest block count, the largest stage's. Tensor parallelism
+    splits KV heads, or replicates them when there are fewer heads than ranks.
+    The checks are vLLM's own start-up refusals, said before a GPU is rented.
+    """
+    t, v = dims.text, dims.vision
+    if tensor_parallel < 1 or pipeline_parallel < 1:
+        raise PlanError("--tensor-parallel-size and --pipeline-parallel-size must be >= 1")
+    if t.num_attention_heads % tensor_parallel:
+        raise PlanError(f"vLLM refuses --tensor-parallel-size {tensor_parallel}: {t.num_attention_heads} attention "
+                        "heads do not divide evenly")
+    kv = t.num_key_value_heads
+    if (kv % tensor_parallel) if kv >= tensor_parallel else (tensor_parallel % kv):
+        raise PlanError(f"vLLM refuses --tensor-parallel-size {tensor_parallel} with {kv} KV heads: one must divide "
+                        "the other")
+    if pipeline_parallel > t.num_hidden_layers:
+        raise PlanError(f"--pipeline-parallel-size {pipeline_parallel} exceeds the {t.num_hidden_layers} layers")
+    stages = [t.num_hidden_layers // pipeline_parallel] * pipeline_parallel
+    for i in range(2, t.num_hidden_layers % pipeline_parallel + 2):
+        stages[-i] += 1
+    if pipeline_parallel > 1 and stages[0] < len(v.deepstack_visual_indexes):
+        raise PlanError(f"vLLM (qwen3_vl.py) refuses --pipeline-parallel-size {pipeline_parallel}: the second stage "
+                        f"would start at layer {stages[0]}, before the {len(v.deepstack_visual_indexes)} "
+                        "DeepStack layers end")
+    return max(stages), max(kv // tensor_parallel, 1)
+
+
 def kv_tokens(prompt_tokens: int, max_tokens: int) -> int:
     """KV slots a request holds at its last step: prompt + max_tokens - 1.
 
@@ -458,6 +489,8 @@ class PlanRequest:
     gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     reserve: int = DEFAULT_RESERVE_BYTES
     kv_cache_memory: int | None = None
+    tensor_parallel_size: int = 1  # vLLM's --tensor-parallel-size: KV heads split across ranks
+    pipeline_parallel_size: int = 1  # vLLM's --pipeline-parallel-size: layers split across stages
 
 
 @dataclass
@@ -595,13 +628,19 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         exact = False
     template_tokens = template_and_question - question_tokens
 
-    # KV geometry and memory.
+    # KV geometry and memory, per GPU (per worker process on CPU).
     weights_dtype = _weights_dtype(req.dtype, model.config_dtype)
     kv_dtype = weights_dtype if req.kv_dtype == "auto" else req.kv_dtype
-    bytes_per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * DTYPE_BYTES[kv_dtype]
+    layers, kv_heads = layers_and_kv_heads_per_gpu(model.dims, req.tensor_parallel_size, req.pipeline_parallel_size)
+    bytes_per_token = 2 * layers * kv_heads * t.head_dim * DTYPE_BYTES[kv_dtype]
     block_bytes = bytes_per_token * block_size
     params = _param_counts(model.dims)
-    weights_bytes = params["total"] * DTYPE_BYTES[weights_dtype]
+    gpus = req.tensor_parallel_size * req.pipeline_parallel_size
+    weights_bytes = params["total"] * DTYPE_BYTES[weights_dtype] // gpus
+    if gpus > 1:
+        notes.append(f"{gpus} GPUs (TP {req.tensor_parallel_size} x PP {req.pipeline_parallel_size}): KV and pool "
+                     "per GPU; weights per GPU estimated as total / GPUs; KV blocks per request are the same "
+                     "on every GPU")
     memory = _memory(req, weights_bytes, block_bytes)
     if memory["kv_cache_bytes"] == 0:
         notes.append("weights + reserve exceed the usable memory: no KV cache is left")
@@ -645,6 +684,8 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
             "name": model.name, "source": model.source, "preset": model.preset,
             "dtype": weights_dtype, "kv_dtype": kv_dtype, "params": params,
             "text_layers": t.num_hidden_layers, "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim,
+            "tensor_parallel_size": req.tensor_parallel_size, "pipeline_parallel_size": req.pipeline_parallel_size,
+            "layers_per_gpu": layers, "kv_heads_per_gpu": kv_heads,
             "vision_depth": v.depth, "patch_size": v.patch_size, "merge_size": m,
             "min_pixels": model.min_pixels, "max_pixels": model.max_pixels, "pixels_source": model.pixels_source,
             # vLLM profiles and sizes the encoder cache for one image of max_pixels: this many
@@ -704,7 +745,8 @@ def render_table(plan: PlanResult) -> str:
         f"{'' if text['exact'] else ' (estimated)'}; {kv['max_tokens']} output tokens",
         f"images are resized to {mdl['min_pixels']:,}..{mdl['max_pixels']:,} pixels ({mdl['pixels_source']}); "
         f"vLLM's profiling and encoder cache assume {mdl['max_image_tokens']:,} tokens per image",
-        f"KV: {kv['bytes_per_token']:,} B/token = 2 x {mdl['text_layers']} layers x {mdl['kv_heads']} KV heads "
+        f"KV: {kv['bytes_per_token']:,} B/token per GPU = 2 x {mdl['layers_per_gpu']} layers x "
+        f"{mdl['kv_heads_per_gpu']} KV heads "
         f"x {mdl['head_dim']} x {DTYPE_BYTES[mdl['kv_dtype']]} B; block {kv['block_size']} tokens = "
         f"{_size(kv['block_bytes'])}",
     ]
@@ -829,6 +871,10 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="auto",
                         help="weights dtype (auto: the config's; float32 checkpoints -> bfloat16 as in vLLM)")
     parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help="KV cache dtype (auto: weights dtype)")
+    parser.add_argument("--tensor-parallel-size", type=_int_at_least(1), default=1, metavar="TP",
+                        help="vLLM's --tensor-parallel-size: KV heads per GPU (default 1)")
+    parser.add_argument("--pipeline-parallel-size", type=_int_at_least(1), default=1, metavar="PP",
+                        help="vLLM's --pipeline-parallel-size: layers per GPU (default 1)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(handler=run_plan)
     return parser
@@ -855,7 +901,8 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         exit_layer=args.exit_layer, dtype=args.dtype, kv_dtype=args.kv_dtype, device=args.device,
         block_size=args.block_size, gpu_memory=args.gpu_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, reserve=args.reserve,
-        kv_cache_memory=args.kv_cache_memory,
+        kv_cache_memory=args.kv_cache_memory, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
 
 

@@ -60,18 +60,46 @@ class ServerConfig:
     prefix_caching: bool = True
     api_key: str | None = None  # vLLM's --api-key: guards /v1, /v2, /inference, /cohere only
     civic_api_key: str | None = None  # CIVIC_API_KEY + civic_vllm.access: every route but /health, /v1/models
+    enforce_eager: bool = True  # False: vLLM's compiled path (torch.compile; CUDA graphs on GPU)
+    # Encoder profiling image (width, height) for vLLM's dummy run, instead of the largest image the
+    # processor allows: the compiled path profiles the encoder and on CPU a maximum-size image takes minutes.
+    profile_image_size: tuple[int, int] | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    mm_encoder_tp_mode: str | None = None  # "data": every rank encodes its share of the images
     extra_args: Sequence[str] = ()
     extra_env: dict = field(default_factory=dict)
+
+    def _image_limit(self) -> int | dict:
+        if self.profile_image_size is None:
+            return self.images_per_prompt
+        width, height = self.profile_image_size
+        return {"count": self.images_per_prompt, "width": width, "height": height}
+
+    def _parallel_args(self) -> list[str]:
+        args = []
+        for flag, size in (("--tensor-parallel-size", self.tensor_parallel_size),
+                           ("--pipeline-parallel-size", self.pipeline_parallel_size),
+                           ("--data-parallel-size", self.data_parallel_size)):
+            if size != 1:
+                args += [flag, str(size)]
+        if self.mm_encoder_tp_mode:
+            args += ["--mm-encoder-tp-mode", self.mm_encoder_tp_mode]
+        return args
 
     def command(self) -> list[str]:
         args = [
             vllm_executable(), "serve", self.model,
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--enforce-eager", "--dtype", self.dtype,
+            "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
-            "--limit-mm-per-prompt", json.dumps({"image": self.images_per_prompt, "video": 0}),
+            "--limit-mm-per-prompt", json.dumps({"image": self._image_limit(), "video": 0}),
             "--seed", "0",
         ]
+        if self.enforce_eager:
+            args.append("--enforce-eager")
+        args += self._parallel_args()
         if self.civic:
             args += ["--model-impl", "civic"]
         if self.civic_defaults:

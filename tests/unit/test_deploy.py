@@ -35,6 +35,9 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILES = {"cpu": DEPLOY / "docker" / "Dockerfile.cpu", "gpu": DEPLOY / "docker" / "Dockerfile.gpu"}
 K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
 COMPOSE = DEPLOY / "compose.yaml"
+PRODUCTION_STACK = DEPLOY / "production-stack" / "values.yaml"
+# helm/values.schema.json of vllm-project/production-stack's chart vllm-stack 0.1.12 (Apache-2.0).
+PRODUCTION_STACK_SCHEMA = DEPLOY / "production-stack" / "vllm-stack-0.1.12.values.schema.json"
 BIN = Path(sys.executable).parent
 
 
@@ -72,7 +75,28 @@ def _serve_args() -> dict[str, list[str]]:
     container = _manifests()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     args["k8s"] = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+    args["production-stack"] = _production_stack_serve_args(_engine_spec())
     return args
+
+
+def _production_stack_values() -> dict:
+    return yaml.safe_load(PRODUCTION_STACK.read_text())
+
+
+def _engine_spec() -> dict:
+    (spec,) = _production_stack_values()["servingEngineSpec"]["modelSpec"]
+    return spec
+
+
+def _production_stack_serve_args(spec: dict) -> list[str]:
+    """The `vllm serve` arguments the chart renders (templates/deployment-vllm-multi.yaml, for the
+    vllmConfig keys used here), after `vllm serve`."""
+    config = spec["vllmConfig"]
+    args = [spec["modelURL"], "--host", "0.0.0.0", "--port", "8000"]
+    args.append("--enable-prefix-caching" if config.get("enablePrefixCaching") else "--no-enable-prefix-caching")
+    if "tensorParallelSize" in config:
+        args += ["--tensor-parallel-size", str(config["tensorParallelSize"])]
+    return args + [str(a) for a in config.get("extraArgs", [])]
 
 
 # ---- Dockerfiles -----------------------------------------------------------
@@ -115,7 +139,7 @@ def test_gpu_dockerfile_builds_on_the_official_vllm_image():
     assert _exec_form(parser, "ENTRYPOINT") == ["vllm", "serve"]
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu", "k8s"])
+@pytest.mark.parametrize("name", ["cpu", "gpu", "k8s", "production-stack"])
 def test_serve_args_are_secure_by_default(name):
     args = _serve_args()[name]
     assert args[args.index("--model-impl") + 1] == "civic"
@@ -126,7 +150,7 @@ def test_serve_args_are_secure_by_default(name):
     assert int(args[args.index("--shutdown-timeout") + 1]) > 0  # SIGTERM drains
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu", "k8s"])
+@pytest.mark.parametrize("name", ["cpu", "gpu", "k8s", "production-stack"])
 def test_operator_settings_are_valid(name):
     args = _serve_args()[name]
     kwargs = json.loads(args[args.index("--mm-processor-kwargs") + 1]) if "--mm-processor-kwargs" in args else {}
@@ -154,7 +178,7 @@ for name, argv in json.loads(sys.stdin.read()).items():
     out[name] = {"model_impl": args.model_impl, "domains": args.allowed_media_domains,
                  "middleware": args.middleware,
                  "local": args.allowed_local_media_path, "shutdown_timeout": args.shutdown_timeout,
-                 "tp": args.tensor_parallel_size}
+                 "tp": args.tensor_parallel_size, "mm_encoder_tp_mode": args.mm_encoder_tp_mode}
 print("RESULT " + json.dumps(out))
 """
     cases = dict(_serve_args(), broken=["model", "--model-impl", "civic", "--no-such-flag"])
@@ -170,7 +194,8 @@ print("RESULT " + json.dumps(out))
         assert not values["local"]
         assert values["shutdown_timeout"] == 30
         assert values["middleware"] == [MIDDLEWARE]
-    assert parsed["k8s"]["tp"] == 2
+    assert parsed["k8s"]["tp"] == 2 and parsed["k8s"]["mm_encoder_tp_mode"] == "data"
+    assert parsed["production-stack"]["tp"] == _engine_spec()["vllmConfig"]["tensorParallelSize"]
 
 
 # ---- Kubernetes ------------------------------------------------------------
@@ -193,7 +218,8 @@ def test_kubernetes_validate_catches_a_bad_manifest(tmp_path):
 
 def test_deploy_yaml_passes_yamllint():
     config = DEPLOY / ".yamllint.yaml"
-    result = _run([sys.executable, "-m", "yamllint", "-c", str(config), str(DEPLOY / "k8s"), str(COMPOSE)])
+    result = _run([sys.executable, "-m", "yamllint", "-c", str(config), str(DEPLOY / "k8s"), str(COMPOSE),
+                   str(PRODUCTION_STACK)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -273,3 +299,56 @@ def test_compose_requires_an_api_key_and_catches_bad_files(tmp_path):
     bad.write_text("services:\n  a:\n    image: busybox\n    prots: ['80:80']\n")
     result = _run([str(_compose_binary()), "-f", str(bad), "config", "--quiet"])
     assert result.returncode != 0 and "prots" in result.stderr
+
+
+# ---- vLLM production-stack (replicas behind its router) ----------------------------------------
+
+
+def _unknown_keys(value, schema: dict, path: str = "") -> list[str]:
+    """Keys the schema does not name (the chart's schema allows any extra key, so typos pass it)."""
+    unknown = []
+    if isinstance(value, dict) and "properties" in schema:
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                unknown.append(f"{path}.{key}")
+            else:
+                unknown += _unknown_keys(item, schema["properties"][key], f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            unknown += _unknown_keys(item, schema["items"], f"{path}[{i}]")
+    return unknown
+
+
+def _values_errors(values: dict) -> list[str]:
+    import jsonschema
+
+    schema = json.loads(PRODUCTION_STACK_SCHEMA.read_text())
+    errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(values)]
+    return errors + [f"unknown key {k}" for k in _unknown_keys(values, schema)]
+
+
+def test_production_stack_values_validate_against_the_charts_schema():
+    assert _values_errors(_production_stack_values()) == []
+
+
+def test_production_stack_schema_check_catches_bad_values():
+    values = _production_stack_values()
+    values["routerSpec"]["routingLogic"] = "fastest"
+    values["servingEngineSpec"]["modelSpec"][0]["vllmConfig"]["tensorParalelSize"] = 2
+    errors = " ".join(_values_errors(values))
+    assert "'fastest' is not one of" in errors and "tensorParalelSize" in errors
+
+
+def test_production_stack_replicas_gpus_and_router_key_fit_together():
+    values = _production_stack_values()
+    spec = _engine_spec()
+    assert spec["replicaCount"] >= 2  # replicas behind the router, not one server
+    assert spec["requestGPU"] == spec["vllmConfig"]["tensorParallelSize"]
+    assert spec["repository"] + ":" + spec["tag"] == _manifests()["Deployment"]["spec"]["template"]["spec"][
+        "containers"][0]["image"]  # the image of deploy/docker/Dockerfile.gpu
+    env = {e["name"]: e for e in spec["env"]}
+    key = env["CIVIC_API_KEY"]["valueFrom"]["secretKeyRef"]
+    router_key = values["routerSpec"]["vllmApiKey"]  # the router scrapes /metrics with it
+    assert (router_key["secretName"], router_key["secretKey"]) == (key["name"], key["key"])
+    assert "vllmApiKey" not in values["servingEngineSpec"]  # vLLM's own check would close /v1/models
+    assert env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"]["value"] == "0"

@@ -197,6 +197,28 @@ def test_cpu_defaults_and_dtype(tiny: planner.ModelInfo) -> None:
     assert fp32.kv["bytes_per_token"] == 4096 and fp32.memory["num_blocks"] == GiB // (4096 * 128)
 
 
+@pytest.mark.parametrize(("tp", "pp", "layers", "kv_heads"), [(1, 1, 36, 8), (2, 1, 36, 4), (8, 1, 36, 1),
+                                                          (16, 2, 18, 1), (1, 5, 8, 8), (4, 4, 9, 2)])
+def test_kv_per_gpu_under_tensor_and_pipeline_parallelism(q8b, tp: int, pp: int, layers: int, kv_heads: int) -> None:
+    """TP splits the 8 KV heads (replicated past 8 ranks), PP the 36 layers; the pool is per GPU."""
+    single = planner.make_plan(q8b, PlanRequest(images=[(1344, 1344)], kv_cache_memory=GiB))
+    split = planner.make_plan(q8b, PlanRequest(images=[(1344, 1344)], kv_cache_memory=GiB,
+                                               tensor_parallel_size=tp, pipeline_parallel_size=pp))
+    assert (split.model["layers_per_gpu"], split.model["kv_heads_per_gpu"]) == (layers, kv_heads)
+    assert split.kv["bytes_per_token"] == 2 * layers * kv_heads * 128 * 2
+    assert split.memory["num_blocks"] == GiB // (split.kv["bytes_per_token"] * 16)
+    # Blocks per request depend on tokens and block size only: the same in every layout.
+    assert [s.kv_blocks for s in split.scenarios] == [s.kv_blocks for s in single.scenarios]
+
+
+def test_pipeline_stages_as_vllm_partitions_them(tiny: planner.ModelInfo) -> None:
+    """36 layers over 5 stages: vLLM gives the remainder to the stages before the last, [7, 7, 7, 8, 7]."""
+    assert planner.layers_and_kv_heads_per_gpu(mf.get_preset("qwen3-vl-8b"), 1, 5) == (8, 8)
+    assert planner.layers_and_kv_heads_per_gpu(mf.get_preset("tiny-split"), 2, 2) == (4, 1)
+    with pytest.raises(PlanError, match="before the 3 DeepStack layers"):
+        planner.make_plan(tiny, PlanRequest(images=[(448, 448)], pipeline_parallel_size=2))
+
+
 def test_checkpoint_dims_and_params_equal_the_preset(tiny: planner.ModelInfo) -> None:
     assert tiny.dims.text == mf.PRESETS["tiny"].text.__class__(
         **{**mf.PRESETS["tiny"].text.__dict__, "vocab_size": tiny.dims.text.vocab_size})
@@ -290,6 +312,9 @@ def test_non_qwen3vl_checkpoint_is_refused(tmp_path: Path) -> None:
         (["--model", "tiny", "--image", "448x448", "--text-tokens", "3", "--question", "hi"], "not allowed with"),
         (["--model", "tiny"], "required: --image"),
         (["--model", "tiny", "--image", "448x448", "--bogus"], "unrecognized arguments: --bogus"),
+        (["--model", "tiny", "--image", "448x448", "--tensor-parallel-size", "3"], "4 attention heads"),
+        (["--model", "tiny", "--image", "448x448", "--tensor-parallel-size", "0"], "must be >= 1"),
+        (["--model", "tiny", "--image", "448x448", "--pipeline-parallel-size", "5"], "exceeds the 4 layers"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv: list[str], message: str) -> None:
