@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +15,7 @@ from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, image_message
 from civic_vllm.hf_compact import build_compact_batch, compact_greedy
 from civic_vllm.retention.plan import ImageRetention
+from civic_vllm.serving import metric_value
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
 
@@ -95,3 +98,43 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
     )
     tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS)
     return batch.input_ids.shape[1], tokens, logprobs
+
+
+def pool_blocks(server) -> int:
+    """``num_gpu_blocks`` of the server's KV pool (the null block included)."""
+    for line in server.metrics().splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            return int(re.search(r'num_gpu_blocks="(\d+)"', line).group(1))
+    raise AssertionError("vllm:cache_config_info not in /metrics")
+
+
+def blocks_while_decoding(server, images, question, ratio, max_tokens) -> list[tuple[int, int]]:
+    """(output tokens so far, KV blocks in use) samples while one request decodes alone.
+
+    Blocks in use = ``vllm:kv_cache_usage_perc`` x (num_gpu_blocks - 1): vLLM's BlockPool leaves
+    the null block out of both sides. Both metrics come from one scrape, set in one engine step
+    (see tests/e2e/test_planner_server.py for why that pairs them exactly).
+    """
+    usable = pool_blocks(server) - 1
+    done: list[BaseException | None] = []
+
+    def send():
+        try:
+            chat(server, images, question, ratio=ratio, max_tokens=max_tokens, ignore_eos=True)
+            done.append(None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            done.append(exc)
+
+    before = metric_value(server.metrics(), "vllm:generation_tokens_total")
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    samples = []
+    while thread.is_alive():
+        text = server.metrics()
+        generated = round(metric_value(text, "vllm:generation_tokens_total") - before)
+        if generated >= 1 and metric_value(text, "vllm:num_requests_running") == 1:
+            samples.append((generated, round(metric_value(text, "vllm:kv_cache_usage_perc") * usable)))
+    thread.join()
+    if done and done[0] is not None:
+        raise done[0]
+    return samples
