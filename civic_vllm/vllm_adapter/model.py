@@ -109,9 +109,10 @@ _FAULT_POLICY = "fault-injection"
 class CivicQwen3VLMixin:
     """The CIVIC path; placed before a stock Qwen3-VL-family class (see the module docstring)."""
 
-    def __init__(self, *, vllm_config, **kwargs):
-        # kwargs: ``prefix``, whose stock default differs by family ("model" or "").
-        super().__init__(vllm_config=vllm_config, **kwargs)
+    # Named parameters, not **kwargs: vLLM's initialize_model inspects the signature for both.
+    # (vLLM always passes prefix; the stock defaults differ by family.)
+    def __init__(self, *, vllm_config, prefix: str = "model"):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.use_data_parallel:
             raise NotImplementedError(
                 "CIVIC does not support --mm-encoder-tp-mode data yet: the data-parallel "
