@@ -1691,7 +1691,7 @@ def size_pool(run: Run) -> dict:
     longest = max(expected.values())
     run.max_model_len = 256 * math.ceil((longest + run.max_tokens + 64) / 256)
     anchor = expected.get(ACCEPT_WORKLOAD, longest)
-    blocks_per_request = math.ceil((anchor + run.max_tokens) / CPU_BLOCK_SIZE)
+    blocks_per_request = geometry.kv_layout(CPU_BLOCK_SIZE).blocks(anchor + run.max_tokens)
     usable = max(VANILLA_RESIDENT * blocks_per_request, math.ceil(run.max_model_len / CPU_BLOCK_SIZE))
     run.pool_bytes = (usable + 1) * geometry.block_bytes(CPU_BLOCK_SIZE)  # +1: vLLM's null block
     return {"expected_vanilla_prompt_tokens": expected, "vanilla_blocks_per_image_request": blocks_per_request,

@@ -190,19 +190,26 @@ def compact_logits(model, batch: CompactBatch) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def compact_greedy(model, batch: CompactBatch, max_new_tokens: int) -> tuple[list[int], list[float]]:
+def compact_greedy(
+    model, batch: CompactBatch, max_new_tokens: int, forced: list[int] | None = None,
+    best_logprobs: list[float] | None = None,
+) -> tuple[list[int], list[float]]:
     """Greedy decoding of the compact prompt for exactly ``max_new_tokens`` (EOS ignored).
 
     Returns token ids and their logprobs. Recomputes the whole sequence each step (no
     KV cache): slow but obviously right, which is what a reference is for. Generated
     text continues after the highest prompt position, one position per token.
+    ``forced``: feed these tokens instead of the argmax (teacher forcing, to score another
+    decoder's tokens); ``best_logprobs``, if given, receives each step's argmax logprob.
     """
     tokens: list[int] = []
     logprobs: list[float] = []
     embed = model.model.get_input_embeddings()
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         log_probs = torch.log_softmax(compact_logits(model, batch)[0, -1].float(), dim=-1)
-        token = int(log_probs.argmax())
+        token = int(log_probs.argmax()) if forced is None else forced[step]
+        if best_logprobs is not None:
+            best_logprobs.append(float(log_probs.max()))
         tokens.append(token)
         logprobs.append(float(log_probs[token]))
         device = batch.input_ids.device

@@ -75,11 +75,11 @@ def merged_tokens(width: int, height: int) -> int:
     return (width // 32) * (height // 32)
 
 
-def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=None):
+def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=None, forced=None, best=None):
     """(prompt tokens, greedy tokens, logprobs) of the HF transformers reference of one retention.
 
     ``hf`` is (model, processor) of the served checkpoint; ``scorer`` the checkpoint's trained
-    scorer for the learned policy.
+    scorer for the learned policy; ``forced`` / ``best``: see ``compact_greedy``.
     """
     model, processor = hf
     messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]}]
@@ -96,7 +96,7 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
         model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
         inputs["mm_token_type_ids"], plans, seed_pixels=raw["pixel_values"].round().to(torch.uint8), scorer=scorer,
     )
-    tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS)
+    tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS, forced=forced, best_logprobs=best)
     return batch.input_ids.shape[1], tokens, logprobs
 
 
