@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import test_server
 
 from civic_vllm.model_factory import default_model_dir
-from civic_vllm.serving import ServerConfig, VllmServer
-
-# Small enough that a 3-image prompt is prefilled in several chunks.
-CHUNK_TOKENS = 256
+from civic_vllm.serving import VllmServer
 
 
 @pytest.fixture(scope="session")
@@ -22,15 +20,7 @@ def tiny_model() -> str:
 
 
 def _server(model: str, *, civic: bool, **overrides) -> VllmServer:
-    config = ServerConfig(
-        model=model,
-        civic=civic,
-        dtype="float32",
-        max_num_batched_tokens=CHUNK_TOKENS,
-        trust_request_mm_kwargs=civic,
-        **overrides,
-    )
-    return VllmServer(config)
+    return test_server(model, civic=civic, **overrides)
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,11 @@ from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, image_message
 from civic_vllm.hf_compact import build_compact_batch, compact_greedy
 from civic_vllm.retention.plan import ImageRetention
-from civic_vllm.serving import metric_value
+from civic_vllm.serving import ServerConfig, VllmServer, metric_value
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
+# Small enough that a 3-image prompt is prefilled in several chunks.
+CHUNK_TOKENS = 256
 
 QUESTIONS = ["Describe this image.", "What is in the picture?", "What color is the shape?"]
 
@@ -28,6 +30,16 @@ class Reply:
     logprobs: list[float]
     prompt_tokens: int
     text: str
+
+
+def test_server(model: str, *, civic: bool, **overrides) -> VllmServer:
+    """The e2e tests' server: fp32 (so batching and chunking cannot flip a greedy token through bf16
+    rounding), chunked prefill at CHUNK_TOKENS, request settings trusted on civic servers."""
+    settings = {"dtype": "float32", "max_num_batched_tokens": CHUNK_TOKENS, **overrides}
+    return VllmServer(ServerConfig(model=model, civic=civic, trust_request_mm_kwargs=civic, **settings))
+
+
+test_server.__test__ = False  # a helper, not a test, despite its name
 
 
 def client_for(server) -> openai.OpenAI:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import blocks_while_decoding, chat, hf_reference, make_image, pool_blocks
+from helpers import blocks_while_decoding, chat, hf_reference, make_image, pool_blocks, test_server
 
 from civic_vllm import model_factory as mf
 from civic_vllm import planner
-from civic_vllm.serving import ServerConfig, VllmServer
 
 pytestmark = pytest.mark.e2e
 
@@ -44,24 +43,23 @@ def family(request):
     return mf.get_preset(preset), str(mf.default_model_dir(preset)), dtype
 
 
-def _server(family, civic: bool) -> VllmServer:
+@pytest.fixture(scope="module")
+def servers(family):
+    """(vanilla, civic) on the family's checkpoint and dtype, prefix caching off (see above)."""
     _, model, dtype = family
-    return VllmServer(ServerConfig(
-        model=model, civic=civic, dtype=dtype, max_num_batched_tokens=256, kv_cache_gib=KV_CACHE_GIB,
-        trust_request_mm_kwargs=civic, prefix_caching=False,
-    ))
+    settings = dict(dtype=dtype, kv_cache_gib=KV_CACHE_GIB, prefix_caching=False)
+    with test_server(model, civic=False, **settings) as vanilla, test_server(model, civic=True, **settings) as civic:
+        yield vanilla, civic
 
 
 @pytest.fixture(scope="module")
-def vanilla(family):
-    with _server(family, civic=False) as server:
-        yield server
+def vanilla(servers):
+    return servers[0]
 
 
 @pytest.fixture(scope="module")
-def civic(family):
-    with _server(family, civic=True) as server:
-        yield server
+def civic(servers):
+    return servers[1]
 
 
 @pytest.fixture(scope="module")
@@ -205,11 +203,10 @@ def test_expert_parallel_tp2_matches_one_process():
     images = _images(TWO_IMAGES, seed=5)
     replies = []
     for extra in ([], ["--tensor-parallel-size", "2", "--enable-expert-parallel"]):
-        config = ServerConfig(model=model, civic=True, dtype=dtype, max_num_batched_tokens=256,
-                              prefix_caching=False, extra_args=extra)
-        with VllmServer(config) as server:
+        with test_server(model, civic=True, dtype=dtype, prefix_caching=False, extra_args=extra) as server:
             assert "Expert parallelism is enabled" in server.log_text() or not extra
-            replies.append([chat(server, images, QUESTION, ratio=r, max_tokens=8, ignore_eos=True) for r in (1.0, 1 / 3)])
+            replies.append([chat(server, images, QUESTION, ratio=r, max_tokens=8, ignore_eos=True)
+                            for r in (1.0, 1 / 3)])
     for single, parallel in zip(*replies):
         assert parallel.prompt_tokens == single.prompt_tokens
         assert parallel.token_ids == single.token_ids
