@@ -210,3 +210,43 @@ def test_expert_parallel_tp2_matches_one_process():
     for single, parallel in zip(*replies):
         assert parallel.prompt_tokens == single.prompt_tokens
         assert parallel.token_ids == single.token_ids
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_by_transformers_itself_serves_and_matches_hf(tmp_path):
+    """A Qwen3-VL-MoE built as a new user would: transformers' own config and model class,
+    random init, ``save_pretrained`` (only the tokenizer and processor files come from
+    make-model: no hub here). transformers 5.19 saves the fused experts in its in-memory layout
+    [experts, out, in]; hub checkpoints, and vLLM's loader, use [experts, in, out], so the user
+    transposes them once (below). Then civic serves it and matches HF at r = 1/3."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoProcessor, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    source = mf.default_model_dir("tiny-moe")
+    config = Qwen3VLMoeConfig.from_dict({
+        **Qwen3VLMoeConfig.from_pretrained(source).to_dict(),
+        "text_config": {**Qwen3VLMoeConfig.from_pretrained(source).text_config.to_dict(),
+                        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+    })
+    torch.manual_seed(1)
+    Qwen3VLMoeForConditionalGeneration(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
+                 "video_preprocessor_config.json", "generation_config.json"):
+        shutil.copy(source / name, tmp_path / name)
+    weights = load_file(tmp_path / "model.safetensors")
+    fused = [k for k in weights if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert weights[fused[0]].shape[1:] != weights[fused[0]].shape[:0:-1]  # not square: the layout is visible
+    save_file({k: v.transpose(1, 2).contiguous() if k in fused else v for k, v in weights.items()},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    hf = (Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval(),
+          AutoProcessor.from_pretrained(tmp_path))
+    images = _images(TWO_IMAGES, seed=6)
+    with test_server(str(tmp_path), civic=True, prefix_caching=False) as server:
+        served = chat(server, images, QUESTION, ratio=1 / 3, max_tokens=8, ignore_eos=True)
+    prompt_len, tokens, logprobs = hf_reference(hf, images, QUESTION, 1 / 3, "civic")
+    assert served.prompt_tokens == prompt_len
+    assert served.token_ids == tokens
+    assert served.logprobs == pytest.approx(logprobs, abs=2e-3)
