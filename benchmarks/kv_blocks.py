@@ -42,9 +42,9 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
+from civic_vllm import planner
 from civic_vllm.budget import num_merged_tokens, num_retained
 from civic_vllm.client import civic_body, image_data_url, image_message
-from civic_vllm import planner
 from civic_vllm.model_factory import TextDims, make_model, models_root
 from civic_vllm.serving import ServerConfig, VllmServer, metric_value
 

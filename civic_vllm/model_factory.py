@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = [
     "PRESETS",
