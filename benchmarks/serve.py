@@ -860,11 +860,14 @@ def vision_probe_main(spec_json: str) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[spec["dtype"]]
     settings = spec.get("civic_settings") or {}  # the civic requests' other settings (policy, min_tokens, ...)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(spec["model"], dtype=dtype).eval()
+    # The checkpoint's own family class (Qwen3-VL, -MoE, Qwen3.5, -MoE): their vision towers differ (DeepStack).
+    architecture = AutoConfig.from_pretrained(spec["model"]).architectures[0].removeprefix("Civic")
+    model = getattr(transformers, architecture).from_pretrained(spec["model"], dtype=dtype).eval()
     processor = AutoProcessor.from_pretrained(spec["model"])
     wl = Workload(**spec["workload"])
     images = [decode_data_url(u) for u in wl.image_urls(0)]
