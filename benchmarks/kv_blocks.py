@@ -42,9 +42,10 @@ import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
+from civic_vllm import planner
 from civic_vllm.budget import num_merged_tokens, num_retained
 from civic_vllm.client import civic_body, image_data_url, image_message
-from civic_vllm.model_factory import make_model, models_root
+from civic_vllm.model_factory import TextDims, make_model, models_root
 from civic_vllm.serving import ServerConfig, VllmServer, metric_value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +131,8 @@ class Geometry:
     patch_size: int
     merge_size: int
     vision_depth: int
+    dtype: str = "bfloat16"
+    text: TextDims | None = None  # the family's layers (hybrid grouping), for civic plan's KV layout
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path, dtype: str) -> Geometry:
@@ -144,11 +147,20 @@ class Geometry:
             patch_size=vision["patch_size"],
             merge_size=vision["spatial_merge_size"],
             vision_depth=vision["depth"],
+            dtype=dtype,
+            text=planner.load_model(str(model_dir), with_tokenizer=False).dims.text,
         )
 
+    def kv_layout(self, block_size: int) -> planner.KvLayout:
+        """How vLLM pages this model's cache (civic plan's rule; hybrids group layers by type)."""
+        layout = planner.kv_layout(self.text, block_size, self.dtype)
+        if layout.block_size != block_size:
+            raise BenchError(f"vLLM would raise the block size to {layout.block_size} for this hybrid model")
+        return layout
+
     def block_bytes(self, block_size: int) -> int:
-        """K and V of every layer for ``block_size`` tokens: vLLM's bytes per block."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes * block_size
+        """vLLM's bytes per pool block: K and V of every layer (of one layer group for hybrids)."""
+        return self.kv_layout(block_size).block_bytes
 
     def visual_tokens(self, side: int) -> int:
         """N for a square image whose side the processor keeps (a multiple of patch*merge)."""

@@ -860,11 +860,14 @@ def vision_probe_main(spec_json: str) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[spec["dtype"]]
     settings = spec.get("civic_settings") or {}  # the civic requests' other settings (policy, min_tokens, ...)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(spec["model"], dtype=dtype).eval()
+    # The checkpoint's own family class (Qwen3-VL, -MoE, Qwen3.5, -MoE): their vision towers differ (DeepStack).
+    architecture = AutoConfig.from_pretrained(spec["model"]).architectures[0].removeprefix("Civic")
+    model = getattr(transformers, architecture).from_pretrained(spec["model"], dtype=dtype).eval()
     processor = AutoProcessor.from_pretrained(spec["model"])
     wl = Workload(**spec["workload"])
     images = [decode_data_url(u) for u in wl.image_urls(0)]
@@ -1691,7 +1694,7 @@ def size_pool(run: Run) -> dict:
     longest = max(expected.values())
     run.max_model_len = 256 * math.ceil((longest + run.max_tokens + 64) / 256)
     anchor = expected.get(ACCEPT_WORKLOAD, longest)
-    blocks_per_request = math.ceil((anchor + run.max_tokens) / CPU_BLOCK_SIZE)
+    blocks_per_request = geometry.kv_layout(CPU_BLOCK_SIZE).blocks(anchor + run.max_tokens)
     usable = max(VANILLA_RESIDENT * blocks_per_request, math.ceil(run.max_model_len / CPU_BLOCK_SIZE))
     run.pool_bytes = (usable + 1) * geometry.block_bytes(CPU_BLOCK_SIZE)  # +1: vLLM's null block
     return {"expected_vanilla_prompt_tokens": expected, "vanilla_blocks_per_image_request": blocks_per_request,

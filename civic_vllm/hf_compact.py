@@ -1,4 +1,8 @@
-"""CIVIC's compact path written directly against HF transformers' Qwen3-VL.
+"""CIVIC's compact path written directly against HF transformers' Qwen3-VL family.
+
+Works for every family model_factory builds (Qwen3-VL, -MoE, Qwen3.5, -MoE): they share the
+vision tower's structure, ``get_rope_index`` and the language model's inputs; DeepStack
+is used where the vision tower has taps.
 
 Two users: the end-to-end reference test (vLLM's civic path must give the same
 greedy tokens and logits) and training/distillation (the student runs this path).
@@ -132,6 +136,7 @@ def compact_vision(
     hidden = hidden + (visual.pos_embed(indices) * weights[:, :, None]).sum(1).to(hidden.dtype)
     cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
     depth = len(visual.blocks)
+    deepstack_indexes = list(getattr(visual, "deepstack_visual_indexes", None) or [])  # none on Qwen3.5
     groups = [plan.num_tokens for plan in plans]
     kept: list[torch.Tensor | None] = [None] * len(plans)
     scores: list[torch.Tensor | None] = [None] * len(plans)
@@ -139,8 +144,8 @@ def compact_vision(
     taps: list[torch.Tensor] = []  # merged rows, one per current group
     for block_index, block in enumerate(visual.blocks):
         hidden = block(hidden, cu_seqlens=cu_seqlens, position_embeddings=(cos, sin))
-        if block_index in visual.deepstack_visual_indexes:
-            merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(block_index)]
+        if block_index in deepstack_indexes:
+            merger = visual.deepstack_merger_list[deepstack_indexes.index(block_index)]
             taps.append(merger(hidden))
         selecting = select_after_block(block_index, depth, hidden, groups, image_pixels, plans, kept, scorer, scores)
         if not selecting:
@@ -173,30 +178,38 @@ def _straight_through_gate(surviving, selecting, scores, plans) -> torch.Tensor:
 
 def compact_logits(model, batch: CompactBatch) -> torch.Tensor:
     """Logits [1, L, V] of the compact prompt (one full forward, no cache)."""
+    # Qwen3.5's text model has no DeepStack inputs (its vision tower has no taps).
+    deepstack = dict(visual_pos_masks=batch.visual_pos_masks, deepstack_visual_embeds=batch.deepstack_embeds)
     hidden = model.model.language_model(
         input_ids=None,
         inputs_embeds=batch.inputs_embeds,
         position_ids=batch.position_ids,
-        visual_pos_masks=batch.visual_pos_masks,
-        deepstack_visual_embeds=batch.deepstack_embeds,
+        **(deepstack if batch.deepstack_embeds else {}),
     ).last_hidden_state
     return model.lm_head(hidden)
 
 
 @torch.inference_mode()
-def compact_greedy(model, batch: CompactBatch, max_new_tokens: int) -> tuple[list[int], list[float]]:
+def compact_greedy(
+    model, batch: CompactBatch, max_new_tokens: int, forced: list[int] | None = None,
+    best_logprobs: list[float] | None = None,
+) -> tuple[list[int], list[float]]:
     """Greedy decoding of the compact prompt for exactly ``max_new_tokens`` (EOS ignored).
 
     Returns token ids and their logprobs. Recomputes the whole sequence each step (no
     KV cache): slow but obviously right, which is what a reference is for. Generated
     text continues after the highest prompt position, one position per token.
+    ``forced``: feed these tokens instead of the argmax (teacher forcing, to score another
+    decoder's tokens); ``best_logprobs``, if given, receives each step's argmax logprob.
     """
     tokens: list[int] = []
     logprobs: list[float] = []
     embed = model.model.get_input_embeddings()
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         log_probs = torch.log_softmax(compact_logits(model, batch)[0, -1].float(), dim=-1)
-        token = int(log_probs.argmax())
+        token = int(log_probs.argmax()) if forced is None else forced[step]
+        if best_logprobs is not None:
+            best_logprobs.append(float(log_probs.max()))
         tokens.append(token)
         logprobs.append(float(log_probs[token]))
         device = batch.input_ids.device

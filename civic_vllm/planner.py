@@ -85,7 +85,11 @@ KNOWN_REPOS = {
     for size in ("2b", "4b", "8b")
     for kind in ("instruct", "thinking")
 }
-SUPPORTED_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "CivicQwen3VLForConditionalGeneration")
+# Every family CIVIC serves (model_factory.FAMILIES), by model_type; a config's architectures
+# may name the stock or the civic class.
+SUPPORTED_ARCHITECTURES = tuple(
+    arch for family in mf.FAMILIES.values() for arch in (family.architecture, "Civic" + family.architecture)
+)
 
 
 class PlanError(ValueError):
@@ -167,40 +171,73 @@ class ModelInfo:
     notes: list[str] = field(default_factory=list)
 
 
-def _rope_section(text_config: Any, head_dim: int) -> tuple[int, int, int]:
+def _rope_section(text_config: Any, rotary_dim: int) -> tuple[int, int, int]:
     """The config's M-RoPE split if it is one TextDims accepts; it affects no count here."""
     for attr in ("rope_parameters", "rope_scaling"):
         rope = getattr(text_config, attr, None) or {}
         section = rope.get("mrope_section") if isinstance(rope, dict) else None
-        if section and len(section) == 3 and 2 * sum(section) == head_dim:
+        if section and len(section) == 3 and 2 * sum(section) == rotary_dim:
             return tuple(int(s) for s in section)  # type: ignore[return-value]
-    half = head_dim // 2
+    half = rotary_dim // 2
     return (half - 2 * (half // 3), half // 3, half // 3)
 
 
+def _moe_dims(t: Any) -> mf.MoeDims | None:
+    if not getattr(t, "num_experts", 0):
+        return None
+    return mf.MoeDims(num_experts=t.num_experts, num_experts_per_tok=t.num_experts_per_tok,
+                      moe_intermediate_size=t.moe_intermediate_size,
+                      shared_expert_intermediate_size=getattr(t, "shared_expert_intermediate_size", 0) or 0)
+
+
+def _linear_attention_dims(t: Any) -> mf.LinearAttentionDims | None:
+    layer_types = list(getattr(t, "layer_types", None) or [])
+    if "linear_attention" not in layer_types:
+        return None
+    interval = layer_types.index("full_attention") + 1 if "full_attention" in layer_types else len(layer_types) + 1
+    dims = mf.LinearAttentionDims(
+        full_attention_interval=interval, num_key_heads=t.linear_num_key_heads,
+        num_value_heads=t.linear_num_value_heads, key_head_dim=t.linear_key_head_dim,
+        value_head_dim=t.linear_value_head_dim, conv_kernel_dim=t.linear_conv_kernel_dim,
+        partial_rotary_factor=_partial_rotary_factor(t),
+    )
+    if dims.layer_types(len(layer_types)) != layer_types:
+        raise PlanError(f"layer_types {layer_types} is not one full-attention layer every {interval}")
+    return dims
+
+
+def _partial_rotary_factor(t: Any) -> float:
+    rope = getattr(t, "rope_parameters", None) or {}
+    return float(rope.get("partial_rotary_factor") or getattr(t, "partial_rotary_factor", 1.0) or 1.0)
+
+
 def dims_from_config(cfg: Any, name: str) -> mf.ModelPreset:
-    """A Qwen3-VL config as a ModelPreset, so param_counts and the presets' checks apply to it."""
+    """A Qwen3-VL-family config as a ModelPreset, so param_counts and the presets' checks apply to it."""
     archs = list(getattr(cfg, "architectures", None) or [])
-    if getattr(cfg, "model_type", None) != "qwen3_vl" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+    if getattr(cfg, "model_type", None) not in mf.FAMILIES or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
         found = ", ".join(archs) or getattr(cfg, "model_type", "?")
-        raise PlanError(f"{name} is {found}; CIVIC serves Qwen3-VL dense models (Qwen3VLForConditionalGeneration)")
+        supported = ", ".join(f.architecture for f in mf.FAMILIES.values())
+        raise PlanError(f"{name} is {found}; CIVIC serves {supported}")
     t, v = cfg.text_config, cfg.vision_config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     tie = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(t, "tie_word_embeddings", False))
+    linear = _linear_attention_dims(t)
+    rotary_dim = int(head_dim * linear.partial_rotary_factor) if linear else head_dim
     try:
         return mf.ModelPreset(
             name=name,
             text=mf.TextDims(
                 hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
                 num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-                head_dim=head_dim, intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
-                tie_word_embeddings=tie, mrope_section=_rope_section(t, head_dim),
-                max_position_embeddings=t.max_position_embeddings,
+                head_dim=head_dim, intermediate_size=getattr(t, "intermediate_size", 0) or 0,
+                vocab_size=t.vocab_size, tie_word_embeddings=tie, mrope_section=_rope_section(t, rotary_dim),
+                max_position_embeddings=t.max_position_embeddings, moe=_moe_dims(t), linear_attention=linear,
             ),
             vision=mf.VisionDims(
                 depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                 num_heads=v.num_heads, out_hidden_size=v.out_hidden_size,
-                deepstack_visual_indexes=tuple(v.deepstack_visual_indexes), patch_size=v.patch_size,
+                deepstack_visual_indexes=tuple(getattr(v, "deepstack_visual_indexes", None) or ()),
+                patch_size=v.patch_size,
                 spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
                 num_position_embeddings=v.num_position_embeddings,
             ),
@@ -409,12 +446,9 @@ def vision_flops(v: mf.VisionDims, patches: int, merged_in: int, exit_layer: int
 
 
 def llm_flops(t: mf.TextDims, prompt_tokens: int, vocab_size: int) -> int:
-    """Causal prefill of the whole prompt (one sequence) plus the LM head on its last token."""
-    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    n = prompt_tokens
-    per_layer = 2 * n * (t.hidden_size * (2 * q + 2 * kv) + 3 * t.hidden_size * t.intermediate_size)
-    per_layer += 2 * n * n * q
-    return t.num_hidden_layers * per_layer + 2 * t.hidden_size * vocab_size
+    """Causal prefill of the whole prompt (one sequence) plus the LM head on its last token,
+    per family (active experts for MoE, Gated DeltaNet layers for Qwen3.5)."""
+    return mf.text_prefill_flops(t, prompt_tokens, vocab_size)
 
 
 # --------------------------------------------------------------------------------------
@@ -456,6 +490,59 @@ def layers_and_kv_heads_per_gpu(dims: mf.ModelPreset, tensor_parallel: int, pipe
                         f"would start at layer {stages[0]}, before the {len(v.deepstack_visual_indexes)} "
                         "DeepStack layers end")
     return max(stages), max(kv // tensor_parallel, 1)
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """How vLLM 0.32 pages a model's cache (v1/core/kv_cache_utils.py, platforms/interface.py).
+
+    Dense and MoE: one group of all layers; a request holds ceil(tokens / block_size) blocks.
+    Hybrid (Qwen3.5): layers are grouped by type into groups of ``group_size`` layers
+    (the smaller of the two layer counts); every group has its own blocks in one shared pool
+    whose block spans ``group_size`` layer pages. A full-attention group holds ceil(tokens /
+    block_size) blocks per request, a linear-attention group one state block, whatever the
+    length (measured on the server, tests/e2e/test_families.py, prefix caching on and off).
+    The state page (conv + recurrent state) is padded up to the attention page; if it is
+    larger, vLLM raises the attention block size to the next multiple of ``block_size`` that
+    holds it (that branch is vLLM's rule, not measured here: the tiny presets' state is smaller).
+    """
+
+    block_size: int
+    block_bytes: int  # one block of the pool: group_size layer pages
+    attention_groups: int
+    state_blocks: int  # per request: one per linear-attention group
+    bytes_per_token: int  # K and V of the full-attention layers only
+    attention_layers: int  # full-attention layers in one GPU's cache
+
+    def blocks(self, tokens: int) -> int:
+        return self.attention_groups * kv_blocks(tokens, self.block_size) + self.state_blocks
+
+
+def kv_layout(t: mf.TextDims, block_size: int, kv_dtype: str, layers: int | None = None,
+              kv_heads: int | None = None) -> KvLayout:
+    """``layers`` / ``kv_heads``: what one GPU holds (:func:`layers_and_kv_heads_per_gpu`); default all.
+
+    Hybrids are modelled on one GPU only: how vLLM splits their linear-attention state across
+    tensor- and pipeline-parallel ranks is not measured here, so a split hybrid is refused.
+    """
+    full, linear = t.num_full_attention_layers, t.num_hidden_layers - t.num_full_attention_layers
+    layers = t.num_hidden_layers if layers is None else layers
+    kv_heads = t.num_key_value_heads if kv_heads is None else kv_heads
+    if linear and (layers, kv_heads) != (t.num_hidden_layers, t.num_key_value_heads):
+        raise PlanError("civic plan models hybrid (linear-attention) models on one GPU only: "
+                        "--tensor-parallel-size / --pipeline-parallel-size > 1 are not modelled for them")
+    token_page = 2 * kv_heads * t.head_dim * DTYPE_BYTES[kv_dtype]  # one layer, one token
+    if not linear:
+        full = layers
+        return KvLayout(block_size, token_page * block_size * full, 1, 0, token_page * full, full)
+    la = t.linear_attention
+    conv_channels = 2 * la.num_key_heads * la.key_head_dim + la.num_value_heads * la.value_head_dim
+    state_page = DTYPE_BYTES[kv_dtype] * (conv_channels * (la.conv_kernel_dim - 1)
+                                          + la.num_value_heads * la.key_head_dim * la.value_head_dim)
+    block_size = max(block_size, block_size * -(-state_page // (block_size * token_page)))
+    group_size = min(full, linear)
+    return KvLayout(block_size, token_page * block_size * group_size, -(-full // group_size),
+                    -(-linear // group_size), token_page * full, full)
 
 
 def kv_tokens(prompt_tokens: int, max_tokens: int) -> int:
@@ -632,8 +719,8 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
     weights_dtype = _weights_dtype(req.dtype, model.config_dtype)
     kv_dtype = weights_dtype if req.kv_dtype == "auto" else req.kv_dtype
     layers, kv_heads = layers_and_kv_heads_per_gpu(model.dims, req.tensor_parallel_size, req.pipeline_parallel_size)
-    bytes_per_token = 2 * layers * kv_heads * t.head_dim * DTYPE_BYTES[kv_dtype]
-    block_bytes = bytes_per_token * block_size
+    layout = kv_layout(t, block_size, kv_dtype, layers=layers, kv_heads=kv_heads)
+    block_size, block_bytes, bytes_per_token = layout.block_size, layout.block_bytes, layout.bytes_per_token
     params = _param_counts(model.dims)
     gpus = req.tensor_parallel_size * req.pipeline_parallel_size
     weights_bytes = params["total"] * DTYPE_BYTES[weights_dtype] // gpus
@@ -651,7 +738,7 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         kept = n_per_image if ratio is None else [num_retained(n, ratio, req.min_tokens) for n in n_per_image]
         prompt = template_and_question + sum(kept)
         held = kv_tokens(prompt, req.max_tokens)
-        blocks = kv_blocks(held, block_size)
+        blocks = layout.blocks(held)
         vision = sum(vision_flops(v, im.patches, k, exit_layer) for im, k in zip(images, kept))
         llm = llm_flops(t, prompt, vocab)
         return Scenario(
@@ -683,6 +770,7 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         model={
             "name": model.name, "source": model.source, "preset": model.preset,
             "dtype": weights_dtype, "kv_dtype": kv_dtype, "params": params,
+            "family": model.dims.family.architecture,
             "text_layers": t.num_hidden_layers, "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim,
             "tensor_parallel_size": req.tensor_parallel_size, "pipeline_parallel_size": req.pipeline_parallel_size,
             "layers_per_gpu": layers, "kv_heads_per_gpu": kv_heads,
@@ -696,7 +784,9 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         text={"question_tokens": question_tokens, "template_tokens": template_tokens,
               "question": req.question, "exact": exact},
         kv={"bytes_per_token": bytes_per_token, "block_size": block_size, "block_bytes": block_bytes,
-            "max_tokens": req.max_tokens},
+            "max_tokens": req.max_tokens, "full_attention_layers": t.num_full_attention_layers,
+            "full_attention_layers_per_gpu": layout.attention_layers,
+            "state_blocks_per_request": layout.state_blocks},
         memory=memory,
         exit_layer=req.exit_layer,
         scenarios=scenarios,
@@ -745,11 +835,13 @@ def render_table(plan: PlanResult) -> str:
         f"{'' if text['exact'] else ' (estimated)'}; {kv['max_tokens']} output tokens",
         f"images are resized to {mdl['min_pixels']:,}..{mdl['max_pixels']:,} pixels ({mdl['pixels_source']}); "
         f"vLLM's profiling and encoder cache assume {mdl['max_image_tokens']:,} tokens per image",
-        f"KV: {kv['bytes_per_token']:,} B/token per GPU = 2 x {mdl['layers_per_gpu']} layers x "
-        f"{mdl['kv_heads_per_gpu']} KV heads "
-        f"x {mdl['head_dim']} x {DTYPE_BYTES[mdl['kv_dtype']]} B; block {kv['block_size']} tokens = "
-        f"{_size(kv['block_bytes'])}",
+        f"KV: {kv['bytes_per_token']:,} B/token per GPU = 2 x {kv['full_attention_layers_per_gpu']} "
+        f"full-attention layers x {mdl['kv_heads_per_gpu']} KV heads x {mdl['head_dim']} x "
+        f"{DTYPE_BYTES[mdl['kv_dtype']]} B; block {kv['block_size']} tokens = {_size(kv['block_bytes'])}",
     ]
+    if kv["state_blocks_per_request"]:
+        lines.append(f"{mdl['family']}: {mdl['text_layers'] - kv['full_attention_layers']} linear-attention layers "
+                     f"keep a fixed-size state, {kv['state_blocks_per_request']} blocks per request at any length")
     if mem["device_memory_bytes"] is not None:
         lines.append(
             f"KV pool: {_gib(mem['device_memory_bytes'])} x {mem['memory_utilization']:g} - weights "

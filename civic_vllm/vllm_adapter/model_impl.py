@@ -1,4 +1,4 @@
-"""``--model-impl civic``: map Qwen3-VL architectures to the CIVIC class.
+"""``--model-impl civic``: map each Qwen3-VL-family architecture to its CIVIC class.
 
 vLLM private API touched here: ``vllm.model_executor.models.registry._ModelRegistry``
 (``inspect_model_cls`` and ``resolve_model_cls``, vLLM 0.33 registry.py:1323-1430).
@@ -16,8 +16,12 @@ from __future__ import annotations
 import functools
 
 MODEL_IMPL = "civic"
+# Every vLLM class built on Qwen3-VL's vision tower and processor -> its civic class (model.py).
 SUPPORTED_ARCHITECTURES = {
     "Qwen3VLForConditionalGeneration": "CivicQwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration": "CivicQwen3VLMoeForConditionalGeneration",
+    "Qwen3_5ForConditionalGeneration": "CivicQwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration": "CivicQwen3_5MoeForConditionalGeneration",
 }
 
 
@@ -26,7 +30,7 @@ class UnsupportedArchitectureError(ValueError):
 
 
 def civic_architectures(architectures: str | list[str]) -> list[str]:
-    """The architectures list with Qwen3-VL mapped to the CIVIC class, or a clear error."""
+    """The architectures list with each supported one mapped to its CIVIC class, or a clear error."""
     names = [architectures] if isinstance(architectures, str) else list(architectures)
     civic_names = set(SUPPORTED_ARCHITECTURES.values())
     mapped = [SUPPORTED_ARCHITECTURES.get(n, n) for n in names if n in SUPPORTED_ARCHITECTURES or n in civic_names]

@@ -66,7 +66,13 @@ def policy_name(policy_index: int) -> str:
     return POLICY_CHOICES[policy_index]
 
 
-class CivicQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
+class CivicProcessingInfoMixin:
+    """CIVIC's ProcessingInfo methods, for the ProcessingInfo of every model on Qwen3-VL's processor.
+
+    vLLM's Qwen3-VL-MoE / Qwen3.5 / Qwen3.5-MoE infos differ from Qwen3-VL's only in the
+    config class ``get_hf_config`` returns, so one mixin placed before each serves all four.
+    """
+
     def get_hf_processor(self, **kwargs: object):
         return super().get_hf_processor(**strip_civic_kwargs(kwargs))
 
@@ -151,8 +157,16 @@ class CivicQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
         return num_retained(num_tokens, settings.ratio, settings.min_tokens)
 
 
+@functools.cache
+def civic_processing_info(base: type[Qwen3VLProcessingInfo]) -> type:
+    """``base`` (a family's stock ProcessingInfo) with CIVIC's methods in front of its own."""
+    return type(f"Civic{base.__name__}", (CivicProcessingInfoMixin, base), {"__module__": __name__})
+
+
 class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
-    info: CivicQwen3VLProcessingInfo
+    """One processor for every family: vLLM uses Qwen3VLMultiModalProcessor for all four."""
+
+    info: CivicProcessingInfoMixin
 
     def apply(self, inputs, timing_ctx):
         # Fail fast with a clear message (HTTP 400) before any image work.

@@ -24,6 +24,8 @@ from civic_vllm.retention.plan import ImageRetention
 from civic_vllm.serving import ServerConfig, VllmServer, metric_value
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
+# Small enough that a 3-image prompt is prefilled in several chunks.
+CHUNK_TOKENS = 256
 
 # Small enough that a 3-image prompt is prefilled in several chunks.
 CHUNK_TOKENS = 256
@@ -84,11 +86,11 @@ def merged_tokens(width: int, height: int) -> int:
     return (width // 32) * (height // 32)
 
 
-def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=None):
+def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=None, forced=None, best=None):
     """(prompt tokens, greedy tokens, logprobs) of the HF transformers reference of one retention.
 
     ``hf`` is (model, processor) of the served checkpoint; ``scorer`` the checkpoint's trained
-    scorer for the learned policy.
+    scorer for the learned policy; ``forced`` / ``best``: see ``compact_greedy``.
     """
     model, processor = hf
     messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]}]
@@ -105,7 +107,7 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
         model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
         inputs["mm_token_type_ids"], plans, seed_pixels=raw["pixel_values"].round().to(torch.uint8), scorer=scorer,
     )
-    tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS)
+    tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS, forced=forced, best_logprobs=best)
     return batch.input_ids.shape[1], tokens, logprobs
 
 
@@ -218,3 +220,8 @@ def blocks_during_decode(server, images, question: str, ratio: float, max_tokens
     request.thread.join()
     assert request.error is None, request.error
     return samples, request.usage
+
+
+def pool_blocks(server) -> int:
+    """``num_gpu_blocks`` of the server's KV pool (the null block included)."""
+    return int(cache_config(server)["num_gpu_blocks"])

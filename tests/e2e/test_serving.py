@@ -12,6 +12,7 @@ from helpers import QUESTIONS, chat, make_image, merged_tokens
 
 from civic_vllm.budget import num_retained
 from civic_vllm.serving import metric_value, vllm_executable
+from civic_vllm.vllm_adapter.model_impl import SUPPORTED_ARCHITECTURES
 
 pytestmark = pytest.mark.e2e
 
@@ -168,5 +169,7 @@ def test_model_impl_civic_refuses_other_architectures(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert "--model-impl civic supports Qwen3VLForConditionalGeneration only" in result.stdout + result.stderr
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)  # all four Qwen3-VL-family classes
+    assert f"--model-impl civic supports {supported} only" in result.stdout + result.stderr
+    assert "Qwen3_5MoeForConditionalGeneration" in supported
     assert "LlamaForCausalLM" in result.stdout + result.stderr

@@ -37,18 +37,20 @@ def test_config_matches_preset(name: str) -> None:
     p = mf.PRESETS[name]
     cfg = mf.build_config(name)
     t, v = cfg.text_config, cfg.vision_config
-    assert cfg.architectures == ["Qwen3VLForConditionalGeneration"]
-    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
-            t.head_dim, t.intermediate_size) == (
+    assert cfg.architectures == [p.family.architecture] and cfg.model_type == p.family.model_type
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.head_dim) == (
         p.text.hidden_size, p.text.num_hidden_layers, p.text.num_attention_heads,
-        p.text.num_key_value_heads, p.text.head_dim, p.text.intermediate_size)
+        p.text.num_key_value_heads, p.text.head_dim)
+    if p.family.model_type != "qwen3_5_moe":  # Qwen3.5-MoE has no dense MLP
+        assert t.intermediate_size == p.text.intermediate_size
     assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.out_hidden_size) == (
         p.vision.depth, p.vision.hidden_size, p.vision.intermediate_size, p.vision.num_heads,
         p.vision.out_hidden_size)
-    assert list(v.deepstack_visual_indexes) == list(p.vision.deepstack_visual_indexes)
+    assert list(getattr(v, "deepstack_visual_indexes", [])) == list(p.vision.deepstack_visual_indexes)
     assert (v.patch_size, v.spatial_merge_size, v.temporal_patch_size) == (16, 2, 2)
     rope = t.rope_parameters
-    assert rope["mrope_interleaved"] and sum(rope["mrope_section"]) * 2 == t.head_dim
+    rotary = int(t.head_dim * rope.get("partial_rotary_factor", 1.0))
+    assert rope["mrope_interleaved"] and sum(rope["mrope_section"]) * 2 == rotary == p.text.rotary_dim
     assert t.head_dim in mf.CPU_ATTENTION_HEAD_DIMS
     assert t.vocab_size >= mf.tokenizer_size()
     assert cfg.tie_word_embeddings == p.text.tie_word_embeddings
@@ -304,3 +306,69 @@ def test_real_size_checkpoint_loads_in_hf(tmp_path: Path) -> None:
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert sum(p.numel() for p in model.parameters()) == mf.param_counts("qwen3-vl-2b")["total"]
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+
+
+# --- the other families: configs as the hub's, experts in the hub layout ------------------
+
+
+@pytest.mark.parametrize("name", [n for n, p in sorted(mf.PRESETS.items()) if p.text.linear_attention])
+def test_hybrid_presets_follow_hf_layer_rule_and_cpu_kernel_dims(name: str) -> None:
+    p = mf.PRESETS[name]
+    t = mf.build_config(name).text_config
+    assert t.layer_types == p.text.layer_types
+    assert t.layer_types.count("full_attention") == p.text.num_full_attention_layers >= 1
+    # vLLM's CPU Gated DeltaNet kernel: head dim 64 probed to work, 32 refused.
+    assert t.linear_key_head_dim == t.linear_value_head_dim == 64
+    assert not p.vision.deepstack_visual_indexes
+
+
+@pytest.mark.parametrize("name", [n for n, p in sorted(mf.PRESETS.items()) if p.text.moe])
+def test_moe_presets_configure_experts(name: str) -> None:
+    m, t = mf.PRESETS[name].text.moe, mf.build_config(name).text_config
+    assert (t.num_experts, t.num_experts_per_tok, t.moe_intermediate_size) == (
+        m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size)
+
+
+@pytest.mark.parametrize(("name", "hub_names"), [
+    ("tiny-moe", {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}),
+    ("tiny-qwen3.5-moe", {"mlp.experts.3.gate_proj.weight", "mlp.experts.3.up_proj.weight",
+                          "mlp.experts.3.down_proj.weight"}),
+])
+def test_moe_checkpoint_has_the_hub_layout_and_hf_reads_it(tmp_path: Path, name: str, hub_names: set[str]) -> None:
+    """Written as hub checkpoints are; HF's own conversion then gives its in-memory experts."""
+    from safetensors import safe_open
+
+    p = mf.PRESETS[name]
+    out = mf.make_model(name, tmp_path / name, dtype="float32")
+    layer = "model.language_model.layers.0."
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {k.removeprefix(layer): f.get_tensor(k) for k in f.keys() if k.startswith(layer + "mlp.experts")}
+    assert hub_names <= set(stored)
+    model, info = mf.hf_model_class(name).from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    experts = model.model.language_model.layers[0].mlp.experts
+    hidden, inner = p.text.hidden_size, p.text.moe.moe_intermediate_size
+    if name == "tiny-moe":  # hub [E, in, out], HF [E, out, in]
+        assert stored["mlp.experts.down_proj"].shape == (p.text.moe.num_experts, inner, hidden)
+        assert torch.equal(experts.down_proj, stored["mlp.experts.down_proj"].transpose(1, 2))
+    else:  # hub: one Linear per expert; HF fuses gate and up
+        gate_up = torch.cat([stored["mlp.experts.3.gate_proj.weight"], stored["mlp.experts.3.up_proj.weight"]])
+        assert torch.equal(experts.gate_up_proj[3], gate_up)
+        assert torch.equal(experts.down_proj[3], stored["mlp.experts.3.down_proj.weight"])
+
+
+def test_text_prefill_flops_counts_active_experts_and_full_attention_only() -> None:
+    dense, moe, hybrid = (mf.PRESETS[n].text for n in ("tiny", "tiny-moe", "tiny-qwen3.5"))
+    n, vocab = 300, 2048
+    h, m = moe.hidden_size, moe.moe
+    mlp_gap = 2 * n * 3 * h * (dense.intermediate_size - m.num_experts_per_tok * m.moe_intermediate_size)
+    router = 2 * n * h * m.num_experts
+    assert mf.text_prefill_flops(dense, n, vocab) - mf.text_prefill_flops(moe, n, vocab) == (
+        (mlp_gap - router) * dense.num_hidden_layers)
+    # f(2n) - 2 f(n) keeps only the causal attention (4 n^2 q per full-attention layer) and -1 LM head.
+    def quadratic(t):
+        return mf.text_prefill_flops(t, 2 * n, vocab) - 2 * mf.text_prefill_flops(t, n, vocab) + 2 * h * vocab
+
+    q = dense.num_attention_heads * dense.head_dim
+    assert quadratic(dense) == 4 * n * n * q * dense.num_hidden_layers
+    assert quadratic(hybrid) == 4 * n * n * q * hybrid.num_full_attention_layers == quadratic(dense) // 4

@@ -276,7 +276,7 @@ def test_known_repo_offline_uses_its_preset() -> None:
     model = planner.load_model("Qwen/Qwen3-VL-8B-Instruct")
     assert model.preset == "qwen3-vl-8b" and model.dims == mf.PRESETS["qwen3-vl-8b"]
     assert any("preset's dims were used" in n for n in model.notes)
-    with pytest.raises(PlanError, match="offline.*presets? \\(bench, qwen3-vl-2b"):
+    with pytest.raises(PlanError, match="offline.*presets? \\(bench, bench-moe, bench-qwen3.5, qwen3-vl-2b"):
         planner.load_model("someone/not-a-model")
 
 
@@ -285,7 +285,8 @@ def test_non_qwen3vl_checkpoint_is_refused(tmp_path: Path) -> None:
 
     LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=64, num_attention_heads=2).save_pretrained(
         tmp_path)
-    with pytest.raises(PlanError, match="Qwen3-VL"):
+    with pytest.raises(PlanError, match="is llama; CIVIC serves Qwen3VLForConditionalGeneration, "
+                                        "Qwen3VLMoeForConditionalGeneration, Qwen3_5ForConditionalGeneration"):
         planner.load_model(str(tmp_path))
 
 
@@ -343,7 +344,9 @@ def test_json_schema(capsys) -> None:
         "input_size": [1344, 1344], "resized_size": [1344, 1344], "grid_thw": [1, 84, 84], "patches": 7056,
         "merged_tokens": 1764}
     assert plan["text"] == {"question_tokens": 200, "template_tokens": 12, "question": None, "exact": False}
-    assert plan["kv"] == {"bytes_per_token": 147_456, "block_size": 16, "block_bytes": 2_359_296, "max_tokens": 256}
+    assert plan["kv"] == {"bytes_per_token": 147_456, "block_size": 16, "block_bytes": 2_359_296, "max_tokens": 256,
+                          "full_attention_layers": 36, "full_attention_layers_per_gpu": 36,
+                          "state_blocks_per_request": 0}
     assert [s["label"] for s in plan["scenarios"]] == ["vanilla", "r=1", "r=0.5", "r=1/3"]
     assert [s["ratio"] for s in plan["scenarios"]] == [None, 1.0, 0.5, 1 / 3]
     scenario_keys = {"label", "ratio", "retained_per_image", "visual_tokens", "prompt_tokens", "kv_tokens",
