@@ -112,15 +112,10 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
 
 
 def test_server(model: str, *, civic: bool, startup_timeout: float = 300.0, log_path=None, **overrides) -> VllmServer:
-    """A test server: fp32 (greedy tokens compare exactly), chunked prefill, request kwargs trusted for civic."""
-    config = ServerConfig(
-        model=model,
-        civic=civic,
-        dtype="float32",
-        max_num_batched_tokens=CHUNK_TOKENS,
-        trust_request_mm_kwargs=civic,
-        **overrides,
-    )
+    """A test server: fp32 unless overridden (greedy tokens compare exactly), chunked prefill at CHUNK_TOKENS,
+    request kwargs trusted for civic."""
+    settings = {"dtype": "float32", "max_num_batched_tokens": CHUNK_TOKENS, **overrides}
+    config = ServerConfig(model=model, civic=civic, trust_request_mm_kwargs=civic, **settings)
     return VllmServer(config, startup_timeout=startup_timeout, log_path=log_path)
 
 
