@@ -1,0 +1,28 @@
+"""benchmarks.box_errors: centre and size errors of grounding answers, by object size."""
+
+from __future__ import annotations
+
+import math
+
+from benchmarks.box_errors import box_errors
+
+
+def test_errors_are_split_by_size_and_signed_for_size():
+    samples = {
+        "a": {"task": "ground", "box": [100, 100, 130, 140], "size": 20},
+        "b": {"task": "ground", "box": [500, 500, 600, 600], "size": 100},
+        "c": {"task": "ground", "box": [0, 0, 10, 10], "size": 30},
+        "d": {"task": "color", "answer": "red"},
+    }
+    predictions = [
+        {"id": "a", "output": "[110, 90, 150, 140]"},  # centre +15 x, -5 y; 10 wider, 10 taller
+        {"id": "b", "output": "[500, 500, 600, 600]"},  # exact
+        {"id": "c", "output": "no box"},
+        {"id": "d", "output": "red"},
+    ]
+    small, middle, large = box_errors(samples, predictions)
+    assert (small["n"], small["unparseable"]) == (1, 1)
+    assert (small["abs_dcx"], small["abs_dcy"], small["dw"], small["dh"]) == (15.0, 5.0, 10.0, 10.0)
+    assert small["acc"] == 0.0 and 0 < small["iou"] < 0.5
+    assert middle["n"] == 0 and math.isnan(middle["abs_dcx"])
+    assert (large["n"], large["iou"], large["acc"]) == (1, 1.0, 1.0)
