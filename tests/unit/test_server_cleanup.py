@@ -42,8 +42,11 @@ STAND_IN = textwrap.dedent("""
 # The caller: starts a server (argv: stand-in source, mode, marker file), prints the server's pid,
 # then idles until signalled.
 CALLER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from civic_vllm import serving
+    # Python's own SIGINT handler, as in a program started from a terminal; a caller started in the
+    # background by a non-interactive shell inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stand_in, mode, marker = sys.argv[1:4]
     serving.ServerConfig.command = lambda self: [sys.executable, "-c", stand_in, str(self.port), mode, marker]
     with serving.VllmServer(serving.ServerConfig(model="unused")) as server:
@@ -104,7 +107,7 @@ def test_a_second_signal_while_stopping_kills_the_group(tmp_path, second):
     assert status == (128 + signal.SIGTERM if second == signal.SIGTERM else -signal.SIGINT)
 
 
-def test_a_signal_during_stop_is_delivered_after_it(monkeypatch, no_running_servers, tmp_path):
+def test_a_signal_during_stop_is_delivered_after_it(monkeypatch, no_running_servers, default_sigint, tmp_path):
     # stop() called by the program itself (no exception in flight): the signal is not lost.
     marker = tmp_path / "sigterms"
     marker.touch()
@@ -128,6 +131,15 @@ def test_a_signal_during_stop_is_delivered_after_it(monkeypatch, no_running_serv
         if _alive(pid):  # the failure case must not leak it
             os.killpg(pid, signal.SIGKILL)
     assert not alive and server._log.closed and serving._SigtermAsExit._servers == 0
+
+
+@pytest.fixture
+def default_sigint():
+    """Python's SIGINT handler in this process, even when pytest was started with SIGINT ignored
+    (in the background by a non-interactive shell)."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
 
 
 @pytest.fixture
