@@ -153,17 +153,14 @@ def single_process(split_model) -> Record:
     return serve_and_record(split_model, civic=True, cases=CASES)
 
 
-DEFAULT_LAYOUTS = [
+LAYOUTS = [
     Layout("pp2-compiled", pipeline_parallel_size=2, enforce_eager=False),
     Layout("tp2-encoder-data", tensor_parallel_size=2, mm_encoder_tp_mode="data"),
-]
-MORE_LAYOUTS = [
     Layout("tp2", tensor_parallel_size=2),
     Layout("dp2", data_parallel_size=2),
 ]
-LAYOUT_PARAMS = [pytest.param(layout, id=layout.name) for layout in DEFAULT_LAYOUTS] + [
-    pytest.param(layout, id=layout.name, marks=[pytest.mark.slow, pytest.mark.parallel]) for layout in MORE_LAYOUTS
-]
+# Every layout runs in make test; -m parallel selects them (and the slow eager PP = 2 check) alone.
+LAYOUT_PARAMS = [pytest.param(layout, id=layout.name, marks=pytest.mark.parallel) for layout in LAYOUTS]
 
 
 @dataclass
