@@ -253,7 +253,7 @@ def distill(
     pieces: list[dict] = []
     if previous is not None:
         step, cpu, pieces = previous["steps"], previous["cpu_min"] * 60.0, previous.get("pieces", [])
-        rng = restore_state(Path(resume), student, scorer, optimizer, step, recipe.seed)
+        rng = restore_state(Path(resume), student, scorer, optimizer, step)
         pieces = [*pieces, {"steps": step, "cpu_min": previous["cpu_min"], "state": rng is not None}]
         rng = rng or np.random.default_rng([recipe.seed, 2, step])
         log_path.write_text((Path(resume) / CURVE_FILE).read_text())
@@ -340,7 +340,7 @@ def resumable_student(student: str | Path, teacher: str | Path, recipe: DistillR
     return done
 
 
-def restore_state(student_dir: Path, student, scorer, optimizer, step: int, seed: int) -> np.random.Generator | None:
+def restore_state(student_dir: Path, student, scorer, optimizer, step: int) -> np.random.Generator | None:
     """Load the fp32 weights, optimizer moments and data stream saved with ``student_dir``.
 
     Returns the data stream, or None when the checkpoint has no saved state (then the bf16
