@@ -217,6 +217,26 @@ def blocks_during_decode(server, images, question: str, ratio: float, max_tokens
     return samples, request.usage
 
 
+def blocks_across_a_boundary(server, images, question: str, ratio: float, max_tokens: int,
+                             usable_blocks: int, attempts: int = 3) -> tuple[list[tuple[int, int]], list[dict]]:
+    """``blocks_during_decode`` samples of up to ``attempts`` requests, until they span a block boundary.
+
+    A scrape can take longer than many decode steps (the engine holds both cores, or a small
+    model decodes fast), so one request's samples may all fall inside one block; the request
+    is sent again until the samples hold two block counts. Returns the samples and each
+    request's usage; fails when no attempt crossed a boundary.
+    """
+    samples: list[tuple[int, int]] = []
+    usages: list[dict] = []
+    for _attempt in range(attempts):
+        decode, usage = blocks_during_decode(server, images, question, ratio, max_tokens, usable_blocks)
+        samples += decode
+        usages.append(usage)
+        if len({blocks for _, blocks in samples}) >= 2:
+            return samples, usages
+    raise AssertionError(f"no block boundary crossed in {attempts} requests: {sorted(set(samples))}")
+
+
 def pool_blocks(server) -> int:
     """``num_gpu_blocks`` of the server's KV pool (the null block included)."""
     return int(cache_config(server)["num_gpu_blocks"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import blocks_during_decode, chat, hf_reference, make_image, pool_blocks, test_server
+from helpers import blocks_across_a_boundary, chat, hf_reference, make_image, pool_blocks, test_server
 
 from civic_vllm import model_factory as mf
 from civic_vllm import planner
@@ -145,11 +145,10 @@ def test_kv_blocks_while_decoding_are_the_planned_blocks(family, civic, ratio):
     Hybrids: blocks of the full-attention group plus one state block per linear-attention group.
     """
     sizes = [(640, 448)]
-    samples, _ = blocks_during_decode(civic, _images(sizes, seed=3), QUESTION, ratio, max_tokens=300,
-                                      usable_blocks=pool_blocks(civic) - 1)
+    samples, _ = blocks_across_a_boundary(civic, _images(sizes, seed=3), QUESTION, ratio, max_tokens=400,
+                                          usable_blocks=pool_blocks(civic) - 1)
     planned = {g: _plan(family, sizes, ratio, max_tokens=g).scenarios[1].kv_blocks for g, _ in samples}
     assert [(g, blocks) for g, blocks in samples] == [(g, planned[g]) for g, _ in samples]
-    assert len({blocks for _, blocks in samples}) >= 2, "decoding crossed no block boundary"
 
 
 # bfloat16 (Qwen3.5 families): HF's and vLLM's kernels round differently; at ratio 1 the two

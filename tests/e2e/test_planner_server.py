@@ -24,7 +24,7 @@ import functools
 
 import helpers
 import pytest
-from helpers import blocks_during_decode, cache_config, chat, make_image
+from helpers import blocks_across_a_boundary, cache_config, chat, make_image
 
 from civic_vllm import planner
 
@@ -116,14 +116,9 @@ def test_kv_blocks_of_a_request_held_in_decode(civic_server, pool, sizes, ratio)
     usable = pool["num_blocks"] - 1  # the null block is not in kv_cache_usage_perc's denominator
     prompt_tokens = run_planner(civic_server.config.model, sizes, ratio)["scenarios"][1]["prompt_tokens"]
     max_tokens = civic_server.config.max_model_len - prompt_tokens
-    samples: list[tuple[int, int, int]] = []  # (g, blocks in use, planned blocks)
-    for _attempt in range(3):
-        decode, usage = blocks_during_decode(civic_server, images_for(sizes), QUESTION, ratio, max_tokens, usable)
-        samples += [(generated, blocks, planned_blocks(generated)) for generated, blocks in decode]
-        assert all(blocks == planned for _, blocks, planned in samples), samples
-        assert usage["prompt_tokens"] == prompt_tokens
-        assert usage["completion_tokens"] == max_tokens
-        block_counts = {blocks for _, blocks, _ in samples}
-        if len(block_counts) >= 2:
-            break
-    assert len(block_counts) >= 2, f"no block boundary crossed in 3 requests: {sorted(set(samples))}"
+    decode, usages = blocks_across_a_boundary(civic_server, images_for(sizes), QUESTION, ratio, max_tokens, usable)
+    wrong = [(generated, blocks, planned_blocks(generated)) for generated, blocks in decode
+             if blocks != planned_blocks(generated)]
+    assert not wrong, wrong
+    assert all(usage["prompt_tokens"] == prompt_tokens for usage in usages), usages
+    assert all(usage["completion_tokens"] == max_tokens for usage in usages), usages
