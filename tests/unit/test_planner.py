@@ -311,7 +311,7 @@ def test_non_qwen3vl_checkpoint_is_refused(tmp_path: Path) -> None:
         (["--model", "tiny", "--image", "1x1", "--image", "2x2", "--images", "3"], "--images N repeats"),
         (["--model", "tiny", "--image", "448x448", "--gpu-memory-utilization", "1.2"], "must be in (0, 1]"),
         (["--model", "tiny", "--image", "448x448", "--text-tokens", "3", "--question", "hi"], "not allowed with"),
-        (["--model", "tiny"], "required: --image"),
+        (["--model", "tiny"], "at least one --image or --video is needed"),
         (["--model", "tiny", "--image", "448x448", "--bogus"], "unrecognized arguments: --bogus"),
         (["--model", "tiny", "--image", "448x448", "--tensor-parallel-size", "3"], "4 attention heads"),
         (["--model", "tiny", "--image", "448x448", "--tensor-parallel-size", "0"], "must be >= 1"),
