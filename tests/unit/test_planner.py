@@ -350,9 +350,9 @@ def test_json_schema(capsys) -> None:
                           "state_blocks_per_request": 0}
     assert [s["label"] for s in plan["scenarios"]] == ["vanilla", "r=1", "r=0.5", "r=1/3"]
     assert [s["ratio"] for s in plan["scenarios"]] == [None, 1.0, 0.5, 1 / 3]
-    scenario_keys = {"label", "ratio", "retained_per_image", "retained_per_video", "visual_tokens", "prompt_tokens", "kv_tokens",
-                     "kv_blocks", "kv_bytes", "kv_block_bytes", "requests_fit", "vision_flops", "llm_flops",
-                     "prefill_flops", "vs_vanilla"}
+    scenario_keys = {"label", "ratio", "retained_per_image", "retained_per_video", "visual_tokens", "prompt_tokens",
+                     "kv_tokens", "kv_blocks", "kv_bytes", "kv_block_bytes", "requests_fit", "vision_flops",
+                     "llm_flops", "prefill_flops", "vs_vanilla"}
     for s in plan["scenarios"]:
         assert set(s) == scenario_keys
         assert set(s["vs_vanilla"]) == {"visual_tokens", "prompt_tokens", "kv_blocks", "requests_fit",
