@@ -932,14 +932,16 @@ def render_table(plan: PlanResult) -> str:
         + f" (N={im.merged_tokens})"
         for im in plan.images
     )
-    images += "".join(
-        f"{', ' if images or i else ''}video {vd.input_size[0]}x{vd.input_size[1]}x{vd.input_size[2]}"
-        f"->{vd.grid_thw[0]} groups of {vd.resized_size[0]}x{vd.resized_size[1]} (N={vd.merged_tokens})"
-        for i, vd in enumerate(plan.videos)
-    )
+    if plan.images:
+        images = f"{len(plan.images)} image{'s' * (len(plan.images) > 1)} {images}"
+    images = ", ".join([images] * bool(images) + [
+        f"video {vd.input_size[0]}x{vd.input_size[1]}x{vd.input_size[2]}->{vd.grid_thw[0]} groups of "
+        f"{vd.resized_size[0]}x{vd.resized_size[1]} (N={vd.merged_tokens})"
+        for vd in plan.videos
+    ])
     lines = [
         f"civic plan: {mdl['name']} ({source}), weights {mdl['dtype']}, KV cache {mdl['kv_dtype']}",
-        f"request: {len(plan.images)} image{'s' * (len(plan.images) != 1)} {images}; "
+        f"request: {images}; "
         f"{text['question_tokens']} question + {text['template_tokens']} template tokens"
         f"{'' if text['exact'] else ' (estimated)'}; {kv['max_tokens']} output tokens",
         f"images are resized to {mdl['min_pixels']:,}..{mdl['max_pixels']:,} pixels ({mdl['pixels_source']}); "

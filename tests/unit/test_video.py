@@ -151,6 +151,7 @@ def test_planner_video_tokens_and_timestamps():
     assert plan.vanilla.retained_per_video == [256]
     assert plan.civic[0].retained_per_video == [4 * num_retained(64, 1 / 3)]
     assert plan.vanilla.prompt_tokens - plan.civic[0].prompt_tokens == 256 - 4 * num_retained(64, 1 / 3)
+    assert "request: video 256x256x8->4 groups of 256x256 (N=256);" in planner.render_table(plan)
     lower = planner.make_plan(model, planner.PlanRequest(images=[(448, 448)], videos=[(256, 256, 8)],
                                                          video_ratio=0.25, max_tokens=1))
     assert lower.civic[0].retained_per_video == [4 * num_retained(64, 0.25)]
