@@ -142,7 +142,6 @@ def test_video_metrics_count_tokens_before_and_after_retention(video_civic, vide
 # -- the HF transformers reference ------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.5, 1 / 3], ids=["r0.5", "r0.33"])
 @pytest.mark.parametrize("order", ["video", "video-image", "image-video"])
 def test_video_matches_hf_reference(video_civic, hf, video, ratio, order):
