@@ -58,12 +58,11 @@ def num_merged_tokens(grid_thw: Sequence[Any], merge_size: int) -> int:
 def merged_grid(grid_thw: Sequence[Any], merge_size: int) -> tuple[int, int]:
     """(rows, cols) of the merged-token grid of one image, the layout retention works on.
 
-    Images only (t == 1): a video has t frames of this grid and spatial policies would
-    have to decide per frame, which is not supported yet.
+    Images only (t == 1): a video has t frame groups of this grid (see :func:`frame_groups`).
     """
     t, h, w, m = _grid(grid_thw, merge_size)
     if t != 1:
-        raise ValueError(f"merged_grid expects an image grid (t == 1), got t={t}; videos are not supported")
+        raise ValueError(f"merged_grid expects an image grid (t == 1), got t={t}; use frame_groups for a video")
     return h // m, w // m
 
 
@@ -102,3 +101,24 @@ def num_retained(num_tokens: int, ratio: float, min_tokens: int = 1) -> int:
     r = validate_ratio(ratio)
     k = math.ceil(r * n - _RATIO_SLACK)
     return max(min(floor, n), min(k, n))
+
+
+def frame_groups(grid_thw: Sequence[Any], merge_size: int) -> tuple[int, int, int]:
+    """(t, rows, cols) of a video: t frame groups, each a rows x cols merged-token grid.
+
+    Qwen3-VL encodes a video in groups of ``temporal_patch_size`` frames (grid t counts the
+    groups); every group has its own timestamp and ``<|vision_start|>...<|vision_end|>`` run
+    in the prompt and its own M-RoPE grid, so retention budgets each group on its own.
+    """
+    t, h, w, m = _grid(grid_thw, merge_size)
+    return t, h // m, w // m
+
+
+def num_retained_per_group(grid_thw: Sequence[Any], merge_size: int, ratio: float, min_tokens: int = 1) -> int:
+    """K_t of every frame group of a video: :func:`num_retained` of one group's tokens.
+
+    All groups of a video share one grid, so they share one K_t; it is fixed before the
+    encoder runs (placeholders are sized from it), and the policy decides which tokens.
+    """
+    _, rows, cols = frame_groups(grid_thw, merge_size)
+    return num_retained(rows * cols, ratio, min_tokens)

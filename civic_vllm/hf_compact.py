@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from civic_vllm.retention.learned import TokenScorer, keep_logits
-from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_after_block
+from civic_vllm.retention.plan import (
+    GROUP_ROWS,
+    ImageRetention,
+    VideoRetention,
+    patch_counts,
+    select_after_block,
+    select_video_tokens,
+)
 
 
 @dataclass
@@ -47,16 +54,26 @@ class CompactBatch:
         return int(self.position_ids.max()) + 1
 
 
+@dataclass
+class VideoInputs:
+    """The HF processor's video outputs of a prompt and what to keep of each video."""
+
+    pixel_values_videos: torch.Tensor
+    video_grid_thw: torch.Tensor
+    plans: Sequence[VideoRetention]
+
+
 def build_compact_batch(
     model,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
-    image_grid_thw: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None,
     mm_token_type_ids: torch.Tensor,
     plans: Sequence[ImageRetention],
     seed_pixels: torch.Tensor | None = None,
     scorer: TokenScorer | None = None,
     straight_through: bool = False,
+    videos: VideoInputs | None = None,
 ) -> CompactBatch:
     """HF processor outputs of an unpruned prompt (batch size 1) -> the compact prompt.
 
@@ -64,41 +81,76 @@ def build_compact_batch(
     do_normalize off), as vLLM ships them; only the random policy reads them, and
     passing them makes its draw identical to the served one. ``scorer``: the
     checkpoint's trained scorer, read by the learned policy; ``straight_through``: gate the
-    kept rows with it while training (see :func:`compact_vision`).
+    kept rows with it while training (see :func:`compact_vision`). ``videos``: the prompt's
+    videos, run through HF's own vision tower and retained per frame group on its output
+    (:func:`compact_videos`); ``pixel_values`` may then be None (no images).
     """
     core = model.model
-    image_token_id = model.config.image_token_id
-    seed_pixels = pixel_values if seed_pixels is None else seed_pixels
-    merged, deepstack, kept, scores = compact_vision(
-        core.visual, pixel_values, image_grid_thw, plans, seed_pixels, scorer, straight_through
-    )
-
-    starts = torch.tensor([0] + [p.num_tokens for p in plans[:-1]]).cumsum(0).tolist()
-    kept_global = torch.cat([k + s for k, s in zip(kept, starts)])
+    ids = input_ids[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    merged_by_token, deepstack_by_token, kept = {}, {}, []
+    scores: list[torch.Tensor | None] = []
+    if plans:
+        seed_pixels = pixel_values if seed_pixels is None else seed_pixels
+        merged, deepstack, kept, scores = compact_vision(
+            core.visual, pixel_values, image_grid_thw, plans, seed_pixels, scorer, straight_through
+        )
+        token = model.config.image_token_id
+        _keep_columns(keep, ids == token, kept, [p.num_tokens for p in plans])
+        merged_by_token[token], deepstack_by_token[token] = merged, deepstack
+    if videos is not None:
+        merged, deepstack, kept_videos = compact_videos(core, videos)
+        token = model.config.video_token_id
+        _keep_columns(keep, ids == token, kept_videos, [p.num_tokens for p in videos.plans])
+        merged_by_token[token], deepstack_by_token[token] = merged, deepstack
 
     full_positions, _ = core.get_rope_index(
-        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw
+        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+        video_grid_thw=None if videos is None else videos.video_grid_thw,
     )
-    # Keep every text column and, inside each image's placeholder run, the kept ones.
-    ids = input_ids[0]
-    is_image = ids == image_token_id
-    image_columns = torch.nonzero(is_image).flatten()
-    keep = ~is_image
-    keep[image_columns[kept_global]] = True
-
     compact_ids = input_ids[:, keep]
     embeds = core.get_input_embeddings()(compact_ids)
-    mask = compact_ids == image_token_id
-    embeds = embeds.masked_scatter(mask[..., None], merged.to(embeds.dtype))
+    visual = torch.zeros_like(compact_ids, dtype=torch.bool)
+    for token_id, merged in merged_by_token.items():
+        mask = compact_ids == token_id
+        embeds = embeds.masked_scatter(mask[..., None], merged.to(embeds.dtype))
+        visual |= mask
+    # DeepStack rows in prompt order over all visual tokens (images and videos interleaved).
+    levels = len(next(iter(deepstack_by_token.values()), []))
+    deepstack_embeds = []
+    for level in range(levels):
+        joint = embeds.new_zeros(int(visual.sum()), embeds.shape[-1])
+        for token_id, rows in deepstack_by_token.items():
+            joint[(compact_ids == token_id)[visual]] = rows[level].to(embeds.dtype)
+        deepstack_embeds.append(joint)
     return CompactBatch(
         input_ids=compact_ids,
         position_ids=full_positions[:, :, keep],
         inputs_embeds=embeds,
-        visual_pos_masks=mask,
-        deepstack_embeds=[level.to(embeds.dtype) for level in deepstack],
+        visual_pos_masks=visual,
+        deepstack_embeds=deepstack_embeds,
         kept_indices=kept,
         scores=scores,
     )
+
+
+def _keep_columns(keep: torch.Tensor, is_item_token: torch.Tensor, kept: Sequence[torch.Tensor],
+                  num_tokens: Sequence[int]) -> None:
+    """Inside the placeholder runs of one modality keep only the kept tokens' columns."""
+    starts = torch.tensor([0, *num_tokens[:-1]]).cumsum(0).tolist()
+    kept_global = torch.cat([k + s for k, s in zip(kept, starts)])
+    keep[is_item_token] = False
+    keep[torch.nonzero(is_item_token).flatten()[kept_global]] = True
+
+
+def compact_videos(core, videos: VideoInputs) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """HF's vision tower on every frame group, then each video's kept rows (main and every
+    DeepStack level, the same indices), chosen by the shared video selection."""
+    output = core.get_video_features(videos.pixel_values_videos, videos.video_grid_thw, return_dict=True)
+    kept = [select_video_tokens(main, plan) for main, plan in zip(output.pooler_output, videos.plans)]
+    merged = torch.cat([main[k] for main, k in zip(output.pooler_output, kept)])
+    deepstack = [torch.cat([rows[k] for rows, k in zip(level, kept)]) for level in output.deepstack_features or []]
+    return merged, deepstack, kept
 
 
 def compact_vision(
@@ -159,8 +211,8 @@ def compact_vision(
             hidden = hidden * _straight_through_gate(surviving, selecting, scores, plans).to(hidden.dtype)[:, None]
         taps = [tap[group_index] for tap in taps]
         groups = [len(s) for s in surviving]
-        cu_seqlens = F.pad(torch.tensor([GROUP_ROWS * g for g in groups], device=hidden.device).cumsum(0, dtype=torch.int32),
-                           (1, 0))
+        rows = torch.tensor([GROUP_ROWS * g for g in groups], device=hidden.device)
+        cu_seqlens = F.pad(rows.cumsum(0, dtype=torch.int32), (1, 0))
     return visual.merger(hidden), taps, kept, scores
 
 
@@ -219,7 +271,8 @@ def compact_greedy(
             input_ids=torch.cat([batch.input_ids, next_id], dim=1),
             position_ids=torch.cat([batch.position_ids, position], dim=2),
             inputs_embeds=torch.cat([batch.inputs_embeds, embed(next_id).to(batch.inputs_embeds.dtype)], dim=1),
-            visual_pos_masks=torch.cat([batch.visual_pos_masks, torch.zeros(1, 1, dtype=torch.bool, device=device)], dim=1),
+            visual_pos_masks=torch.cat([batch.visual_pos_masks, torch.zeros(1, 1, dtype=torch.bool, device=device)],
+                                       dim=1),
             deepstack_embeds=batch.deepstack_embeds,
             kept_indices=batch.kept_indices,
             scores=batch.scores,

@@ -1,4 +1,4 @@
-"""``civic plan``: tokens, KV blocks, requests per GPU and prefill FLOPs of an image request.
+"""``civic plan``: tokens, KV blocks, requests per GPU and prefill FLOPs of an image or video request.
 
 vLLM users keep asking how many tokens an image takes, why profiling reserves a whole
 max-size image and how many requests fit in the KV cache (vLLM issues #14557, #18550,
@@ -10,6 +10,12 @@ here comes from the same code paths as the server:
   calls) with the checkpoint's preprocessor min/max pixels;
 * N and K: :func:`civic_vllm.budget.num_merged_tokens` / :func:`~civic_vllm.budget.num_retained`,
   the formula the CIVIC processor uses for its placeholders;
+* a video (``--video WxHxFRAMES``, FRAMES = the frames that reach the model, i.e. after
+  sampling): transformers' video ``smart_resize``, frame groups of ``temporal_patch_size``
+  frames, K_t per group (:func:`~civic_vllm.budget.num_retained_per_group`), and per group
+  the timestamp ``<t seconds>`` plus ``<|vision_start|> … <|vision_end|>`` that vLLM's
+  Qwen3-VL processor writes, timestamps as for frames sampled at 2 per second (Qwen3-VL's
+  default sampling rate; other rates change only the timestamp text);
 * prompt tokens: the checkpoint's own chat template, rendered with OpenAI-style content parts
   as vLLM's chat endpoint does, and its tokenizer (without one: Qwen's chat format, "estimated");
 * KV blocks and the pool: vLLM's arithmetic (``available_bytes // bytes_per_block`` blocks, one
@@ -53,6 +59,7 @@ __all__ = [
     "make_plan",
     "parse_bytes",
     "parse_image_size",
+    "parse_video_size",
     "parse_ratios",
     "render_table",
     "resized_image",
@@ -122,6 +129,17 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def parse_video_size(text: str) -> tuple[int, int, int]:
+    """``WIDTHxHEIGHTxFRAMES`` -> (width, height, frames)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise PlanError(f"malformed video size {text!r}: expected WIDTHxHEIGHTxFRAMES, e.g. 448x448x16")
+    width, height, frames = (int(g) for g in match.groups())
+    if min(width, height, frames) < 1:
+        raise PlanError(f"malformed video size {text!r}: width, height and frames must be >= 1")
+    return width, height, frames
+
+
 def parse_ratios(values: Sequence[str]) -> list[tuple[str, float]]:
     """Each value may be a comma list of decimals or fractions ("0.5,1/3"); returns (label, ratio)."""
     ratios: list[tuple[str, float]] = []
@@ -169,6 +187,8 @@ class ModelInfo:
     pixels_source: str
     tokenizer: Any = None  # a transformers tokenizer with a chat template, or None
     notes: list[str] = field(default_factory=list)
+    video_min_pixels: int = mf.VIDEO_MIN_PIXELS  # video_preprocessor_config.json's size (all frames of a group)
+    video_max_pixels: int = mf.VIDEO_MAX_PIXELS
 
 
 def _rope_section(text_config: Any, rotary_dim: int) -> tuple[int, int, int]:
@@ -300,8 +320,8 @@ def _load_tokenizer(location: str, notes: list[str]) -> Any:
     return tokenizer
 
 
-def _read_preprocessor(location: str) -> dict[str, Any] | None:
-    path = _local_file(location, "preprocessor_config.json")
+def _read_preprocessor(location: str, filename: str = "preprocessor_config.json") -> dict[str, Any] | None:
+    path = _local_file(location, filename)
     return json.loads(path.read_text()) if path is not None else None
 
 
@@ -356,10 +376,14 @@ def load_model(model: str, *, with_tokenizer: bool = True) -> ModelInfo:
     notes: list[str] = []
     dims = dims_from_config(cfg, name)
     lo, hi, pixels_source = _pixel_bounds(_read_preprocessor(location))
+    video = _read_preprocessor(location, "video_preprocessor_config.json") or {}
+    video_size = video.get("size") or {}
     tokenizer = _load_tokenizer(location, notes) if with_tokenizer else None
     return ModelInfo(
         name=name, source=source, dims=dims, preset=None, config_dtype=_config_dtype(cfg),
         min_pixels=lo, max_pixels=hi, pixels_source=pixels_source, tokenizer=tokenizer, notes=notes,
+        video_min_pixels=int(video_size.get("shortest_edge", mf.VIDEO_MIN_PIXELS)),
+        video_max_pixels=int(video_size.get("longest_edge", mf.VIDEO_MAX_PIXELS)),
     )
 
 
@@ -388,33 +412,67 @@ def resized_image(width: int, height: int, patch_size: int, merge_size: int,
     return int(w), int(h)
 
 
-def estimated_template_tokens(num_images: int) -> int:
+def estimated_template_tokens(num_images: int, num_videos: int = 0) -> int:
     """Qwen3-VL chat format around one user turn, without a tokenizer: ``<|im_start|> user \\n``,
-    ``<|vision_start|> … <|vision_end|>`` per image, ``<|im_end|> \\n <|im_start|> assistant \\n``.
+    ``<|vision_start|> … <|vision_end|>`` per image or video, ``<|im_end|> \\n <|im_start|> assistant \\n``.
     Every piece is one token in Qwen's tokenizer (tested against a real template render)."""
-    return 8 + 2 * num_images
+    return 8 + 2 * (num_images + num_videos)
 
 
-def _user_turn(num_images: int, question: str) -> list[dict[str, Any]]:
-    """The conversation vLLM hands the chat template for an OpenAI request with ``num_images``
-    image parts then one text part (OpenAI content format, which Qwen3-VL's template uses)."""
-    parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+def _user_turn(num_images: int, question: str, num_videos: int = 0) -> list[dict[str, Any]]:
+    """The conversation vLLM hands the chat template for an OpenAI request with ``num_videos``
+    video and ``num_images`` image parts then one text part (OpenAI content format, which
+    Qwen3-VL's template uses)."""
+    parts: list[dict[str, Any]] = [{"type": "video"} for _ in range(num_videos)]
+    parts += [{"type": "image"} for _ in range(num_images)]
     parts.append({"type": "text", "text": question})
     return [{"role": "user", "content": parts}]
 
 
 @functools.lru_cache(maxsize=64)
-def _exact_template_tokens(tokenizer: Any, num_images: int, question: str) -> tuple[int, int]:
-    """(non-image prompt tokens, question tokens) of the rendered prompt, each image's
-    ``<|image_pad|>`` (which the processor expands) not counted."""
-    prompt = tokenizer.apply_chat_template(_user_turn(num_images, question), tokenize=False,
+def _exact_template_tokens(tokenizer: Any, num_images: int, question: str, num_videos: int = 0) -> tuple[int, int]:
+    """(non-visual prompt tokens, question tokens) of the rendered prompt, each image's
+    ``<|image_pad|>`` and each video's ``<|video_pad|>`` (which the processor expands) not counted."""
+    prompt = tokenizer.apply_chat_template(_user_turn(num_images, question, num_videos), tokenize=False,
                                            add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    if ids.count(pad) != num_images:
-        raise PlanError(f"the chat template rendered {ids.count(pad)} <|image_pad|> for {num_images} images")
+    for token, count in (("<|image_pad|>", num_images), ("<|video_pad|>", num_videos)):
+        pad = tokenizer.convert_tokens_to_ids(token)
+        if ids.count(pad) != count:
+            raise PlanError(f"the chat template rendered {ids.count(pad)} {token} for {count} items")
     question_ids = tokenizer(question, add_special_tokens=False)["input_ids"] if question else []
-    return len(ids) - num_images, len(question_ids)
+    return len(ids) - num_images - num_videos, len(question_ids)
+
+
+def _video_replaces_markers() -> bool:
+    """Whether the processor replaces a video's whole ``<|vision_start|><|video_pad|><|vision_end|>``
+    (transformers < 5.10) rather than the pad alone: vLLM's ``_expands_only_video_token`` test."""
+    from transformers import ProcessorMixin
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    own = getattr(Qwen3VLProcessor, "replace_video_token", None)
+    return own is None or own is getattr(ProcessorMixin, "replace_video_token", None)
+
+
+def video_timestamps(frames: int, temporal_patch_size: int, fps: float = 2.0) -> list[float]:
+    """Seconds of each frame group, as vLLM's Qwen3-VL processor computes them for frames
+    0..frames-1 sampled at ``fps`` (the last frame repeated to fill the last group)."""
+    indices = list(range(frames)) + [frames - 1] * (-frames % temporal_patch_size)
+    return [(indices[i] + indices[i + temporal_patch_size - 1]) / 2 / fps
+            for i in range(0, len(indices), temporal_patch_size)]
+
+
+def resized_video(width: int, height: int, frames: int, patch_size: int, merge_size: int, temporal_patch_size: int,
+                  min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) Qwen3-VL's video processor resizes every frame to (transformers' video smart_resize)."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    try:
+        h, w = smart_resize(frames, height, width, temporal_factor=temporal_patch_size,
+                            factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as exc:
+        raise PlanError(f"video {width}x{height}x{frames}: {exc}") from None
+    return int(w), int(h)
 
 
 # --------------------------------------------------------------------------------------
@@ -562,6 +620,8 @@ class PlanRequest:
     """One request shape and the deployment it runs on (the CLI's flags)."""
 
     images: list[tuple[int, int]]  # (width, height) of each image, in prompt order
+    videos: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, frames) of each video
+    video_ratio: float | None = None  # civic_video_ratio; None: each scenario's ratio
     ratios: list[tuple[str, float]] = field(default_factory=lambda: [("1/3", 1 / 3)])
     text_tokens: int | None = None  # tokens of the question; ignored when question is set
     question: str | None = None
@@ -590,12 +650,24 @@ class ImagePlan:
 
 
 @dataclass
+class VideoPlan:
+    input_size: list[int]  # [width, height, frames]
+    resized_size: list[int]  # [width, height] of every frame
+    grid_thw: list[int]  # [frame groups, patch rows, patch cols]
+    patches: int  # all groups
+    tokens_per_group: int  # N_t
+    merged_tokens: int  # N, all groups
+    text_tokens: int  # timestamps and vision markers the processor adds around the groups
+
+
+@dataclass
 class Scenario:
     """One column of the table: vanilla (all N tokens) or CIVIC at one ratio."""
 
     label: str
     ratio: float | None
     retained_per_image: list[int]
+    retained_per_video: list[int]  # all groups of each video: groups x K_t
     visual_tokens: int
     prompt_tokens: int
     kv_tokens: int  # prompt + max_tokens - 1: see kv_tokens()
@@ -615,6 +687,7 @@ class PlanResult:
 
     model: dict[str, Any]
     images: list[ImagePlan]
+    videos: list[VideoPlan]
     text: dict[str, Any]
     kv: dict[str, Any]
     memory: dict[str, Any]
@@ -668,8 +741,10 @@ def _memory(req: PlanRequest, weights_bytes: int, block_bytes: int) -> dict[str,
 def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
     """The numbers for one request shape; pure given ``model`` (raises PlanError on bad input)."""
     t, v = model.dims.text, model.dims.vision
-    if not req.images:
-        raise PlanError("at least one --image is needed")
+    if not req.images and not req.videos:
+        raise PlanError("at least one --image or --video is needed")
+    if req.video_ratio is not None:
+        validate_ratio(req.video_ratio, "--video-ratio")
     ratios = [(label, validate_ratio(r)) for label, r in req.ratios] if req.ratios else []
     if req.exit_layer is not None and not 1 <= req.exit_layer <= v.depth:
         raise PlanError(f"--exit-layer must be in 1..{v.depth} (vision blocks of {model.name}), got {req.exit_layer}")
@@ -695,12 +770,13 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         grid = [1, rh // v.patch_size, rw // v.patch_size]
         images.append(ImagePlan([width, height], [rw, rh], grid, grid[1] * grid[2], num_merged_tokens(grid, m)))
     n_per_image = [im.merged_tokens for im in images]
+    videos = [_video_plan(model, size) for size in req.videos]
 
     # Text: template overhead + question.
     notes = list(model.notes)
     if model.tokenizer is not None:
         template_and_question, question_tokens = _exact_template_tokens(
-            model.tokenizer, len(images), req.question or "")
+            model.tokenizer, len(images), req.question or "", len(videos))
         if req.question is None:
             question_tokens = req.text_tokens or 0
             template_and_question += question_tokens
@@ -711,8 +787,9 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
             notes.append("question tokens counted with civic's local Qwen-style tokenizer (estimate)")
         else:
             question_tokens = req.text_tokens or 0
-        template_and_question = estimated_template_tokens(len(images)) + question_tokens
+        template_and_question = estimated_template_tokens(len(images), len(videos)) + question_tokens
         exact = False
+    template_and_question += sum(video.text_tokens for video in videos)
     template_tokens = template_and_question - question_tokens
 
     # KV geometry and memory, per GPU (per worker process on CPU).
@@ -736,13 +813,23 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
 
     def scenario(label: str, ratio: float | None, exit_layer: int | None) -> Scenario:
         kept = n_per_image if ratio is None else [num_retained(n, ratio, req.min_tokens) for n in n_per_image]
-        prompt = template_and_question + sum(kept)
+        video_ratio = ratio if req.video_ratio is None or ratio is None else req.video_ratio
+        kept_videos = [
+            video.merged_tokens if video_ratio is None
+            else video.grid_thw[0] * num_retained(video.tokens_per_group, video_ratio, req.min_tokens)
+            for video in videos
+        ]
+        prompt = template_and_question + sum(kept) + sum(kept_videos)
         held = kv_tokens(prompt, req.max_tokens)
         blocks = layout.blocks(held)
         vision = sum(vision_flops(v, im.patches, k, exit_layer) for im, k in zip(images, kept))
+        # A video's frame groups attend within themselves; its mergers run on every token.
+        vision += sum(video.grid_thw[0] * vision_flops(v, video.patches // video.grid_thw[0], video.tokens_per_group)
+                      for video in videos)
         llm = llm_flops(t, prompt, vocab)
         return Scenario(
-            label=label, ratio=ratio, retained_per_image=kept, visual_tokens=sum(kept),
+            label=label, ratio=ratio, retained_per_image=kept, retained_per_video=kept_videos,
+            visual_tokens=sum(kept) + sum(kept_videos),
             prompt_tokens=prompt, kv_tokens=held, kv_blocks=blocks,
             kv_bytes=held * bytes_per_token, kv_block_bytes=blocks * block_bytes,
             requests_fit=memory["usable_blocks"] // blocks if blocks else 0,
@@ -781,6 +868,7 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
             "max_image_tokens": model.max_pixels // (v.patch_size * m) ** 2,
         },
         images=images,
+        videos=videos,
         text={"question_tokens": question_tokens, "template_tokens": template_tokens,
               "question": req.question, "exact": exact},
         kv={"bytes_per_token": bytes_per_token, "block_size": block_size, "block_bytes": block_bytes,
@@ -797,6 +885,22 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
 # --------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------
+
+
+def _video_plan(model: ModelInfo, size: tuple[int, int, int]) -> VideoPlan:
+    """Grid, N and the processor's text tokens of one video (see the module docstring)."""
+    v = model.dims.vision
+    width, height, frames = size
+    rw, rh = resized_video(width, height, frames, v.patch_size, v.spatial_merge_size, v.temporal_patch_size,
+                           model.video_min_pixels, model.video_max_pixels)
+    grid = [-(-frames // v.temporal_patch_size), rh // v.patch_size, rw // v.patch_size]
+    tokenize = (model.tokenizer or mf.build_tokenizer())
+    stamps = sum(len(tokenize(f"<{stamp:.1f} seconds>", add_special_tokens=False)["input_ids"])
+                 for stamp in video_timestamps(frames, v.temporal_patch_size))
+    markers = 2 * grid[0] - (2 if _video_replaces_markers() else 0)  # the template's own pair replaced
+    n = num_merged_tokens(grid, v.spatial_merge_size)
+    return VideoPlan([width, height, frames], [rw, rh], grid, grid[0] * grid[1] * grid[2], n // grid[0], n,
+                     stamps + markers)
 
 
 def _gib(n: float) -> str:
@@ -828,9 +932,16 @@ def render_table(plan: PlanResult) -> str:
         + f" (N={im.merged_tokens})"
         for im in plan.images
     )
+    if plan.images:
+        images = f"{len(plan.images)} image{'s' * (len(plan.images) > 1)} {images}"
+    images = ", ".join([images] * bool(images) + [
+        f"video {vd.input_size[0]}x{vd.input_size[1]}x{vd.input_size[2]}->{vd.grid_thw[0]} groups of "
+        f"{vd.resized_size[0]}x{vd.resized_size[1]} (N={vd.merged_tokens})"
+        for vd in plan.videos
+    ])
     lines = [
         f"civic plan: {mdl['name']} ({source}), weights {mdl['dtype']}, KV cache {mdl['kv_dtype']}",
-        f"request: {len(plan.images)} image{'s' * (len(plan.images) > 1)} {images}; "
+        f"request: {images}; "
         f"{text['question_tokens']} question + {text['template_tokens']} template tokens"
         f"{'' if text['exact'] else ' (estimated)'}; {kv['max_tokens']} output tokens",
         f"images are resized to {mdl['min_pixels']:,}..{mdl['max_pixels']:,} pixels ({mdl['pixels_source']}); "
@@ -934,8 +1045,13 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="checkpoint directory, Hugging Face repo id (local cache only) or preset "
                              f"({', '.join(sorted(mf.PRESETS))}); default: the trained models/civic-shapes-tiny")
-    parser.add_argument("--image", action="append", required=True, type=_arg(parse_image_size), metavar="WxH",
+    parser.add_argument("--image", action="append", default=[], type=_arg(parse_image_size), metavar="WxH",
                         help="image size in pixels; repeat for several images of different sizes")
+    parser.add_argument("--video", action="append", default=[], type=_arg(parse_video_size), metavar="WxHxFRAMES",
+                        help="video frame size in pixels and the frames that reach the model (after sampling, "
+                             "2 per second by default); repeat for several videos")
+    parser.add_argument("--video-ratio", type=_fraction, default=None, metavar="R",
+                        help="civic_video_ratio: retention of each frame group (default: each --ratio)")
     parser.add_argument("--images", type=_int_at_least(1), default=None, metavar="N",
                         help="number of images of the (single) --image size (default 1)")
     text = parser.add_mutually_exclusive_group()
@@ -975,20 +1091,23 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``plan`` on the ``civic`` command's subparsers; its handler returns an exit code."""
     parser = subparsers.add_parser(
-        "plan", help="tokens, KV blocks, requests per GPU and prefill FLOPs of an image request",
-        description="Plan an image request for vanilla Qwen3-VL and CIVIC without a GPU run.",
+        "plan", help="tokens, KV blocks, requests per GPU and prefill FLOPs of an image or video request",
+        description="Plan an image or video request for vanilla Qwen3-VL and CIVIC without a GPU run.",
     )
     return _configure(parser)
 
 
 def request_from_args(args: argparse.Namespace) -> PlanRequest:
     images = list(args.image)
+    if not images and not args.video:
+        raise PlanError("at least one --image or --video is needed")
     if args.images is not None:
         if len(images) != 1:
             raise PlanError("--images N repeats one --image size; with several --image, leave --images out")
         images = images * args.images
     return PlanRequest(
-        images=images, ratios=parse_ratios(args.ratio or ["1/3"]), text_tokens=args.text_tokens,
+        images=images, videos=list(args.video), video_ratio=args.video_ratio,
+        ratios=parse_ratios(args.ratio or ["1/3"]), text_tokens=args.text_tokens,
         question=args.question, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
         exit_layer=args.exit_layer, dtype=args.dtype, kv_dtype=args.kv_dtype, device=args.device,
         block_size=args.block_size, gpu_memory=args.gpu_memory,

@@ -53,7 +53,7 @@ def decode_position_channels(channels: torch.Tensor) -> tuple[torch.Tensor, torc
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """One image's placeholder run in the compact prompt."""
+    """One image's (or one video frame group's) placeholder run in the compact prompt."""
 
     offset: int  # first placeholder index in the compact prompt
     num_kept: int  # K placeholders in the compact prompt
@@ -82,6 +82,28 @@ def expand_image_spans(
         src = span.offset + span.num_kept
     expanded.extend(tokens[src:])
     return expanded, full_offsets
+
+
+def frame_group_spans(
+    tokens: Sequence[int], offset: int, length: int, video_token_id: int, num_full: int
+) -> list[ImageSpan]:
+    """One span per frame group of a video whose prompt range is ``tokens[offset:offset + length]``.
+
+    Qwen3-VL writes a video as ``<timestamp> <|vision_start|> video tokens <|vision_end|>`` per
+    frame group, so each maximal run of ``video_token_id`` in the range is one group; its
+    unpruned length is ``num_full`` (the group's merged grid).
+    """
+    spans = []
+    index, end = offset, offset + length
+    while index < end:
+        if tokens[index] != video_token_id:
+            index += 1
+            continue
+        start = index
+        while index < end and tokens[index] == video_token_id:
+            index += 1
+        spans.append(ImageSpan(offset=start, num_kept=index - start, num_full=num_full))
+    return spans
 
 
 def contract_positions(

@@ -64,6 +64,9 @@ class ServerConfig:
     # Encoder profiling image (width, height) for vLLM's dummy run, instead of the largest image the
     # processor allows: the compiled path profiles the encoder and on CPU a maximum-size image takes minutes.
     profile_image_size: tuple[int, int] | None = None
+    videos_per_prompt: int = 0  # 0: the server refuses video (vLLM profiles a max-size video otherwise)
+    # Encoder profiling video (width, height, frames) for vLLM's dummy run; None: vLLM's largest.
+    profile_video_size: tuple[int, int, int] | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -76,6 +79,12 @@ class ServerConfig:
             return self.images_per_prompt
         width, height = self.profile_image_size
         return {"count": self.images_per_prompt, "width": width, "height": height}
+
+    def _video_limit(self) -> int | dict:
+        if self.profile_video_size is None or not self.videos_per_prompt:
+            return self.videos_per_prompt
+        width, height, frames = self.profile_video_size
+        return {"count": self.videos_per_prompt, "width": width, "height": height, "num_frames": frames}
 
     def _parallel_args(self) -> list[str]:
         args = []
@@ -94,7 +103,7 @@ class ServerConfig:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
-            "--limit-mm-per-prompt", json.dumps({"image": self._image_limit(), "video": 0}),
+            "--limit-mm-per-prompt", json.dumps({"image": self._image_limit(), "video": self._video_limit()}),
             "--seed", "0",
         ]
         if self.enforce_eager:

@@ -106,6 +106,17 @@ class CivicSettings(BaseModel):
     min_tokens: int = 1
     """Floor on kept tokens per image, so tiny images at small ratios keep something useful."""
 
+    video_ratio: float | None = None
+    """Fraction of merged visual tokens kept in each frame group of a video, in (0, 1], or None.
+
+    Default None: videos follow ``ratio``, so a server or request that asks for one retention
+    level gets it for every visual item, and the default (ratio 1.0) leaves video untouched,
+    exactly like vanilla vLLM. Set it when videos should be pruned harder or softer than
+    images (video frames repeat each other, so a lower value usually costs less accuracy).
+    ``policy`` "full" keeps every video token too; any other policy selects video tokens
+    with the temporal-novelty policy (civic_vllm.retention.video). ``min_tokens`` is the
+    floor per frame group; ``exit_layer`` applies to images only."""
+
     exit_layer: int | None = None
     """Vision blocks that run on all patches before retention; None: all of them (retention on
     the encoder output). Smaller values let the later blocks run on kept tokens only. The upper
@@ -115,6 +126,16 @@ class CivicSettings(BaseModel):
     @classmethod
     def _check_ratio(cls, value: Any) -> float:
         return validate_ratio(value, name="")  # the error names the setting
+
+    @field_validator("video_ratio", mode="before")
+    @classmethod
+    def _check_video_ratio(cls, value: Any) -> float | None:
+        return None if value is None else validate_ratio(value, name="")
+
+    @property
+    def effective_video_ratio(self) -> float:
+        """The ratio each frame group of a video is retained at (``video_ratio``, else ``ratio``)."""
+        return self.ratio if self.video_ratio is None else self.video_ratio
 
     @field_validator("min_tokens", mode="before")
     @classmethod

@@ -102,14 +102,18 @@ class CivicPolicy(RetentionPolicy):
 
     def saliency(self, features: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """[h*w] saliency s >= 0 of each token (step 1)."""
-        h, w = grid_hw
-        return self._analyse(features.float().contiguous(), h, w)[0]
+        return self.analyse(features, grid_hw)[0]
 
     # -- selection -----------------------------------------------------------------------
 
     def _select(self, features: torch.Tensor, h: int, w: int, k: int, seed: int | None) -> torch.Tensor:
-        n, device = h * w, features.device
-        s, cos8, nbr = self._analyse(features.float().contiguous(), h, w)
+        return self.select_scored(*self.analyse(features, (h, w)), h, w, k)
+
+    def select_scored(self, s: torch.Tensor, cos8: torch.Tensor, nbr: torch.Tensor, h: int, w: int,
+                      k: int) -> torch.Tensor:
+        """Steps 2-3 on a given saliency ``s`` [h*w] (with :meth:`analyse`'s neighbour cosines and
+        table): the kept indices, unsorted. Lets a caller reweight the saliency first (video)."""
+        n, device = h * w, s.device
         tie_break = _spread_rank(h, w, device).neg_().add_(n - 1)  # higher wins ties
         redness = ((cos8 - self.tau) / (1.0 - self.tau)).clamp_(0.0, 1.0).nan_to_num_(0.0)  # [n, 8]
         duplicate = redness > 0
@@ -152,6 +156,12 @@ class CivicPolicy(RetentionPolicy):
             keep(torch.topk(eligible_key, take).indices)
             remaining -= take
         return kept[:n].nonzero().squeeze(1)
+
+    def analyse(self, features: torch.Tensor,
+                grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Saliency [h*w], neighbour cosines [h*w, 8] and neighbour table of one grid (step 1)."""
+        h, w = grid_hw
+        return self._analyse(features.float().contiguous(), h, w)
 
     def _analyse(self, f: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Saliency [n], neighbour cosines [n, 8] (NaN off-grid) and the neighbour table [n, 8]."""

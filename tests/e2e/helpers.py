@@ -19,8 +19,8 @@ from PIL import Image
 from civic_vllm import planner
 from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, image_message
-from civic_vllm.hf_compact import build_compact_batch, compact_greedy
-from civic_vllm.retention.plan import ImageRetention
+from civic_vllm.hf_compact import VideoInputs, build_compact_batch, compact_greedy
+from civic_vllm.retention.plan import ImageRetention, VideoRetention
 from civic_vllm.serving import ServerConfig, VllmServer, metric_value
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
@@ -109,6 +109,90 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
     )
     tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS, forced=forced, best_logprobs=best)
     return batch.input_ids.shape[1], tokens, logprobs
+
+
+def make_video(frames: int = 8, width: int = 256, height: int = 256, seed: int = 0) -> np.ndarray:
+    """[frames, H, W, 3] uint8: a static structured background (``make_image``) with a square
+    that moves a step right every frame, so frame groups repeat each other except where it moved."""
+    background = np.asarray(make_image(width, height, seed=seed))
+    rng = np.random.default_rng(seed + 1)
+    color, size = rng.integers(0, 255, 3), max(width, height) // 8
+    video = np.repeat(background[None], frames, axis=0).copy()
+    for t in range(frames):
+        x, y = (t * width) // (frames + 1), height // 2
+        video[t, y : y + size, x : x + size] = color
+    return video
+
+
+def decode_video(url: str):
+    """(frames, metadata) of a video data URL exactly as the server decodes it (vLLM's media IO)."""
+    from vllm.multimodal.media.image import ImageMediaIO
+    from vllm.multimodal.media.video import VideoMediaIO
+
+    mime, data = url.removeprefix("data:").split(";base64,", 1)
+    return VideoMediaIO(ImageMediaIO()).load_base64(mime, data).media
+
+
+def hf_media_reference(hf, items, question, ratio):
+    """(prompt tokens, greedy tokens, logprobs) of the HF reference for images and videos (video
+    data URLs) in prompt order, retained at ``ratio`` with the civic policy (temporal for videos)."""
+    from transformers.video_utils import VideoMetadata
+
+    model, processor = hf
+    content = [{"type": "video"} if isinstance(item, str) else {"type": "image"} for item in items]
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    images = [item for item in items if not isinstance(item, str)]
+    decoded = [decode_video(item) for item in items if isinstance(item, str)]
+    kwargs = {}
+    if decoded:
+        (frames, metadata), *others = decoded
+        assert not others, "one video per reference prompt"
+        kwargs = dict(videos=[frames], do_sample_frames=metadata["do_sample_frames"],
+                      video_metadata=[VideoMetadata(**{k: v for k, v in metadata.items() if k != "do_sample_frames"})])
+    inputs = processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
+    merge = model.config.vision_config.spatial_merge_size
+    plans = []
+    for _, h, w in inputs["image_grid_thw"].tolist() if images else []:
+        n = (h // merge) * (w // merge)
+        plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio), policy="civic"))
+    videos = None
+    if decoded:
+        video_plans = [VideoRetention(num_groups=t, grid_hw=(h // merge, w // merge),
+                                      num_kept_per_group=num_retained((h // merge) * (w // merge), ratio))
+                       for t, h, w in inputs["video_grid_thw"].tolist()]
+        videos = VideoInputs(inputs["pixel_values_videos"], inputs["video_grid_thw"], video_plans)
+    batch = build_compact_batch(model, inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_grid_thw"),
+                                inputs["mm_token_type_ids"], plans, videos=videos)
+    tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS)
+    return batch.input_ids.shape[1], tokens, logprobs
+
+
+def post_chat(server, content, *, mm_kwargs=None, max_tokens=2, timeout=120) -> requests.Response:
+    """A raw chat request (json.dumps writes NaN/Infinity as bare tokens, as a careless client would)."""
+    body = {
+        "model": server.config.model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+    }
+    if mm_kwargs is not None:
+        body["mm_processor_kwargs"] = mm_kwargs
+    return requests.post(server.url + "/v1/chat/completions", data=json.dumps(body),
+                         headers={"Content-Type": "application/json"}, timeout=timeout)
+
+
+def assert_still_serving(server) -> None:
+    """Healthy, answers a normal request, and back to an idle KV cache (no leaked blocks)."""
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert chat(server, [make_image(64, 64, seed=5)], ratio=0.5, max_tokens=2).token_ids
+    idle = server.wait_until_idle()
+    assert all(v == 0 for v in idle.values()), idle
+
+
+def error_message(response: requests.Response) -> str:
+    payload = response.json()
+    error = payload.get("error", payload)
+    return error.get("message", str(error)) if isinstance(error, dict) else str(error)
 
 
 def test_server(model: str, *, civic: bool, startup_timeout: float = 300.0, log_path=None, **overrides) -> VllmServer:

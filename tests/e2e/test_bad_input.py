@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 
 import pytest
-import requests
-from helpers import chat, make_image
+from helpers import assert_still_serving, chat, error_message, make_image, post_chat
 from PIL import Image
 
 from civic_vllm.budget import num_retained
@@ -36,32 +34,6 @@ def _png_bytes(image: Image.Image, **save_kwargs) -> bytes:
 
 def _image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
-
-
-def post_chat(server, content, *, mm_kwargs=None, max_tokens=2, timeout=120) -> requests.Response:
-    """A raw chat request (json.dumps writes NaN/Infinity as bare tokens, as a careless client would)."""
-    body = {
-        "model": server.config.model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-    }
-    if mm_kwargs is not None:
-        body["mm_processor_kwargs"] = mm_kwargs
-    return requests.post(server.url + "/v1/chat/completions", data=json.dumps(body),
-                         headers={"Content-Type": "application/json"}, timeout=timeout)
-
-
-def assert_still_serving(server) -> None:
-    assert requests.get(server.url + "/health", timeout=10).status_code == 200
-    assert chat(server, [make_image(64, 64, seed=5)], ratio=0.5, max_tokens=2).token_ids
-    idle = server.wait_until_idle()
-    assert all(v == 0 for v in idle.values()), idle
-
-
-def _error_message(response: requests.Response) -> str:
-    payload = response.json()
-    error = payload.get("error", payload)
-    return error.get("message", str(error)) if isinstance(error, dict) else str(error)
 
 
 PNG_64 = _png_bytes(make_image(64, 64, seed=1))
@@ -117,7 +89,7 @@ BAD_REQUESTS = list(_bad_requests())
 def test_bad_input_is_a_clear_400_and_server_keeps_serving(civic_server, content, mm_kwargs, message):
     response = post_chat(civic_server, content, mm_kwargs=mm_kwargs)
     assert response.status_code == 400, response.text[:500]
-    assert message in _error_message(response), response.text[:1000]
+    assert message in error_message(response), response.text[:1000]
     assert_still_serving(civic_server)
 
 
@@ -127,7 +99,7 @@ def test_huge_image_is_refused_by_length_not_by_a_crash(civic_server):
     png = _png_bytes(Image.new("RGB", (10_000, 10_000), (40, 160, 90)), compress_level=1)
     response = post_chat(civic_server, [_image_part(_b64_url(png)), TEXT], timeout=300)
     assert response.status_code == 400, response.text[:500]
-    assert "exceeds model's maximum context length (4096)" in _error_message(response)
+    assert "exceeds model's maximum context length (4096)" in error_message(response)
     assert_still_serving(civic_server)
 
 

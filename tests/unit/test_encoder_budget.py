@@ -201,11 +201,13 @@ def test_a_step_starts_fresh_even_without_get_freed_mm_hashes():
     assert manager.can_allocate(second, 0, VLLM_BUDGET, 0)  # the scheduler's budget is full again: new step
 
 
-def test_videos_cost_their_placeholders():
-    manager = civic_manager(step_budget=256)
-    video = SimpleNamespace(identifier="v", modality="video", mm_position=PlaceholderRange(offset=0, length=200),
-                            data=None)
-    assert manager.encoder_cost(request("v", video), 0) == 200
+def test_videos_cost_every_frame_group():
+    """Retention picks on the tower's output, so a video costs N whatever K it keeps."""
+    manager = civic_manager(step_budget=512)
+    data = {"video_grid_thw": SimpleNamespace(data=torch.tensor([4, 16, 16]))}
+    video = SimpleNamespace(identifier="v", modality="video", mm_position=PlaceholderRange(offset=0, length=88),
+                            data=data)
+    assert manager.encoder_cost(request("v", video), 0) == 256  # 4 groups of 8 x 8 merged tokens
 
 
 # ---- the hook that makes the scheduler build the CIVIC manager ----------------------------------

@@ -311,7 +311,7 @@ def test_non_qwen3vl_checkpoint_is_refused(tmp_path: Path) -> None:
         (["--model", "tiny", "--image", "1x1", "--image", "2x2", "--images", "3"], "--images N repeats"),
         (["--model", "tiny", "--image", "448x448", "--gpu-memory-utilization", "1.2"], "must be in (0, 1]"),
         (["--model", "tiny", "--image", "448x448", "--text-tokens", "3", "--question", "hi"], "not allowed with"),
-        (["--model", "tiny"], "required: --image"),
+        (["--model", "tiny"], "at least one --image or --video is needed"),
         (["--model", "tiny", "--image", "448x448", "--bogus"], "unrecognized arguments: --bogus"),
         (["--model", "tiny", "--image", "448x448", "--tensor-parallel-size", "3"], "4 attention heads"),
         (["--model", "tiny", "--image", "448x448", "--tensor-parallel-size", "0"], "must be >= 1"),
@@ -337,7 +337,8 @@ def test_json_schema(capsys) -> None:
                              "--text-tokens", "200", "--ratio", "1", "--ratio", "0.5,1/3", "--json")
     assert code == 0 and err == ""
     plan = json.loads(out)
-    assert set(plan) == {"model", "images", "text", "kv", "memory", "exit_layer", "scenarios", "notes"}
+    assert set(plan) == {"model", "images", "videos", "text", "kv", "memory", "exit_layer", "scenarios", "notes"}
+    assert plan["videos"] == []
     assert plan["model"]["preset"] == "qwen3-vl-8b" and plan["model"]["params"]["total"] > 8e9
     assert plan["model"]["max_image_tokens"] == 16_384  # what vLLM profiles per image
     assert len(plan["images"]) == 2 and plan["images"][0] == {
@@ -349,9 +350,9 @@ def test_json_schema(capsys) -> None:
                           "state_blocks_per_request": 0}
     assert [s["label"] for s in plan["scenarios"]] == ["vanilla", "r=1", "r=0.5", "r=1/3"]
     assert [s["ratio"] for s in plan["scenarios"]] == [None, 1.0, 0.5, 1 / 3]
-    scenario_keys = {"label", "ratio", "retained_per_image", "visual_tokens", "prompt_tokens", "kv_tokens",
-                     "kv_blocks", "kv_bytes", "kv_block_bytes", "requests_fit", "vision_flops", "llm_flops",
-                     "prefill_flops", "vs_vanilla"}
+    scenario_keys = {"label", "ratio", "retained_per_image", "retained_per_video", "visual_tokens", "prompt_tokens",
+                     "kv_tokens", "kv_blocks", "kv_bytes", "kv_block_bytes", "requests_fit", "vision_flops",
+                     "llm_flops", "prefill_flops", "vs_vanilla"}
     for s in plan["scenarios"]:
         assert set(s) == scenario_keys
         assert set(s["vs_vanilla"]) == {"visual_tokens", "prompt_tokens", "kv_blocks", "requests_fit",

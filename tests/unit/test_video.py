@@ -1,0 +1,160 @@
+"""Video retention's pure parts: per-group budget, the civic_video_ratio setting, the
+temporal-novelty policy and the frame-group spans positions are built from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from civic_vllm.budget import frame_groups, num_retained, num_retained_per_group
+from civic_vllm.positions import ImageSpan, frame_group_spans
+from civic_vllm.retention import CivicPolicy
+from civic_vllm.retention.plan import VideoRetention, select_video_tokens
+from civic_vllm.retention.video import TemporalCivicPolicy
+from civic_vllm.settings import CivicSettings, CivicSettingsError
+
+# -- budget and settings -----------------------------------------------------------------
+
+
+def test_frame_groups_and_per_group_budget():
+    assert frame_groups((4, 16, 20), 2) == (4, 8, 10)
+    assert num_retained_per_group((4, 16, 20), 2, 1 / 3) == num_retained(80, 1 / 3) == 27
+    assert num_retained_per_group((4, 16, 20), 2, 0.001, min_tokens=5) == 5  # the floor, per group
+    assert num_retained_per_group((4, 16, 20), 2, 1.0) == 80
+    with pytest.raises(ValueError, match="multiples"):
+        frame_groups((2, 15, 16), 2)
+
+
+def test_video_ratio_defaults_to_the_image_ratio():
+    assert CivicSettings.from_mm_kwargs({}).effective_video_ratio == 1.0
+    assert CivicSettings.from_mm_kwargs({"civic_ratio": 0.5}).effective_video_ratio == 0.5
+    settings = CivicSettings.from_mm_kwargs({"civic_ratio": 0.5, "civic_video_ratio": 0.25})
+    assert (settings.ratio, settings.effective_video_ratio) == (0.5, 0.25)
+    assert CivicSettings.from_mm_kwargs({"civic_video_ratio": None}).video_ratio is None
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, "0.5", True, float("nan"), [0.5]])
+def test_bad_video_ratio_names_the_key_and_range(value):
+    with pytest.raises(CivicSettingsError) as err:
+        CivicSettings.from_mm_kwargs({"civic_video_ratio": value})
+    assert "civic_video_ratio" in str(err.value) and "(0, 1]" in str(err.value)
+
+
+# -- the temporal-novelty policy -----------------------------------------------------------
+
+
+def _moving_scene(groups=4, h=8, w=8, d=32, seed=0):
+    """A static background, a static distinctive logo at (0, 0)-(1, 1), and a dimmer object
+    that moves one cell right per group: features [groups * h * w, d]."""
+    g = torch.Generator().manual_seed(seed)
+    background, logo, mover = (torch.randn(d, generator=g) for _ in range(3))
+    base = background + 0.05 * torch.randn(h * w, d, generator=g)
+    logo_cells = [0, 1, w, w + 1]
+    base[logo_cells] = logo + 0.05 * torch.randn(4, d, generator=g)
+    frames, moving = [], []
+    for t in range(groups):
+        frame = base.clone()
+        cell = 4 * w + 2 + t
+        frame[cell] = 0.6 * mover + 0.4 * background
+        frames.append(frame)
+        moving.append(cell)
+    return torch.cat(frames), logo_cells, moving
+
+
+def test_video_selection_contract_and_determinism():
+    features, _, _ = _moving_scene()
+    policy = TemporalCivicPolicy()
+    kept = policy.select(features, 4, (8, 8), 10)
+    assert kept.dtype == torch.long and kept.numel() == 40
+    assert bool((kept[1:] > kept[:-1]).all())
+    assert (kept // 64).bincount().tolist() == [10, 10, 10, 10]
+    assert torch.equal(kept, policy.select(features.clone(), 4, (8, 8), 10))
+    assert torch.equal(policy.select(features, 4, (8, 8), 64), torch.arange(256))
+
+
+def test_first_group_is_the_image_policy():
+    features, _, _ = _moving_scene()
+    kept = TemporalCivicPolicy().select(features, 4, (8, 8), 6)
+    assert torch.equal(kept[:6], CivicPolicy().select(features[:64], (8, 8), 6))
+
+
+def test_later_groups_drop_repeats_and_keep_what_moved():
+    """With a tight budget the image policy spends it on the static logo in every group; the
+    video policy keeps the logo once and then the cells whose content changed."""
+    features, logo, moving = _moving_scene()
+    k = 3
+    video = TemporalCivicPolicy(spatial=CivicPolicy(floor_fraction=0.0)).select(features, 4, (8, 8), k)
+    for t in range(1, 4):
+        kept = set((video[t * k : (t + 1) * k] - t * 64).tolist())
+        spatial = set(CivicPolicy(floor_fraction=0.0).select(features[t * 64 : (t + 1) * 64], (8, 8), k).tolist())
+        assert moving[t] in kept and moving[t - 1] in kept  # appeared here, vacated here
+        assert len(spatial & set(logo)) > len(kept & set(logo))
+
+
+def test_repetition_is_a_clipped_cosine():
+    policy = TemporalCivicPolicy(tau=0.5)
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # cos 1, 0, 0.707
+    assert policy.repetition(a, b).tolist() == pytest.approx([1.0, 0.0, (2 ** -0.5 - 0.5) / 0.5])
+
+
+@pytest.mark.parametrize("kwargs", [{"temporal_weight": 1.5}, {"temporal_weight": -0.1}, {"tau": 1.0}])
+def test_policy_parameters_are_checked(kwargs):
+    with pytest.raises(ValueError):
+        TemporalCivicPolicy(**kwargs)
+
+
+@pytest.mark.parametrize(("groups", "grid", "k", "rows"), [(0, (8, 8), 4, 0), (3, (8, 8), 4, 128), (2, (8, 8), 65, 128),
+                                                            (2, (8, 8), 0, 128)])
+def test_bad_selection_inputs_raise(groups, grid, k, rows):
+    with pytest.raises(ValueError):
+        TemporalCivicPolicy().select(torch.randn(rows, 8), groups, grid, k)
+
+
+def test_video_plan():
+    plan = VideoRetention(num_groups=3, grid_hw=(4, 5), num_kept_per_group=7)
+    assert (plan.tokens_per_group, plan.num_tokens, plan.num_kept, plan.keeps_all) == (20, 60, 21, False)
+    rows, cols = plan.kept_cells(torch.tensor([0, 6, 27, 59]))
+    assert rows.tolist() == [0, 1, 1, 3] and cols.tolist() == [0, 1, 2, 4]
+    full = VideoRetention(num_groups=3, grid_hw=(4, 5), num_kept_per_group=20)
+    assert torch.equal(select_video_tokens(torch.randn(60, 8), full), torch.arange(60))
+    assert select_video_tokens(torch.randn(60, 8), plan).numel() == 21
+
+
+# -- positions ------------------------------------------------------------------------------
+
+
+def test_frame_group_spans_find_each_groups_run():
+    V, S, E = 9, 1, 2  # video token, vision start, vision end
+    tokens = [5, 5, 7, 3, S, V, V, E, 4, S, V, V, E, 6, 6]
+    spans = frame_group_spans(tokens, offset=3, length=10, video_token_id=V, num_full=4)
+    assert spans == [ImageSpan(offset=5, num_kept=2, num_full=4), ImageSpan(offset=10, num_kept=2, num_full=4)]
+    assert frame_group_spans(tokens, offset=0, length=3, video_token_id=V, num_full=4) == []
+
+
+# -- civic plan --video ---------------------------------------------------------------------
+
+
+def test_planner_video_tokens_and_timestamps():
+    from civic_vllm import planner
+
+    assert planner.parse_video_size("448x256x16") == (448, 256, 16)
+    for bad in ("448x256", "0x2x2", "axbxc"):
+        with pytest.raises(planner.PlanError, match="video size"):
+            planner.parse_video_size(bad)
+    assert planner.video_timestamps(8, 2) == [0.25, 1.25, 2.25, 3.25]
+    assert planner.video_timestamps(3, 2) == [0.25, 1.0]  # the last frame fills the last group
+    model = planner.load_model("tiny")
+    plan = planner.make_plan(model, planner.PlanRequest(images=[], videos=[(256, 256, 8)], max_tokens=1))
+    (video,) = plan.videos
+    assert (video.grid_thw, video.tokens_per_group, video.merged_tokens) == ([4, 16, 16], 64, 256)
+    assert plan.vanilla.retained_per_video == [256]
+    assert plan.civic[0].retained_per_video == [4 * num_retained(64, 1 / 3)]
+    assert plan.vanilla.prompt_tokens - plan.civic[0].prompt_tokens == 256 - 4 * num_retained(64, 1 / 3)
+    assert "request: video 256x256x8->4 groups of 256x256 (N=256);" in planner.render_table(plan)
+    lower = planner.make_plan(model, planner.PlanRequest(images=[(448, 448)], videos=[(256, 256, 8)],
+                                                         video_ratio=0.25, max_tokens=1))
+    assert lower.civic[0].retained_per_video == [4 * num_retained(64, 0.25)]
+    assert lower.civic[0].retained_per_image == [num_retained(196, 1 / 3)]
+    with pytest.raises(planner.PlanError, match="at least one --image or --video"):
+        planner.make_plan(model, planner.PlanRequest(images=[]))
