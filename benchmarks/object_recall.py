@@ -5,8 +5,8 @@
 
 For the single-object grounding questions of a civic-shapes JSONL (they carry the object's box),
 each model's selections (``policy:exit_layer``, exit ``none`` = after the last block; ratio
---ratio; ``learned`` only for checkpoints whose recipe has a scorer) are computed by the server's own selection code through ``civic viz``'s HF path, and scored on the
-merged-token grid:
+--ratio; ``learned`` only for checkpoints whose recipe has a scorer) are computed by the server's
+own selection code through ``civic viz``'s HF path, and scored on the merged-token grid:
 
 * object recall: kept share of the tokens the box overlaps;
 * ring recall: kept share of the tokens that touch the box's tokens (8-neighbourhood) but not the box.

@@ -2082,7 +2082,8 @@ def recipe_exit_layer_arg(text: str) -> int:
     try:
         layer = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"the recipe's exit layer must be an integer >= 1 or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"the recipe's exit layer must be an integer >= 1 or 'none', got {text!r}") from None
     if layer < 1:
         raise argparse.ArgumentTypeError(f"the recipe's exit layer must be >= 1 or 'none', got {text!r}")
     return layer
