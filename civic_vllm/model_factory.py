@@ -317,9 +317,12 @@ PRESETS: dict[str, ModelPreset] = {
         ),
         ModelPreset(
             name="tiny-qwen3.5-moe",
-            description="Tests: tiny-qwen3.5 with 8 experts (top-2) and one shared expert in every layer.",
+            description=("Tests: tiny-qwen3.5 with 8 experts and one shared expert in every layer, every expert "
+                         "routed (top-8): bf16 rounding then cannot flip a routing choice between vLLM and HF, "
+                         "so the HF reference can match it (discrete top-k routing: tiny-moe, fp32)."),
             text=TextDims(**{**_TINY_TEXT, "mrope_section": _MROPE_64_QUARTER}, linear_attention=_TINY_LINEAR,
-                          moe=dataclasses.replace(_TINY_MOE, shared_expert_intermediate_size=96)),
+                          moe=dataclasses.replace(_TINY_MOE, num_experts_per_tok=_TINY_MOE.num_experts,
+                                                  shared_expert_intermediate_size=96)),
             vision=VisionDims(**_TINY_VISION, deepstack_visual_indexes=()),
         ),
         ModelPreset(
