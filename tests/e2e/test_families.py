@@ -147,7 +147,9 @@ def test_kv_blocks_while_decoding_are_the_planned_blocks(family, civic, ratio):
     Hybrids: blocks of the full-attention group plus one state block per linear-attention group.
     """
     sizes = [(640, 448)]
-    samples, _ = blocks_across_a_boundary(civic, _images(sizes, seed=3), QUESTION, ratio, max_tokens=400,
+    # 1500 output tokens cross ~11 blocks: a /metrics scrape can take as long as hundreds of decode
+    # steps of these tiny models (CI saw only g = 1..3 in three 400-token requests).
+    samples, _ = blocks_across_a_boundary(civic, _images(sizes, seed=3), QUESTION, ratio, max_tokens=1500,
                                           usable_blocks=pool_blocks(civic) - 1)
     planned = {g: _plan(family, sizes, ratio, max_tokens=g).scenarios[1].kv_blocks for g, _ in samples}
     assert [(g, blocks) for g, blocks in samples] == [(g, planned[g]) for g, _ in samples]
