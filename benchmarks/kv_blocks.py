@@ -45,8 +45,10 @@ from PIL import Image, ImageDraw
 from civic_vllm import planner
 from civic_vllm.budget import num_merged_tokens, num_retained
 from civic_vllm.client import civic_body, image_data_url, image_message
+from civic_vllm.cost import kv_blocks
 from civic_vllm.model_factory import TextDims, make_model, models_root
-from civic_vllm.serving import ServerConfig, VllmServer, metric_value
+from civic_vllm.prometheus import metric_labels, metric_value
+from civic_vllm.serving import ServerConfig, VllmServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "kv_blocks.json"
@@ -284,14 +286,6 @@ class Snapshot:
         )
 
 
-def metric_labels(text: str, name: str) -> dict[str, str]:
-    """Labels of the first sample of ``name`` (info-style gauges carry their data there)."""
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            return dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line.split("}", 1)[0]))
-    return {}
-
-
 def pool_geometry(server: VllmServer) -> dict[str, Any]:
     """Block size and block count as the running server reports them: the
     ``vllm:cache_config_info`` labels, else the engine's "KV cache size: N tokens" log line."""
@@ -391,7 +385,7 @@ def _window(prompt: int, block_size: int) -> tuple[int, int]:
     """Completion-token counts a client may see while the request holds exactly as many blocks as
     at prompt + PROBE_TOKENS. Seeing c tokens, the engine holds slots for prompt + c - 1 (the
     last token is not cached yet) up to prompt + c + 1 (async scheduling runs a step ahead)."""
-    target = math.ceil((prompt + PROBE_TOKENS) / block_size)
+    target = kv_blocks(prompt + PROBE_TOKENS, block_size)
     first = max(1, (target - 1) * block_size - prompt + 2)  # prompt + c - 1 > (target - 1) * size
     last = target * block_size - prompt - 1  # prompt + c + 1 <= target * size
     return first, last
@@ -555,14 +549,14 @@ class Plan:
 
 def analytic(prompt: int, block_size: int, usable_blocks: int) -> tuple[int, int]:
     """(blocks per request, requests resident at once) if every request holds prompt+output."""
-    blocks = math.ceil((prompt + PROBE_TOKENS) / block_size)
+    blocks = kv_blocks(prompt + PROBE_TOKENS, block_size)
     return blocks, usable_blocks // blocks
 
 
 def resident_at_admission(prompt: int, block_size: int, usable_blocks: int) -> int:
     """Requests the scheduler admits when each needs only its prompt's blocks: the measured
     peak can reach this (for a few steps) when prompt+output crosses a block edge."""
-    return usable_blocks // math.ceil(prompt / block_size)
+    return usable_blocks // kv_blocks(prompt, block_size)
 
 
 def run_server(plan: Plan, civic: bool, step: Iterator[str]) -> None:
@@ -828,7 +822,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan.max_model_len = 256 * math.ceil((longest + PROBE_TOKENS + 64) / 256)
     plan.max_num_batched_tokens = plan.max_model_len  # whole prompts per step: admission = all blocks
     image = next(w for w in workloads if w.name == "image-dominated")
-    vanilla_blocks = math.ceil((plan.expected_prompt(image, None) + PROBE_TOKENS) / CPU_BLOCK_SIZE)
+    vanilla_blocks = kv_blocks(plan.expected_prompt(image, None) + PROBE_TOKENS, CPU_BLOCK_SIZE)
     usable = max(VANILLA_REQUESTS_IN_POOL * vanilla_blocks, math.ceil(plan.max_model_len / CPU_BLOCK_SIZE))
     plan.pool_bytes = (usable + 1) * geometry.block_bytes(CPU_BLOCK_SIZE)  # +1: vLLM's null block
     # Residency requests decode long enough to overlap, within max_model_len for every config.

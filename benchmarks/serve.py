@@ -72,9 +72,10 @@ from benchmarks.kv_blocks import BenchError as KvBenchError
 from benchmarks.kv_blocks import Geometry, add_served_model_args, environment_info, pool_geometry, wait_idle
 from benchmarks.locust import Record, StreamError, Workload, model_id, stream_chat, summarize_sizes
 from civic_vllm.budget import num_merged_tokens, num_retained
+from civic_vllm.cost import image_encoder_cost
 from civic_vllm.model_factory import make_model, models_root
-from civic_vllm.serving import ServerConfig, ServerError, VllmServer, metric_value
-from civic_vllm.vllm_adapter.encoder_budget import image_encoder_cost
+from civic_vllm.prometheus import histogram, metric_value
+from civic_vllm.serving import ServerConfig, ServerError, VllmServer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -265,44 +266,12 @@ EXPLICIT_SETTINGS: dict[str, Any] = {"policy": "civic", "exit_layer": None}
 # /metrics parsing
 # --------------------------------------------------------------------------------------------
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-_LE = re.compile(r'le="([^"]+)"')
-
-
 def parse_metrics(text: str) -> dict[str, Any]:
     """The scalars and histograms this benchmark reads, summed over label sets.
 
     Histograms become {"buckets": {le: cumulative count}, "sum": s, "count": n}."""
-    scalars = dict.fromkeys(SCALARS, 0.0)
-    hists = {h: {"buckets": {}, "sum": 0.0, "count": 0.0} for h in HISTOGRAMS}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        name, labels, value = m.group(1), m.group(2) or "", m.group(3)
-        try:
-            v = float(value)
-        except ValueError:
-            continue
-        if name in scalars:
-            scalars[name] += v
-            continue
-        for h in HISTOGRAMS:
-            if name.startswith(h):
-                suffix = name[len(h):]
-                if suffix == "_bucket":
-                    le = _LE.search(labels)
-                    if le:
-                        key = math.inf if le.group(1) == "+Inf" else float(le.group(1))
-                        hists[h]["buckets"][key] = hists[h]["buckets"].get(key, 0.0) + v
-                elif suffix == "_sum":
-                    hists[h]["sum"] += v
-                elif suffix == "_count":
-                    hists[h]["count"] += v
-                break
-    return {"scalars": scalars, "hists": hists}
+    return {"scalars": {name: metric_value(text, name) for name in SCALARS},
+            "hists": {name: histogram(text, name) for name in HISTOGRAMS}}
 
 
 def hist_delta(after: dict, before: dict, name: str) -> dict:

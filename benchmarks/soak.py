@@ -42,7 +42,8 @@ from pathlib import Path
 import psutil
 
 from civic_vllm.model_factory import default_model_dir
-from civic_vllm.serving import ServerConfig, VllmServer, metric_value
+from civic_vllm.prometheus import metric_value
+from civic_vllm.serving import ServerConfig, VllmServer
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "benchmarks" / "locust" / "soak_locustfile.py"

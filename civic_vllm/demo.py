@@ -14,7 +14,8 @@ from pathlib import Path
 import openai
 
 from civic_vllm.client import civic_body, image_message
-from civic_vllm.serving import ServerConfig, VllmServer, metric_value
+from civic_vllm.prometheus import metric_value
+from civic_vllm.serving import ServerConfig, VllmServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from civic_vllm.cost import text_prefill_flops, vision_flops
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerFast
@@ -786,11 +788,7 @@ def prefill_flops(
         raise ValueError(f"image sides must be multiples of {unit} (resize like the processor)")
     patches = h * w  # one image = one temporal patch
     merged = patches // v.spatial_merge_size**2
-    hv, merge_in = v.hidden_size, v.hidden_size * v.spatial_merge_size**2
-    vision = 2 * patches * (3 * v.temporal_patch_size * v.patch_size**2) * hv  # patch embed
-    vision += v.depth * (2 * patches * (4 * hv * hv + 2 * hv * v.intermediate_size) + 4 * patches**2 * hv)
-    n_mergers = 1 + len(v.deepstack_visual_indexes)
-    vision += n_mergers * 2 * merged * (merge_in * merge_in + merge_in * v.out_hidden_size)
+    vision = vision_flops(v, patches, merged)
     n = merged + text_tokens
     vocab = t.vocab_size if t.vocab_size is not None else TOKENIZER_VOCAB_SIZE
     llm = text_prefill_flops(t, n, vocab)
@@ -798,36 +796,6 @@ def prefill_flops(
         "vision": float(vision), "llm": float(llm), "total": float(vision + llm),
         "llm_share": llm / (vision + llm), "image_tokens": merged, "prompt_tokens": n,
     }
-
-
-def text_prefill_flops(t: TextDims, prompt_tokens: int, vocab_size: int) -> int:
-    """Causal prefill of one ``prompt_tokens`` sequence plus the LM head on its last token.
-
-    Per family: MoE MLPs count the router and the ``num_experts_per_tok`` experts each token
-    runs (plus the shared expert), not all experts; Qwen3.5's full-attention layers project a
-    query gate too (q_proj is 2x wide) and its Gated DeltaNet layers cost projections, the
-    causal conv and the recurrent state update (about 4 d_k d_v per value head per token: the
-    decay, delta-rule update and read-out), linear in the prompt length.
-    """
-    n, h = prompt_tokens, t.hidden_size
-    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    gated_q = 2 * q if t.linear_attention is not None else q
-    attention = 2 * n * h * (gated_q + 2 * kv + q) + 2 * n * n * q  # causal QK^T + AV: half of 2 (2 n^2 q)
-    if t.moe is None:
-        mlp = 2 * n * 3 * h * t.intermediate_size
-    else:
-        m = t.moe
-        active = m.num_experts_per_tok * m.moe_intermediate_size + m.shared_expert_intermediate_size
-        mlp = 2 * n * (3 * h * active + h * m.num_experts + (h if m.shared_expert_intermediate_size else 0))
-    flops = t.num_full_attention_layers * attention + t.num_hidden_layers * mlp
-    if (la := t.linear_attention) is not None:
-        keys, values = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
-        conv = 2 * keys + values
-        projections = h * (conv + values + 2 * la.num_value_heads) + values * h  # qkv, z, b/a; out
-        per_token = 2 * projections + 2 * conv * la.conv_kernel_dim + 8 * la.num_value_heads * la.key_head_dim * (
-            la.value_head_dim)
-        flops += (t.num_hidden_layers - t.num_full_attention_layers) * n * per_token
-    return flops + 2 * h * vocab_size
 
 
 # --------------------------------------------------------------------------------------

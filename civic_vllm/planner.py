@@ -43,6 +43,16 @@ from typing import Any
 
 from civic_vllm import model_factory as mf
 from civic_vllm.budget import num_merged_tokens, num_retained, validate_ratio
+from civic_vllm.cost import (
+    DTYPE_BYTES,
+    LayoutError,
+    kv_blocks,
+    kv_layout,
+    kv_tokens,
+    layers_and_kv_heads_per_gpu,
+    text_prefill_flops,
+    vision_flops,
+)
 
 __all__ = [
     "DEFAULT_RESERVE_BYTES",
@@ -82,7 +92,6 @@ GPU_MEMORY_UTILIZATION = 0.9  # vLLM's --gpu-memory-utilization default
 # "Available KV cache memory" from the server log and pass --kv-cache-memory to be exact.
 DEFAULT_RESERVE_BYTES = 4 * GiB
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 WEIGHT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
 
@@ -475,146 +484,6 @@ def resized_video(width: int, height: int, frames: int, patch_size: int, merge_s
     return int(w), int(h)
 
 
-# --------------------------------------------------------------------------------------
-# FLOPs (2 per multiply-add), the same model as model_factory.prefill_flops, split by part
-# --------------------------------------------------------------------------------------
-
-
-def _vision_block_flops(v: mf.VisionDims, patches: int) -> int:
-    """One ViT block: QKV + output projection, MLP, full attention within the image."""
-    hv = v.hidden_size
-    return 2 * patches * (4 * hv * hv + 2 * hv * v.intermediate_size) + 4 * patches**2 * hv
-
-
-def vision_flops(v: mf.VisionDims, patches: int, merged_in: int, exit_layer: int | None = None) -> int:
-    """Vision tower on one image of ``patches`` patches whose mergers run on ``merged_in`` groups.
-
-    CIVIC runs every block on all patches and the main + DeepStack mergers on the K kept
-    groups only; with an exit layer L, blocks L.. run on the kept groups' patches only.
-    At merged_in = N and no exit layer this equals model_factory.prefill_flops' vision term.
-    """
-    hv, group = v.hidden_size, v.spatial_merge_size**2
-    flops = 2 * patches * (3 * v.temporal_patch_size * v.patch_size**2) * hv  # patch embedding
-    full_blocks = v.depth if exit_layer is None else exit_layer
-    flops += full_blocks * _vision_block_flops(v, patches)
-    flops += (v.depth - full_blocks) * _vision_block_flops(v, merged_in * group)
-    merge_in, mergers = hv * group, 1 + len(v.deepstack_visual_indexes)
-    flops += mergers * 2 * merged_in * (merge_in * merge_in + merge_in * v.out_hidden_size)
-    return flops
-
-
-def llm_flops(t: mf.TextDims, prompt_tokens: int, vocab_size: int) -> int:
-    """Causal prefill of the whole prompt (one sequence) plus the LM head on its last token,
-    per family (active experts for MoE, Gated DeltaNet layers for Qwen3.5)."""
-    return mf.text_prefill_flops(t, prompt_tokens, vocab_size)
-
-
-# --------------------------------------------------------------------------------------
-# The plan
-# --------------------------------------------------------------------------------------
-
-
-def kv_blocks(tokens: int, block_size: int) -> int:
-    """Blocks vLLM's KV-cache manager gives a request holding ``tokens`` tokens: ceil(tokens / block_size)."""
-    return -(-tokens // block_size)
-
-
-def layers_and_kv_heads_per_gpu(dims: mf.ModelPreset, tensor_parallel: int, pipeline_parallel: int) -> tuple[int, int]:
-    """Decoder layers and KV heads whose cache one GPU holds, as vLLM 0.32 splits them.
-
-    Pipeline stages get ``layers // PP`` layers, the remainder one each to the stages before the
-    last (``get_pp_indices``, without VLLM_PP_LAYER_PARTITION); every worker gets the
-    same pool and vLLM keeps the smallest block count, the largest stage's. Tensor parallelism
-    splits KV heads, or replicates them when there are fewer heads than ranks.
-    The checks are vLLM's own start-up refusals, said before a GPU is rented.
-    """
-    t, v = dims.text, dims.vision
-    if tensor_parallel < 1 or pipeline_parallel < 1:
-        raise PlanError("--tensor-parallel-size and --pipeline-parallel-size must be >= 1")
-    if t.num_attention_heads % tensor_parallel:
-        raise PlanError(f"vLLM refuses --tensor-parallel-size {tensor_parallel}: {t.num_attention_heads} attention "
-                        "heads do not divide evenly")
-    kv = t.num_key_value_heads
-    if (kv % tensor_parallel) if kv >= tensor_parallel else (tensor_parallel % kv):
-        raise PlanError(f"vLLM refuses --tensor-parallel-size {tensor_parallel} with {kv} KV heads: one must divide "
-                        "the other")
-    if pipeline_parallel > t.num_hidden_layers:
-        raise PlanError(f"--pipeline-parallel-size {pipeline_parallel} exceeds the {t.num_hidden_layers} layers")
-    stages = [t.num_hidden_layers // pipeline_parallel] * pipeline_parallel
-    for i in range(2, t.num_hidden_layers % pipeline_parallel + 2):
-        stages[-i] += 1
-    if pipeline_parallel > 1 and stages[0] < len(v.deepstack_visual_indexes):
-        raise PlanError(f"vLLM (qwen3_vl.py) refuses --pipeline-parallel-size {pipeline_parallel}: the second stage "
-                        f"would start at layer {stages[0]}, before the {len(v.deepstack_visual_indexes)} "
-                        "DeepStack layers end")
-    return max(stages), max(kv // tensor_parallel, 1)
-
-
-@dataclass(frozen=True)
-class KvLayout:
-    """How vLLM 0.32 pages a model's cache (v1/core/kv_cache_utils.py, platforms/interface.py).
-
-    Dense and MoE: one group of all layers; a request holds ceil(tokens / block_size) blocks.
-    Hybrid (Qwen3.5): layers are grouped by type into groups of ``group_size`` layers
-    (the smaller of the two layer counts); every group has its own blocks in one shared pool
-    whose block spans ``group_size`` layer pages. A full-attention group holds ceil(tokens /
-    block_size) blocks per request, a linear-attention group one state block, whatever the
-    length (measured on the server, tests/e2e/test_families.py, prefix caching on and off).
-    The state page (conv + recurrent state) is padded up to the attention page; if it is
-    larger, vLLM raises the attention block size to the next multiple of ``block_size`` that
-    holds it (that branch is vLLM's rule, not measured here: the tiny presets' state is smaller).
-    """
-
-    block_size: int
-    block_bytes: int  # one block of the pool: group_size layer pages
-    attention_groups: int
-    state_blocks: int  # per request: one per linear-attention group
-    bytes_per_token: int  # K and V of the full-attention layers only
-    attention_layers: int  # full-attention layers in one GPU's cache
-
-    def blocks(self, tokens: int) -> int:
-        return self.attention_groups * kv_blocks(tokens, self.block_size) + self.state_blocks
-
-
-def kv_layout(t: mf.TextDims, block_size: int, kv_dtype: str, layers: int | None = None,
-              kv_heads: int | None = None) -> KvLayout:
-    """``layers`` / ``kv_heads``: what one GPU holds (:func:`layers_and_kv_heads_per_gpu`); default all.
-
-    Hybrids are modelled on one GPU only: how vLLM splits their linear-attention state across
-    tensor- and pipeline-parallel ranks is not measured here, so a split hybrid is refused.
-    """
-    full, linear = t.num_full_attention_layers, t.num_hidden_layers - t.num_full_attention_layers
-    layers = t.num_hidden_layers if layers is None else layers
-    kv_heads = t.num_key_value_heads if kv_heads is None else kv_heads
-    if linear and (layers, kv_heads) != (t.num_hidden_layers, t.num_key_value_heads):
-        raise PlanError("civic plan models hybrid (linear-attention) models on one GPU only: "
-                        "--tensor-parallel-size / --pipeline-parallel-size > 1 are not modelled for them")
-    token_page = 2 * kv_heads * t.head_dim * DTYPE_BYTES[kv_dtype]  # one layer, one token
-    if not linear:
-        full = layers
-        return KvLayout(block_size, token_page * block_size * full, 1, 0, token_page * full, full)
-    la = t.linear_attention
-    conv_channels = 2 * la.num_key_heads * la.key_head_dim + la.num_value_heads * la.value_head_dim
-    state_page = DTYPE_BYTES[kv_dtype] * (conv_channels * (la.conv_kernel_dim - 1)
-                                          + la.num_value_heads * la.key_head_dim * la.value_head_dim)
-    block_size = max(block_size, block_size * -(-state_page // (block_size * token_page)))
-    group_size = min(full, linear)
-    return KvLayout(block_size, token_page * block_size * group_size, -(-full // group_size),
-                    -(-linear // group_size), token_page * full, full)
-
-
-def kv_tokens(prompt_tokens: int, max_tokens: int) -> int:
-    """KV slots a request holds at its last step: prompt + max_tokens - 1.
-
-    The last sampled token is returned, never fed back, so its K/V are never written. vLLM's
-    scheduler allocates ``num_computed + num_new`` slots per step (v1/core/sched/scheduler.py);
-    the step that samples output token g feeds token g - 1, holding prompt + g - 1 slots, and
-    the async scheduler skips the extra step once max_tokens is reached, so both schedulers
-    peak here. (A request that stops at EOS early under async scheduling may get one more slot.)
-    """
-    return prompt_tokens + max(max_tokens - 1, 0)
-
-
 @dataclass
 class PlanRequest:
     """One request shape and the deployment it runs on (the CLI's flags)."""
@@ -795,8 +664,11 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
     # KV geometry and memory, per GPU (per worker process on CPU).
     weights_dtype = _weights_dtype(req.dtype, model.config_dtype)
     kv_dtype = weights_dtype if req.kv_dtype == "auto" else req.kv_dtype
-    layers, kv_heads = layers_and_kv_heads_per_gpu(model.dims, req.tensor_parallel_size, req.pipeline_parallel_size)
-    layout = kv_layout(t, block_size, kv_dtype, layers=layers, kv_heads=kv_heads)
+    try:
+        layers, kv_heads = layers_and_kv_heads_per_gpu(model.dims, req.tensor_parallel_size, req.pipeline_parallel_size)
+        layout = kv_layout(t, block_size, kv_dtype, layers=layers, kv_heads=kv_heads)
+    except LayoutError as exc:
+        raise PlanError(str(exc)) from None
     block_size, block_bytes, bytes_per_token = layout.block_size, layout.block_bytes, layout.bytes_per_token
     params = _param_counts(model.dims)
     gpus = req.tensor_parallel_size * req.pipeline_parallel_size
@@ -826,7 +698,7 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         # A video's frame groups attend within themselves; its mergers run on every token.
         vision += sum(video.grid_thw[0] * vision_flops(v, video.patches // video.grid_thw[0], video.tokens_per_group)
                       for video in videos)
-        llm = llm_flops(t, prompt, vocab)
+        llm = text_prefill_flops(t, prompt, vocab)
         return Scenario(
             label=label, ratio=ratio, retained_per_image=kept, retained_per_video=kept_videos,
             visual_tokens=sum(kept) + sum(kept_videos),

@@ -20,8 +20,9 @@ from civic_vllm import planner
 from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, image_message
 from civic_vllm.hf_compact import VideoInputs, build_compact_batch, compact_greedy
+from civic_vllm.prometheus import metric_value
 from civic_vllm.retention.plan import ImageRetention, VideoRetention
-from civic_vllm.serving import ServerConfig, VllmServer, metric_value
+from civic_vllm.serving import ServerConfig, VllmServer
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
 # Small enough that a 3-image prompt is prefilled in several chunks.

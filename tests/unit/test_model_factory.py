@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from civic_vllm import cost
 from civic_vllm import model_factory as mf
 
 # Published sizes of the real models (parameters, tied embeddings counted once).
@@ -363,11 +364,11 @@ def test_text_prefill_flops_counts_active_experts_and_full_attention_only() -> N
     h, m = moe.hidden_size, moe.moe
     mlp_gap = 2 * n * 3 * h * (dense.intermediate_size - m.num_experts_per_tok * m.moe_intermediate_size)
     router = 2 * n * h * m.num_experts
-    assert mf.text_prefill_flops(dense, n, vocab) - mf.text_prefill_flops(moe, n, vocab) == (
+    assert cost.text_prefill_flops(dense, n, vocab) - cost.text_prefill_flops(moe, n, vocab) == (
         (mlp_gap - router) * dense.num_hidden_layers)
     # f(2n) - 2 f(n) keeps only the causal attention (4 n^2 q per full-attention layer) and -1 LM head.
     def quadratic(t):
-        return mf.text_prefill_flops(t, 2 * n, vocab) - 2 * mf.text_prefill_flops(t, n, vocab) + 2 * h * vocab
+        return cost.text_prefill_flops(t, 2 * n, vocab) - 2 * cost.text_prefill_flops(t, n, vocab) + 2 * h * vocab
 
     q = dense.num_attention_heads * dense.head_dim
     assert quadratic(dense) == 4 * n * n * q * dense.num_hidden_layers

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from civic_vllm import cost, planner
 from civic_vllm import model_factory as mf
-from civic_vllm import planner
 from civic_vllm.budget import num_merged_tokens, num_retained
 from civic_vllm.planner import GiB, PlanError, PlanRequest
 
@@ -261,7 +261,7 @@ def test_civic_flops_and_exit_layer(q8b) -> None:
     assert early.civic[0].vision_flops == full.vision_flops  # K = N: nothing to skip
     assert early.civic[1].vision_flops < third.vision_flops
     v = q8b.dims.vision
-    skipped = (depth - 8) * (planner._vision_block_flops(v, 7056) - planner._vision_block_flops(v, 4 * 588))
+    skipped = (depth - 8) * (cost._vision_block_flops(v, 7056) - cost._vision_block_flops(v, 4 * 588))
     assert third.vision_flops - early.civic[1].vision_flops == skipped
 
 
