@@ -39,6 +39,7 @@ from civic_vllm.budget import num_retained, validate_ratio
 from civic_vllm.client import image_data_url, image_message
 from civic_vllm.cost import kv_blocks, kv_tokens
 from civic_vllm.data import shapes
+from civic_vllm.model_factory import default_model
 from civic_vllm.prometheus import metric_labels, metric_value
 from civic_vllm.serving import ServerError
 
@@ -396,7 +397,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from civic_vllm.serving import ServerConfig, VllmServer
 
     samples = load_samples(args.data)
-    model = resolve_model(args.model or _default_model())
+    model = resolve_model(args.model or default_model())
     geometry = geometry_of(model) if args.method == "downscale" else None
     with contextlib.ExitStack() as stack:
         url = args.server.rstrip("/") if args.server else None
@@ -415,12 +416,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(summary(result))
     print(f"-> {out}")
     return 0
-
-
-def _default_model() -> str:
-    from civic_vllm.demo import default_model
-
-    return default_model()
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1044,6 +1044,15 @@ def models_root() -> Path:
     return Path.home() / ".cache" / "civic_vllm" / "models"
 
 
+def default_model() -> str:
+    """The model every command uses when none is given: the trained civic-shapes checkpoint
+    committed in the repository (models/civic-shapes-tiny), else the tiny random preset."""
+    trained = Path(__file__).resolve().parents[1] / "models" / "civic-shapes-tiny"
+    if (trained / "config.json").exists():
+        return str(trained)
+    return str(default_model_dir("tiny"))
+
+
 def default_model_dir(preset: str = "tiny", *, seed: int = 0) -> Path:
     """The checkpoint of ``preset`` under :func:`models_root`, built on first use."""
     return make_model(preset, models_root() / preset, seed=seed)

@@ -994,7 +994,7 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         request = request_from_args(args)
         if args.model is None:
-            from civic_vllm.demo import default_model
+            from civic_vllm.model_factory import default_model
 
             args.model = default_model()
         plan = make_plan(load_model(args.model), request)
