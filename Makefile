@@ -74,3 +74,11 @@ GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 .PHONY: gpu-check
 gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# Video serving: vanilla vs vLLM's EVS (--video-pruning-rate 2/3) vs civic at EVS's kept count vs uniform frame
+# subsampling (1/3 of the frames), bench preset, same KV pool, fresh random videos; locust at concurrency 1 and 8,
+# paired TTFT probe, vllm bench serve random-mm. Writes benchmarks/results/video_serve.json, .png, .md.
+# QUICK=1: a few minutes (video_serve_quick.*). VIDEO_ARGS passes options (e.g. --preset tiny --video 256x256x8).
+.PHONY: bench-video
+bench-video: install
+	QUICK="$(QUICK)" $(PY) -m benchmarks.video_serve $(VIDEO_ARGS)

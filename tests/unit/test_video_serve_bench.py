@@ -1,0 +1,181 @@
+"""benchmarks/video_serve.py and benchmarks/locust/video.py, pure parts: videos, request bodies, token maths,
+ratios and the acceptance checks on a synthetic state. No server, no timing thresholds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from benchmarks import video_serve as vs
+from benchmarks.locust.video import CELL, VideoWorkload, random_video, subsample, video_seed
+from civic_vllm.client import video_data_url
+
+
+def test_random_video_is_seeded_and_fresh():
+    a, b = random_video(96, 64, 6, seed=1), random_video(96, 64, 6, seed=1)
+    assert a.shape == (6, 64, 96, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, random_video(96, 64, 6, seed=2))
+
+
+def test_random_video_changes_about_a_quarter_of_the_cells_per_frame():
+    video = random_video(320, 320, 8, seed=3).astype(int)
+    cells = video[:, CELL // 2 :: CELL, CELL // 2 :: CELL]  # one pixel per cell (noise is +-8)
+    changed = (np.abs(np.diff(cells, axis=0)).max(-1) > 16).mean()
+    assert 0.15 < changed < 0.3
+
+
+def test_random_video_rejects_tiny_or_empty():
+    with pytest.raises(ValueError):
+        random_video(16, 64, 4, seed=0)
+    with pytest.raises(ValueError):
+        random_video(64, 64, 0, seed=0)
+
+
+def test_subsample_keeps_every_stride_th_frame():
+    frames = np.arange(12)[:, None, None, None] * np.ones((1, 2, 2, 3), dtype=np.uint8)
+    assert subsample(frames, 3)[:, 0, 0, 0].tolist() == [0, 3, 6, 9]
+    assert len(subsample(frames, 1)) == 12
+    with pytest.raises(ValueError):
+        subsample(frames, 0)
+
+
+def test_video_seed_is_unique_per_run_and_request():
+    seeds = {video_seed(run, index) for run in range(3) for index in range(100)}
+    assert len(seeds) == 300
+
+
+def test_video_workload_body_vanilla_and_civic():
+    vanilla = VideoWorkload(video_size=(64, 64), frames=4, seed=7)
+    body = vanilla.body("m")
+    parts = body["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["video_url", "text"]
+    assert parts[0]["video_url"]["url"].startswith("data:video/mp4;base64,")
+    assert "mm_processor_kwargs" not in body and body["stream"] and body["ignore_eos"]
+    assert vanilla.body("m")["messages"][0]["content"][0] != parts[0]  # the next request, a new video
+    civic = VideoWorkload(video_size=(64, 64), frames=4, ratio=0.25)
+    kwargs = civic.body("m")["mm_processor_kwargs"]
+    assert kwargs == {"civic_ratio": 0.25, "civic_video_ratio": 0.25}
+
+
+def test_video_workload_subsampling_and_locust_args():
+    wl = VideoWorkload(video_size=(64, 96), frames=12, stride=3, seed=1)
+    assert wl.sent_frames == 4 and wl.video(0).shape == (4, 96, 64, 3)
+    assert wl.locust_args() == ["--video-size", "64x96", "--video-frames", "12", "--frame-stride", "3",
+                                "--video-fps", "2"]
+    assert wl.locustfile_path().exists() and wl.images_per_request == 0
+    with pytest.raises(ValueError):
+        VideoWorkload(frames=2, stride=3)
+
+
+def test_video_data_url_round_trip_frame_count():
+    cv2 = pytest.importorskip("cv2")
+    import base64
+    import tempfile
+    from pathlib import Path
+
+    url = video_data_url(random_video(64, 64, 6, seed=0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "v.mp4"
+        path.write_bytes(base64.b64decode(url.split(",", 1)[1]))
+        assert int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT)) == 6
+
+
+def test_spec_token_maths():
+    spec = vs.VideoSpec("v", 384, 384, 12)
+    assert spec.tokens_per_group == 144 and spec.groups() == 6 and spec.video_tokens() == 864
+    assert spec.groups(3) == 2 and spec.video_tokens(3) == 288
+
+
+def test_evs_kept_matches_vllm():
+    evs = pytest.importorskip("vllm.multimodal.video_prune.evs")
+    for n, t, q in ((144, 6, 2 / 3), (64, 6, 2 / 3), (64, 4, 0.5), (64, 2, 0.9), (100, 3, 0.75)):
+        assert vs.evs_kept(n, t, q) == evs.compute_retained_tokens_count(n, t, q)
+
+
+@pytest.mark.parametrize("n,t,q", [(144, 6, 2 / 3), (64, 6, 2 / 3), (64, 4, 0.5), (64, 2, 0.9), (196, 8, 0.75)])
+def test_matching_ratio_keeps_no_more_than_evs_and_is_the_largest(n, t, q):
+    kept = vs.evs_kept(n, t, q)
+    r = vs.matching_ratio(kept, n, t)
+    assert vs.civic_kept(n, t, r) <= kept or r == Fraction(1, n)
+    assert vs.civic_kept(n, t, r + Fraction(1, n)) > kept or r == 1
+    assert vs.civic_kept(n, t, r) == t * math.ceil(r * n)
+
+
+def test_matching_ratio_at_two_thirds_on_384_is_a_third():
+    assert vs.matching_ratio(vs.evs_kept(144, 6, 2 / 3), 144, 6) == Fraction(1, 3)
+
+
+def test_contender_labels():
+    assert vs.Contender("evs", "evs", prune_rate=Fraction(2, 3)).label == "EVS q=2/3"
+    assert vs.Contender("civic", "civic", ratio=Fraction(1, 3)).label == "civic r=1/3"
+    assert vs.Contender("subsample", "vanilla", stride=3).label == "subsample 1/3"
+
+
+LABELS = {"vanilla": "vanilla", "evs": "EVS q=2/3", "civic": "civic r=1/3", "subsample": "subsample 1/3"}
+
+
+def synthetic_state(ttft: dict[str, float], tok_s: dict[str, dict[int, float]], video: dict[str, int]) -> dict:
+    """Probe rows (3 rounds, +-1% noise), locust points and token counts for the four contenders."""
+    probe = [{"config": LABELS[name], "round": r, "client_ttft_s": t * (1 + 0.01 * (r - 1)), "server_ttft_s": t}
+             for r in range(3) for name, t in ttft.items()]
+    points = [{"config": LABELS[name], "concurrency": c,
+               "client": {"output_tok_per_s": v, "req_per_s": v / 64, "ttft_p50_s": ttft[name]}}
+              for name, per_c in tok_s.items() for c, v in per_c.items()]
+    counts = [{"contender": LABELS[name], "prompt_tokens": n + 60, "video_tokens": n}
+              for name, n in video.items() for _ in range(2)]
+    return {"contenders": [{"name": k, "label": v} for k, v in LABELS.items()], "probe": probe, "points": points,
+            "counts": counts, "block_size": 128, "max_tokens": 64}
+
+
+def test_analysis_ratios_and_passing_checks():
+    state = synthetic_state({"vanilla": 4.0, "evs": 2.5, "civic": 2.0, "subsample": 1.6},
+                            {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 16, 8: 36},
+                             "subsample": {1: 18, 8: 40}},
+                            {"vanilla": 9000, "evs": 3000, "civic": 3000, "subsample": 3000})
+    report = vs.analyse(state)
+    ratios = {r["pair"]: r for r in report["ratios"]}
+    assert ratios["civic/vanilla"]["probe_ttft"]["ratio"] == pytest.approx(0.5)
+    assert ratios["civic/evs"]["probe_ttft"]["ratio"] == pytest.approx(0.8)
+    assert ratios["civic/evs"]["probe_ttft"]["ci95"] is not None
+    assert ratios["evs/vanilla"]["c8"]["output_tok_per_s"] == pytest.approx(1.5)
+    assert ratios["subsample/vanilla"]["video_tokens"] == pytest.approx(1 / 3)
+    checks = {c["name"]: c for c in report["acceptance"]}
+    assert all(c["pass"] for c in checks.values()), checks
+    assert report["tokens"]["vanilla"]["kv_blocks_end"] == math.ceil((9000 + 60 + 63) / 128)
+    json.dumps(report)  # the report is JSON-serialisable
+
+
+def test_analysis_failing_checks():
+    state = synthetic_state({"vanilla": 4.0, "evs": 2.0, "civic": 2.2, "subsample": 1.6},
+                            {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 13, 8: 29},
+                             "subsample": {1: 18, 8: 40}},
+                            {"vanilla": 384, "evs": 128, "civic": 132, "subsample": 128})
+    checks = {c["name"]: c for c in vs.analyse(state)["acceptance"]}
+    failed = {name for name, c in checks.items() if c["pass"] is False}
+    assert any("no more video tokens" in n for n in failed)
+    assert any("at least as fast" in n for n in failed)
+    assert any("under load" in n for n in failed)
+    # 132/384 = 0.34 placeholders pass; KV blocks 2/4 (text and output do not shrink) fail
+    assert any("placeholders" in n for n in checks if checks[n]["pass"])
+    assert any("KV blocks" in n for n in failed)
+
+
+def test_paired_ratio_uses_rounds_both_have():
+    rows = [{"config": "a", "round": 0, "client_ttft_s": 1.0}, {"config": "b", "round": 0, "client_ttft_s": 2.0},
+            {"config": "a", "round": 1, "client_ttft_s": 1.0}]
+    r = vs.paired_ratio(rows, "a", "b")
+    assert r["rounds"] == 1 and r["ratio"] == pytest.approx(0.5) and r["ci95"] is None
+    assert vs.paired_ratio(rows, "a", "c")["ratio"] is None
+
+
+def test_parse_video():
+    assert vs.parse_video("384x256x12") == (384, 256, 12)
+    for bad in ("300x300x12", "384x384", "384x384x1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            vs.parse_video(bad)
