@@ -54,8 +54,8 @@ from benchmarks.kv_blocks import BenchError as KvBenchError
 from benchmarks.kv_blocks import Geometry, add_served_model_args, pool_geometry, wait_idle
 from benchmarks.locust import model_id
 from benchmarks.locust.video import VideoWorkload
+from civic_vllm.cost import kv_blocks, kv_tokens
 from civic_vllm.model_factory import make_model, models_root
-from civic_vllm.planner import kv_blocks, kv_tokens
 from civic_vllm.serving import ServerConfig, ServerError, VllmServer, metric_value, vllm_executable
 
 ROOT = serve.ROOT
