@@ -579,7 +579,7 @@ def parse_video(text: str) -> tuple[int, int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_served_model_args(parser, "bench", "short bounds (also: QUICK=1 in the environment)")
-    parser.add_argument("--video", type=parse_video, default=(384, 384, 12), help="WxHxFRAMES (default 384x384x12)")
+    parser.add_argument("--video", type=parse_video, default=(256, 256, 12), help="WxHxFRAMES (default 256x256x12)")
     parser.add_argument("--pruning-rate", type=Fraction, default=Fraction(2, 3), help="EVS's --video-pruning-rate")
     parser.add_argument("--stride", type=int, default=3, help="subsampling baseline: every N-th frame (3)")
     parser.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,

@@ -68,7 +68,7 @@ class VideoWorkload(Workload):
 
     locustfile: ClassVar[str] = "video_locustfile.py"
 
-    video_size: tuple[int, int] = (384, 384)  # (width, height), multiples of 32
+    video_size: tuple[int, int] = (256, 256)  # (width, height), multiples of 32
     frames: int = 12  # frames generated per request (before subsampling)
     stride: int = 1  # keep every stride-th frame (1: all)
     fps: float = 2.0

@@ -6,7 +6,7 @@ this file adds the video knobs and swaps the request shape for :class:`benchmark
 
     locust -f benchmarks/locust/video_locustfile.py --headless -u 8 -r 8 -t 120s \\
         --host http://127.0.0.1:8000 --records-file out/c8.jsonl --measure-s 60 \\
-        --video-size 384x384 --video-frames 12 --frame-stride 1 --max-tokens 64 [--civic-ratio 0.3333]
+        --video-size 256x256 --video-frames 12 --frame-stride 1 --max-tokens 64 [--civic-ratio 0.3333]
 
 ``--civic-ratio`` sets both civic_ratio and civic_video_ratio; omit it for vanilla and EVS servers.
 ``--frame-stride 3`` sends every third frame only (the uniform subsampling baseline).
@@ -33,7 +33,7 @@ ChatUser = base.ChatUser  # the user class locust runs: a streaming request, the
 @events.init_command_line_parser.add_listener
 def _video_options(parser) -> None:
     group = parser.add_argument_group("civic video workload")
-    group.add_argument("--video-size", default="384", env_var="CIVIC_VIDEO_SIZE",
+    group.add_argument("--video-size", default="256", env_var="CIVIC_VIDEO_SIZE",
                        help="WIDTH or WIDTHxHEIGHT of the frames in px (multiples of 32)")
     group.add_argument("--video-frames", type=int, default=12, env_var="CIVIC_VIDEO_FRAMES",
                        help="frames generated per request, before subsampling")
