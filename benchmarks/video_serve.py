@@ -425,9 +425,22 @@ def acceptance(state: dict, ratios: list[dict]) -> list[dict]:
     return checks
 
 
+def metrics_blocks(state: dict) -> dict[str, int | None]:
+    """KV blocks one request held at most, from /metrics: vllm:kv_cache_usage_perc's maximum over the
+    concurrency-1 window (one request at a time) x the usable blocks. Sampled every poll, so a lower bound."""
+    usable = state.get("pool", {}).get("usable_blocks")
+    out = {}
+    for c in state["contenders"]:
+        p = point(state["points"], c["label"], 1)
+        peak = p and p["server"].get("kv_usage_max")
+        out[c["label"]] = round(peak * usable) if peak is not None and usable else None
+    return out
+
+
 def analyse(state: dict) -> dict:
     ratios = ratio_table(state)
-    return {"tokens": token_summary(state), "ratios": ratios, "acceptance": acceptance(state, ratios)}
+    return {"tokens": token_summary(state), "kv_blocks_from_metrics_c1": metrics_blocks(state), "ratios": ratios,
+            "acceptance": acceptance(state, ratios)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +514,8 @@ def markdown(state: dict, report: dict) -> str:
               "KV blocks (last step) |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['video_tokens']} | {v['prompt_tokens']} | {v['kv_blocks_prompt']} | {v['kv_blocks_end']} |"
               for k, v in report["tokens"].items()]
+    lines += ["", "KV blocks from `/metrics` (peak `vllm:kv_cache_usage_perc` x usable blocks, concurrency 1): "
+              + ", ".join(f"{k} {serve.fmt(v, 'd')}" for k, v in report["kv_blocks_from_metrics_c1"].items()) + "."]
     users = sorted({p["concurrency"] for p in state["points"]})
     lines += ["", "## Ratios", "", "| ratio | TTFT c=1 (paired probe, 95% CI) | server TTFT c=1 | "
               + " | ".join(f"tok/s c={u} | TTFT p50 c={u}" for u in users) + " | video tokens | KV blocks |",

@@ -125,12 +125,19 @@ def synthetic_state(ttft: dict[str, float], tok_s: dict[str, dict[int, float]], 
     probe = [{"config": LABELS[name], "round": r, "client_ttft_s": t * (1 + 0.01 * (r - 1)), "server_ttft_s": t}
              for r in range(3) for name, t in ttft.items()]
     points = [{"config": LABELS[name], "concurrency": c,
-               "client": {"output_tok_per_s": v, "req_per_s": v / 64, "ttft_p50_s": ttft[name]}}
+               "client": {"output_tok_per_s": v, "req_per_s": v / 64, "ttft_p50_s": ttft[name], "ttft_p95_s": None,
+                          "requests_completed": 5},
+               "server": {"kv_usage_max": video[name] / 10000}}
               for name, per_c in tok_s.items() for c, v in per_c.items()]
     counts = [{"contender": LABELS[name], "prompt_tokens": n + 60, "video_tokens": n}
               for name, n in video.items() for _ in range(2)]
     return {"contenders": [{"name": k, "label": v} for k, v in LABELS.items()], "probe": probe, "points": points,
-            "counts": counts, "block_size": 128, "max_tokens": 64}
+            "counts": counts, "block_size": 128, "max_tokens": 64, "pool": {"num_blocks": 101, "usable_blocks": 100},
+            "quick": True, "preset": "bench", "dtype": "bfloat16", "command": "x", "created": "now", "duration_s": 1.0,
+            "load_start": [0.1, 0.1, 0.1], "spec": {"width": 256, "height": 256, "frames": 12, "fps": 2.0},
+            "notes": ["n"], "random_mm": [{"contender": "vanilla", "concurrency": 1, "num_prompts": 2, "ok": True,
+                                           "output_throughput": 3.0}, {"contender": "EVS q=2/3", "concurrency": 8,
+                                           "num_prompts": 2, "ok": False, "error": "Traceback\nValueError: no"}]}
 
 
 def test_analysis_ratios_and_passing_checks():
@@ -179,3 +186,17 @@ def test_parse_video():
     for bad in ("300x300x12", "384x384", "384x384x1"):
         with pytest.raises(argparse.ArgumentTypeError):
             vs.parse_video(bad)
+
+
+def test_report_files_from_a_synthetic_state(tmp_path):
+    state = synthetic_state({"vanilla": 4.0, "evs": 2.5, "civic": 2.0, "subsample": 1.6},
+                            {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 16, 8: 36},
+                             "subsample": {1: 18, 8: 40}},
+                            {"vanilla": 384, "evs": 128, "civic": 126, "subsample": 128})
+    out = tmp_path / "v.json"
+    report = vs.write_report(state, out)
+    assert report["kv_blocks_from_metrics_c1"]["vanilla"] == round(384 / 10000 * 100)
+    text = out.with_suffix(".md").read_text()
+    assert "civic r=1/3 / vanilla" in text and "ValueError: no" in text and "**FAIL**" in text
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert json.loads(out.read_text())["benchmark"] == "video_serve"
