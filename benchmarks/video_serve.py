@@ -402,13 +402,13 @@ def acceptance(state: dict, ratios: list[dict]) -> list[dict]:
     ttft = by_pair["civic/evs"]["probe_ttft"]
     checks.append(check("civic at least as fast as EVS, TTFT at concurrency 1 (paired probe)", ttft["ratio"],
                         "civic/EVS median TTFT <= 1", None if ttft["ratio"] is None else ttft["ratio"] <= 1.0,
-                        f"95% CI {ttft['ci95']}, {ttft['rounds']} rounds"))
+                        f"95% CI {fmt_ci(ttft).partition(' ')[2] or 'n/a'}, {ttft['rounds']} rounds"))
     loaded = sorted(u for u in {p["concurrency"] for p in state["points"]} if u >= 8)
     values = [by_pair["civic/evs"][f"c{u}"]["output_tok_per_s"] for u in loaded]
     worst = min((v for v in values if v is not None), default=None)
     checks.append(check("civic faster than EVS under load (output tok/s, every concurrency >= 8)", worst,
                         "civic/EVS > 1", None if worst is None or None in values else worst > 1.0,
-                        f"concurrency {loaded}: {values}"))
+                        f"concurrency {loaded}: {[serve.fmt(v) for v in values]}"))
     third = next((v for k, v in tokens.items() if k == "civic r=1/3"), None)
     if third is not None:
         ratio = third["video_tokens"] / vanilla["video_tokens"]
