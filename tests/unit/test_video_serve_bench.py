@@ -200,3 +200,26 @@ def test_report_files_from_a_synthetic_state(tmp_path):
     assert "civic r=1/3 / vanilla" in text and "ValueError: no" in text and "**FAIL**" in text
     assert out.with_suffix(".png").stat().st_size > 1000
     assert json.loads(out.read_text())["benchmark"] == "video_serve"
+
+
+def test_analysis_when_evs_failed_on_the_backend(tmp_path):
+    state = synthetic_state({"vanilla": 4.0, "civic": 2.0, "subsample": 1.6},
+                            {"vanilla": {1: 10, 8: 20}, "civic": {1: 16, 8: 36}, "subsample": {1: 18, 8: 40}},
+                            {"vanilla": 384, "civic": 126, "subsample": 128})
+    state["contenders"] = [c for c in state["contenders"] if c["name"] != "evs"]
+    state["random_mm"] = []
+    state["evs"] = {"label": "EVS q=2/3", "ok": False, "error": "RuntimeError: boom", "kept_by_formula": 128}
+    report = vs.write_report(state, tmp_path / "v.json")
+    assert {r["pair"] for r in report["ratios"]} == {"civic/vanilla", "subsample/vanilla"}
+    checks = {c["name"]: c for c in report["acceptance"]}
+    assert checks["civic keeps no more video tokens than EVS"]["pass"] is True
+    assert [c["pass"] for n, c in checks.items() if "EVS" in n and "fast" in n] == [None, None]
+    assert "RuntimeError: boom" in (tmp_path / "v.md").read_text()
+
+
+def test_engine_error_finds_the_worker_exception():
+    log = ("(Worker pid=1) ERROR 12-05 [x.py:1] Traceback (most recent call last):\n"
+           "(Worker pid=1) ERROR 12-05 [x.py:1] RuntimeError: The expanded size of the tensor (0) must match\n"
+           "(APIServer pid=2) ERROR 12-05 [y.py:2] vllm.v1.engine.exceptions.EngineDeadError: dead\n")
+    assert vs.engine_error(log) == "RuntimeError: The expanded size of the tensor (0) must match"
+    assert vs.engine_error("all fine") is None
