@@ -248,9 +248,9 @@ def run_random_mm(run: VideoRun, spec: VideoSpec, contender: Contender, users: i
     row: dict[str, Any] = {"contender": contender.label, "concurrency": users, "num_prompts": prompts,
                            "command": cmd[1:]}
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
-        return {**row, "ok": False, "error": "vllm bench serve did not finish within 900 s"}
+        return {**row, "ok": False, "error": "vllm bench serve did not finish within 300 s"}
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout)[-1500:]
         log(f"  random-mm {contender.label} c={users}: exit {proc.returncode}\n{tail}")
