@@ -321,6 +321,8 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
         state["final_civic"] = {k: metric_value(text, k) for k in CIVIC_COUNTERS}
     finally:
         serve.stop_servers(run)
+        partial = {**state, "points": run.points, "probe": run.probe}  # kept if the run fails part-way
+        (run.raw_dir / "partial.json").write_text(json.dumps(partial, default=str) + "\n")
     state["contenders"] = [{"label": c.label, "name": c.name, "server": c.server,
                             "ratio": None if c.ratio is None else str(c.ratio), "stride": c.stride,
                             "prune_rate": None if c.prune_rate is None else str(c.prune_rate)} for c in run.configs]
