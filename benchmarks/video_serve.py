@@ -68,11 +68,11 @@ COUNT_REQUESTS = 2  # token-count requests per contender
 PLACEHOLDER_GOAL = 0.36  # issue 19: video placeholders and KV blocks at r = 1/3 <= 0.36x vanilla
 CIVIC_COUNTERS = ("civic:video_tokens_total", "civic:video_tokens_retained_total", "civic:videos_total")
 
-FULL = serve.Bounds(concurrency=(1, 8), warmup_s=10.0, duration_s=40.0, warmup_max_s=60.0, probe_rounds=4,
-                    vision_reps=0, stop_timeout_s=90.0)
+FULL = serve.Bounds(concurrency=(1, 8), warmup_s=10.0, duration_s=30.0, warmup_max_s=45.0, probe_rounds=4,
+                    vision_reps=0, stop_timeout_s=60.0)
 QUICK = serve.Bounds(concurrency=(1, 8), warmup_s=3.0, duration_s=12.0, warmup_max_s=45.0, probe_rounds=2,
                      vision_reps=0, warm_requests=1, stop_timeout_s=60.0)
-RANDOM_MM_PROMPTS = {"full": {1: 3, 8: 8}, "quick": {1: 2, 8: 8}}
+RANDOM_MM_PROMPTS = {"full": {1: 2, 8: 8}, "quick": {1: 2, 8: 8}}
 
 
 class BenchError(serve.BenchError):
@@ -639,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=int, default=3, help="subsampling baseline: every N-th frame (3)")
     parser.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="locust user counts (default 1,8)")
-    parser.add_argument("--duration", type=float, default=None, help="measured seconds per point (45; QUICK 12)")
-    parser.add_argument("--probe-rounds", type=int, default=None, help="paired TTFT probe rounds (6; QUICK 2)")
+    parser.add_argument("--duration", type=float, default=None, help="measured seconds per point (30; QUICK 12)")
+    parser.add_argument("--probe-rounds", type=int, default=None, help="paired TTFT probe rounds (4; QUICK 2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
     parser.add_argument("--client-cpus", default="reserved", help="pin locust: 'reserved', 'none' or a list '1'")
     parser.add_argument("--no-random-mm", action="store_true", help="skip vllm bench serve --dataset-name random-mm")
