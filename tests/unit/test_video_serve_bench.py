@@ -223,3 +223,17 @@ def test_engine_error_finds_the_worker_exception():
            "(APIServer pid=2) ERROR 12-05 [y.py:2] vllm.v1.engine.exceptions.EngineDeadError: dead\n")
     assert vs.engine_error(log) == "RuntimeError: The expanded size of the tensor (0) must match"
     assert vs.engine_error("all fine") is None
+
+
+def test_whole_run_counts_completed_requests_from_the_test_start(tmp_path):
+    records = tmp_path / "c8.jsonl"
+    lines = [{"event": "test_start", "t": 100.0},
+             {"start": 100.0, "ok": True, "e2e": 20.0, "completion_tokens": 64, "tok": [[10.0, 1], [20.0, 64]]},
+             {"start": 100.0, "ok": True, "e2e": 40.0, "completion_tokens": 64, "tok": [[30.0, 1], [40.0, 64]]},
+             {"start": 120.0, "ok": False, "aborted": True, "e2e": None, "completion_tokens": 3, "tok": []},
+             {"event": "measure_start", "t": 130.0}]
+    records.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    w = vs.whole_run(records)
+    assert w["requests_completed"] == 2 and w["elapsed_s"] == pytest.approx(40.0)
+    assert w["output_tok_per_s"] == pytest.approx(128 / 40) and w["ttft_p50_s"] == pytest.approx(20.0)
+    assert vs.whole_run(tmp_path / "missing.jsonl") is None
