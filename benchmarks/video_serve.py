@@ -639,7 +639,8 @@ NOTES = [
     "where EVS still fails, the error it logged is under `evs` and the report compares civic with EVS's token count "
     "from vLLM's own formula only (EVS is then not timed).",
     "EVS keeps max(N_t, int(N (1 - q))) tokens (the first frame group whole) and, unlike civic, keeps Qwen3-VL's "
-    "M-RoPE positions of dropped tokens (4x position storage); civic's ratio is chosen from EVS's measured count.",
+    "M-RoPE positions of dropped tokens (4x position storage); civic's ratio is chosen from EVS's measured count "
+    "(from vLLM's formula where the EVS server fails).",
     "random-mm writes its videos at 30 fps and Qwen3-VL samples 2 frames a second (at least 4 frames), so its "
     "requests carry fewer video tokens than the locust workload (see input tok/request); the subsample row sends "
     "the bucket's frames / stride.",
