@@ -542,7 +542,10 @@ def plot(state: dict, report: dict, path: Path) -> None:
     users = sorted({p["concurrency"] for p in state["points"]})
     for x in labels:
         ys = [(point(state["points"], x, u) or {}).get("client", {}).get("output_tok_per_s") for u in users]
-        ax.plot(users, [math.nan if y is None else y for y in ys], "o-", label=x, color=colours[x])
+        ax.plot(users, [math.nan if y is None else y for y in ys], "o-", label=f"{x} (window)", color=colours[x])
+        ws = [((point(state["points"], x, u) or {}).get("whole_run") or {}).get("output_tok_per_s") for u in users]
+        ax.plot(users, [math.nan if y is None else y for y in ws], "s--", label=f"{x} (whole run)", color=colours[x],
+                alpha=0.6)
     ax.set_xticks(users)
     ax.set_xlabel("concurrency (locust users)")
     ax.set_ylabel("output tokens / s")
@@ -561,7 +564,8 @@ def plot(state: dict, report: dict, path: Path) -> None:
     ax.set_ylabel("video tokens per request")
     ax2.set_ylabel("KV blocks per request (last step)")
     ax.set_title("tokens and KV blocks")
-    fig.legend(loc="lower right", fontsize=8)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="upper right")
     fig.suptitle(f"Video serving, {state['preset']} ({state['dtype']}), {state['spec']['frames']} frames of "
                  f"{state['spec']['width']}x{state['spec']['height']}" + (" (QUICK)" if state["quick"] else ""))
     fig.tight_layout()
