@@ -32,7 +32,8 @@ from benchmarks.gpu_check.report import default_out_dir, markdown, validate_repo
 def build_parser() -> argparse.ArgumentParser:
     exit_layers_arg = import_module("benchmarks.serve").exit_layers_arg
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
+                                     description=sys.modules["benchmarks.gpu_check"].__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="directory for gpu_check.json and gpu_check.md")
     parser.add_argument("--budget-s", type=float, default=420.0, help="the whole run's allowance (default 420)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
