@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.kv_blocks import Geometry
+from benchmarks.harness import Geometry
 from benchmarks.serve.common import (
     ACCEPT_WORKLOAD,
     GOAL_R1_TOLERANCE,

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
 
-from benchmarks.kv_blocks import add_served_model_args
-from benchmarks.serve.common import IDLE_LOAD, WORKLOADS, log, parse_workload, relroot
+from benchmarks.harness import add_served_model_args, log
+from benchmarks.serve.common import IDLE_LOAD, WORKLOADS, parse_workload, relroot
 from benchmarks.serve.probe import vision_probe_main
 from benchmarks.serve.report import write_report
 from benchmarks.serve.run import build_run, load_state, measure, save_state, size_pool

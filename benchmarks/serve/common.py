@@ -65,8 +65,7 @@ SCALARS = (M_RUNNING, M_WAITING, M_KV, M_PREEMPT, M_PROMPT, M_GEN, M_SUCCESS, M_
            C_SEEN, C_KEPT, C_IMAGES)
 
 
-class BenchError(RuntimeError):
-    """The benchmark could not measure something (a tooling failure, not a FAIL)."""
+
 
 
 def relroot(path: Path) -> str:
@@ -75,8 +74,7 @@ def relroot(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
 
 
 @dataclass(frozen=True)

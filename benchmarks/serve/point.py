@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import requests
 
-from benchmarks.kv_blocks import wait_idle
+from benchmarks.harness import BenchError, log, wait_idle
 from benchmarks.locust import Record, StreamError, stream_chat
 from benchmarks.serve.common import (
     C_IMAGES,
@@ -26,7 +26,6 @@ from benchmarks.serve.common import (
     M_QUEUE,
     M_SUCCESS,
     M_TTFT,
-    BenchError,
     Config,
     MetricsSampler,
     Run,
@@ -35,7 +34,6 @@ from benchmarks.serve.common import (
     hist_delta,
     hist_mean,
     hist_quantile,
-    log,
     relroot,
     scalar_delta,
 )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from benchmarks.kv_blocks import wait_idle
+from benchmarks.harness import BenchError, wait_idle
 from benchmarks.locust import Record, StreamError, Workload, stream_chat
 from benchmarks.serve.common import (
     C_KEPT,
@@ -27,7 +27,6 @@ from benchmarks.serve.common import (
     M_QUEUE,
     M_TTFT,
     ROOT,
-    BenchError,
     Config,
     Run,
     WorkloadSpec,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.kv_blocks import environment_info
+from benchmarks.harness import environment_info, log
 from benchmarks.locust import summarize_sizes
 from benchmarks.serve.analysis import acceptance, diagnose, find_point, limits, probe_summary, ratio_rows
 from benchmarks.serve.common import (
@@ -31,7 +31,6 @@ from benchmarks.serve.common import (
     Config,
     Run,
     fmt,
-    log,
     relroot,
 )
 
@@ -423,7 +422,7 @@ def write_report(run: Run, state: dict) -> dict:
     diagnosis = diagnose(run, acc, lim, ratios)
     servers = [n for n in ("vanilla", "civic") if n in run.server_info]
     bindings = {n: run.server_info[n]["binding"] for n in servers}
-    env = environment_info(None)  # its only parameter is unused
+    env = environment_info()
     load_start = state["load_start"]
     warnings = []
     if load_start[0] > IDLE_LOAD:

@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from benchmarks.kv_blocks import Geometry, pool_geometry
+from benchmarks.harness import BenchError, Geometry, log, pool_geometry
 from benchmarks.locust import Record, model_id
 from benchmarks.serve.common import (
     ACCEPT_WORKLOAD,
@@ -32,12 +32,10 @@ from benchmarks.serve.common import (
     ROOT,
     VANILLA_RESIDENT,
     WORKLOADS,
-    BenchError,
     Bounds,
     Config,
     Run,
     WorkloadSpec,
-    log,
 )
 from benchmarks.serve.point import client_stats, run_point, warm_up
 from benchmarks.serve.probe import measure_vision, paired_probe

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import BenchError
 from benchmarks.locust import Record, Workload
-from benchmarks.serve.common import LOCUSTFILE, ROOT, BenchError, Bounds
+from benchmarks.serve.common import LOCUSTFILE, ROOT, Bounds
 
 
 def omp_binding(log_text: str) -> dict[str, Any]:
