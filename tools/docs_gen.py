@@ -186,31 +186,41 @@ def render_serve_families(names: tuple[str, ...] = ("serve_moe.json", "serve_qwe
 
 
 def render_serve_headline() -> str:
-    """README: the serving, KV and accuracy headline, one row per figure."""
+    """README: the serving, KV and accuracy headline, one row per figure, each linked to its JSON."""
     serve, kv, acc = load("serve.json"), load("kv_blocks.json"), load("accuracy_30min.json")
     probe = serve["probe"][serve["workloads"][0]["name"]]["configs"]
     ratios = _serve_ratios(serve)
+    exits = {lim["config"]: lim["exit_layer"] for lim in serve["limits"]}
     kv_row = {m["config"]: m for m in kv["measurements"] if m["workload"] == kv["acceptance"]["workload"]}
+    side = next(w["side"] for w in kv["workloads"] if w["name"] == kv["acceptance"]["workload"])
     shares = {c["metric"]: c for c in acc["checks"] if "share" in c}
+
+    def src(name: str, what: str) -> str:
+        return f"[{name}](benchmarks/results/{name}) ({what})"
+
+    serve_src = src("serve.json", f"{serve['model']['preset']} preset, {serve['model']['dtype']}")
     rows = []
-    for c, what in (("civic r=1/3", "on the encoder output"), ("civic r=1/3 exit 1", "after vision block 1 of 6")):
-        rows.append([f"TTFT, r = 1/3 {what} (paired probe, 95% CI)",
-                     f"**{x(probe[c]['client_ttft_speedup'])}** {ci(probe[c]['client_ttft_speedup_ci95'])}",
-                     "`serve.json`"])
-        rows.append([f"output tok/s at concurrency 8, r = 1/3 {what}",
-                     f"{x(ratios[(c, 8)]['output_tok_per_s_civic_over_vanilla'])}", "`serve.json`"])
+    for c in (c for c in serve["configs"] if c != "vanilla"):
+        where = "on the encoder output" if exits.get(c) is None else f"after vision block {exits[c]}"
+        rows.append([f"TTFT, r = 1/3 {where} (paired probe, 95% CI)",
+                     f"**{x(probe[c]['client_ttft_speedup'])}** {ci(probe[c]['client_ttft_speedup_ci95'])}", serve_src])
+        rows.append([f"output tok/s at concurrency 8, r = 1/3 {where}",
+                     x(ratios[(c, 8)]["output_tok_per_s_civic_over_vanilla"]), serve_src])
     r1 = probe["civic r=1"]
-    rows.append(["TTFT, r = 1 (paired probe)", f"{x(r1['client_ttft_speedup'])} {ci(r1['client_ttft_speedup_ci95'])}",
-                 "`serve.json`"])
+    rows.append(["TTFT, r = 1 (paired probe, 95% CI)",
+                 f"{x(r1['client_ttft_speedup'])} {ci(r1['client_ttft_speedup_ci95'])}", serve_src])
+    kv_src = src("kv_blocks.json", f"{kv['model']['preset']} preset")
     for key, what in (("prompt_tokens", "prompt tokens"), ("blocks_per_request", "KV blocks per request"),
                       ("resident_requests", "requests resident in the same KV pool")):
         van, civ = kv_row["vanilla"][key], kv_row["r=1/3"][key]
-        rows.append([f"{what}, one 1344² image, r = 1/3", f"{civ} vs {van} ({x(civ / van)})", "`kv_blocks.json`"])
+        rows.append([f"{what}, one {side}² image, r = 1/3", f"{civ} vs {van} ({x(civ / van)})", kv_src])
+    acc_src = src("accuracy_30min.json", "civic-shapes model trained here")
     for metric, what in (("overall", "overall"), ("small", "small objects"), ("ground", "grounding")):
         s = shares[metric]
-        rows.append([f"accuracy, {what}: civic r = 1/3 exit 1 as a share of full tokens (30 CPU-min)",
-                     f"{pct(s['share'])} {ci(s['share_ci95'], 1, 100)}", "`accuracy_30min.json`"])
-    return table(["civic vs vanilla vLLM (CPU; tiny and bench presets)", "measured", "from"], rows)
+        rows.append([f"accuracy, {what}: civic r = 1/3 exit 1 as a share of full tokens "
+                     f"({acc['minutes_per_contender']:g} CPU-min each)",
+                     f"{pct(s['share'])} {ci(s['share_ci95'], 1, 100)}", acc_src])
+    return table(["civic vs vanilla vLLM", "measured", "from"], rows)
 
 
 # ----------------------------------------------------------------------------------------------
