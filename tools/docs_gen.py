@@ -157,6 +157,9 @@ def render_serve_run(name: str) -> str:
             out.append(f"{'PASS' if c['pass'] else 'FAIL'}  {c['name']}: {c['value']:.3f}{interval}, "
                        f"required {c['requirement']}")
         out.append("```")
+    if d.get("diagnosis") or d.get("notes"):
+        out += ["", "The run's own diagnosis and notes:", ""]
+        out += [f"* {line}" for line in d.get("diagnosis", []) + d.get("notes", [])]
     out += ["", command_line(d.get("command"), name)]
     return "\n".join(out)
 
@@ -180,6 +183,13 @@ def render_serve_families(names: tuple[str, ...] = ("serve_moe.json", "serve_qwe
                               f"{ci(probe['civic r=1']['client_ttft_speedup_ci95'])}"])
         commands.append(f"    {d['command']}")
         conc_label = " / c = ".join(map(str, conc))
+    for name in names:
+        d = load(name)
+        fit = d["probe"][d["workloads"][0]["name"]].get("fit") or {}
+        if fit.get("llm_s_per_token") is not None:
+            commands.append(f"    # {d['model']['preset']}: server-side fit, LLM prefill "
+                            f"{fit['llm_s_per_token'] * 1000:.0f} ms per prompt token, "
+                            f"{fit['intercept_s']:.2f} s that does not shrink with K (r² {fit['r2']:.3f})")
     header = ["preset", "vanilla TTFT", "vision tower share (HF)", "TTFT speed-up r = 1/3 (paired, 95% CI)",
               "r = 1/3, exit 1", f"out tok/s ratio c = {conc_label} (r = 1/3; exit 1)", "r = 1"]
     return "\n".join([table(header, rows), "", *commands])
