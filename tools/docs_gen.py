@@ -54,7 +54,8 @@ def ci(interval: list | None, digits: int = 2, scale: float = 1.0) -> str:
     if not interval:
         return ""
     lo, hi = (v * scale for v in interval)
-    return f"({lo:.{digits}f}–{hi:.{digits}f})"
+    sep = " to " if lo < 0 else "–"
+    return f"({lo:.{digits}f}{sep}{hi:.{digits}f})"
 
 
 def pct(value: float | None, digits: int = 1, sign: bool = False) -> str:
@@ -315,6 +316,41 @@ def render_accuracy(name: str, validation: bool = True) -> str:
     return "\n".join(out)
 
 
+def render_accuracy_readout(name: str = "accuracy.json") -> str:
+    """The figures the fair protocol's read-out leans on, derived from the same JSON as its tables."""
+    d = load(name)
+    rows = {r["label"]: r for r in d["rows"]}
+    ref = next(k for k, c in d["contenders"].items() if c["role"] == "reference")
+    chosen = d["validation"]["chosen"]
+    shares = {c["metric"]: c for c in d["checks"] if "share" in c}
+    margins = {(c["metric"], next(k for k in c if k not in ("goal", "metric", "civic", "difference",
+                                                              "difference_ci95", "pass"))): c
+               for c in d["checks"] if "difference" in c}
+    baselines = [k for k, c in d["contenders"].items() if c["role"] == "baseline"]
+    f_ref, f_civ = rows[ref]["figures"], rows[chosen]["figures"]
+    out = [f"* {chosen} against {ref} (test): overall {pct(shares['overall']['share'])}, small objects "
+           f"{pct(shares['small']['share'])}, grounding {pct(shares['ground']['share'])} "
+           f"({f_civ['ground']['value']:.3f} vs {f_ref['ground']['value']:.3f}); the grounding share's 95% "
+           f"interval {ci(shares['ground']['share_ci95'], 1, 100)}, the overall share's "
+           f"{ci(shares['overall']['share_ci95'], 1, 100)}."]
+    for b in baselines:
+        o, s = margins.get(("overall", b)), margins.get(("small", b))
+        if o and s:
+            out.append(f"* {chosen} minus {b}: {o['difference'] * 100:+.1f} points overall "
+                       f"{ci(o['difference_ci95'], 1, 100)}, {s['difference'] * 100:+.1f} on small objects "
+                       f"{ci(s['difference_ci95'], 1, 100)}.")
+    for b in baselines:
+        r = rows[b]
+        out.append(f"* {b}: overall {r['accuracy']:.3f} ({(r['accuracy'] - rows[ref]['accuracy']) * 100:+.1f} points "
+                   f"against {ref}), shape {r['per_task']['shape']:.3f}, grounding {r['per_task']['ground']:.3f}.")
+    presence = ", ".join(f"{k} {r['per_task']['has_color']:.3f} / {r['per_task']['has_shape']:.3f}"
+                         for k, r in rows.items())
+    out.append(f"* has_color / has_shape (the majority answer scores about 0.5): {presence}.")
+    val = d["validation"]["figures"]
+    out.append("* grounding on validation: " + ", ".join(f"{k} {v['ground']:.3f}" for k, v in val.items()) + ".")
+    return "\n".join(out)
+
+
 def render_object_recall() -> str:
     d = load("object_recall.json")
     rows = [[r["model"], r["policy"], "after the last block" if r["exit_layer"] is None else str(r["exit_layer"]),
@@ -432,6 +468,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "kv-blocks": render_kv_blocks,
     "accuracy": partial(render_accuracy, "accuracy.json"),
     "accuracy-30min": partial(render_accuracy, "accuracy_30min.json", validation=False),
+    "accuracy-readout": render_accuracy_readout,
     "object-recall": render_object_recall,
     "distill-params": partial(render_distill, "distill_params.json"),
     "distill-ce": partial(render_distill, "distill_ce.json"),
