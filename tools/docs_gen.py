@@ -94,6 +94,19 @@ def _serve_ratios(d: dict) -> dict:
     return {(r["config"], r["concurrency"]): r for r in d["ratios_vs_vanilla"]}
 
 
+def _serve_setup(d: dict) -> str:
+    """One line of a benchmarks.serve run's setup, as the JSON records it."""
+    w, pool, b, m = d["workloads"][0], d["pool"], d["bounds"], d["model"]
+    lim = next((lim for lim in d["limits"] if lim["config"] == "civic r=1/3"), d["limits"][0])
+    return (f"Setup: `{m['preset']}` preset, {m['dtype']}; one {w['width']}×{w['height']} image "
+            f"(N = {lim['N_visual_tokens']}, K = {lim['K_kept_tokens']} at r = 1/3) + T = {lim['T_text_tokens']} "
+            f"text tokens; KV pool {pool['num_blocks']} blocks × {pool['block_size']} tokens (sized for "
+            f"{pool['sized_for_vanilla_image_requests']} vanilla requests); concurrency "
+            f"{' / '.join(map(str, b['concurrency']))}, {b['warmup_s']:g} s+ warm-up and {b['duration_s']:g} s "
+            f"measured per point; {b['probe_rounds']} paired-probe rounds; load average "
+            f"{d['machine']['load_average_at_start'][0]:.2f} at the start; {d['duration_s'] / 60:.0f} min in all.")
+
+
 def render_serve_run(name: str) -> str:
     """One benchmarks.serve run: paired-probe TTFT, throughput and p95 ratios, limits, goals."""
     d = load(name)
@@ -143,7 +156,7 @@ def render_serve_run(name: str) -> str:
     rows.append(["LLM-side limit (T+N)/(T+K); attainable with the tower measured"] + [limit(c) for c in configs])
     vanilla_ttft = probe["vanilla"]["client_ttft_s"]
     vision_share = next(iter(limits.values()), {}).get("vision_share")
-    out = [table(header, rows), ""]
+    out = [_serve_setup(d), "", table(header, rows), ""]
     extra = [c for c in probe if c not in configs and c != "vanilla"]
     out.append(
         f"Vanilla TTFT at concurrency 1: {vanilla_ttft:.2f} s; the vision tower's share of it "
@@ -167,7 +180,7 @@ def render_serve_run(name: str) -> str:
 
 def render_serve_families(names: tuple[str, ...] = ("serve_moe.json", "serve_qwen3.5.json")) -> str:
     """Side-by-side serving of the MoE and hybrid presets: one row per results file."""
-    rows, commands = [], []
+    rows, commands, setups = [], [], []
     for name in names:
         d = load(name)
         wname = d["workloads"][0]["name"]
@@ -183,6 +196,7 @@ def render_serve_families(names: tuple[str, ...] = ("serve_moe.json", "serve_qwe
                     + [tput, f"{x(probe['civic r=1']['client_ttft_speedup'])} "
                               f"{ci(probe['civic r=1']['client_ttft_speedup_ci95'])}"])
         commands.append(f"    {d['command']}")
+        setups.append(f"* {_serve_setup(d)}")
         conc_label = " / c = ".join(map(str, conc))
     for name in names:
         d = load(name)
@@ -193,7 +207,7 @@ def render_serve_families(names: tuple[str, ...] = ("serve_moe.json", "serve_qwe
                             f"{fit['intercept_s']:.2f} s that does not shrink with K (r² {fit['r2']:.3f})")
     header = ["preset", "vanilla TTFT", "vision tower share (HF)", "TTFT speed-up r = 1/3 (paired, 95% CI)",
               "r = 1/3, exit 1", f"out tok/s ratio c = {conc_label} (r = 1/3; exit 1)", "r = 1"]
-    return "\n".join([table(header, rows), "", *commands])
+    return "\n".join([*setups, "", table(header, rows), "", *commands])
 
 
 def render_serve_headline() -> str:
