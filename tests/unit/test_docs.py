@@ -1,13 +1,18 @@
 """README.md and docs/ stay short, linked and in step with benchmarks/results/*.json (issue 22)."""
 
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from tools import docs_gen
-
 ROOT = Path(__file__).resolve().parents[2]
+# tools/ is not a package on the install's path: load the generator from its file.
+_spec = importlib.util.spec_from_file_location("docs_gen", ROOT / "tools" / "docs_gen.py")
+docs_gen = importlib.util.module_from_spec(_spec)
+sys.modules["docs_gen"] = docs_gen
+_spec.loader.exec_module(docs_gen)
 DOCS = docs_gen.doc_files()
 LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 
