@@ -429,7 +429,8 @@ def render_soak() -> str:
         f"RSS slope over the second half: **{mem['slope_mib_per_min']:+.2f} ± {mem['slope_stderr_mib_per_min']:.2f} "
         f"MiB/min** (limit {mem['max_slope_mib_per_min']:g}: "
         f"{(mem['max_slope_mib_per_min'] - mem['slope_mib_per_min']) / mem['slope_stderr_mib_per_min']:.1f} standard "
-        f"errors below it; {mem['slope_mib_per_min'] * 60:.0f} MiB/hour at this load); RSS {mem['rss_after_warmup_mib']:.0f} → "
+        f"errors below it; {mem['slope_mib_per_min'] * 60:.0f} MiB/hour at this load); "
+        f"RSS {mem['rss_after_warmup_mib']:.0f} → "
         f"{mem['rss_end_mib']:.0f} MiB from the warm-up's end ({pct(mem['growth'], 1, sign=True)}); "
         f"afterwards {d['idle_after']['num_requests_running']:g} requests running, KV usage "
         f"{d['idle_after']['kv_cache_usage_perc']:g}: **{verdict}**.",
