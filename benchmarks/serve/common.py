@@ -165,21 +165,21 @@ class Config:
     default: bool = False
     policy: str | None = None  # ``default`` only: the recipe's policy (the others send EXPLICIT_SETTINGS')
 
-    @property
-    def label(self) -> str:
+    def _name(self, default: str, ratio: str, exit_layer: str) -> str:
         if self.server == "vanilla":
             return "vanilla"
         if self.default:
-            return "civic default"
-        return f"civic r={self.ratio}" + (f" exit {self.exit_layer}" if self.exit_layer else "")
+            return default
+        return ratio + (exit_layer.format(self.exit_layer) if self.exit_layer else "")
+
+    @property
+    def label(self) -> str:
+        return self._name("civic default", f"civic r={self.ratio}", " exit {}")
 
     @property
     def slug(self) -> str:
-        if self.server == "vanilla":
-            return "vanilla"
-        if self.default:
-            return "civic_default"
-        return f"civic_r{str(self.ratio).replace('/', '-')}" + (f"_exit{self.exit_layer}" if self.exit_layer else "")
+        """``label`` as a file name."""
+        return self._name("civic_default", f"civic_r{str(self.ratio).replace('/', '-')}", "_exit{}")
 
     @property
     def sends_settings(self) -> bool:

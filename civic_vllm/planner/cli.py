@@ -11,17 +11,8 @@ from fractions import Fraction
 
 from civic_vllm import model_factory as mf
 from civic_vllm.budget import validate_ratio
-from civic_vllm.planner.model_info import (
-    CPU_BLOCK_SIZE,
-    DEFAULT_RESERVE_BYTES,
-    GPU_BLOCK_SIZE,
-    GPU_MEMORY_UTILIZATION,
-    KV_DTYPES,
-    WEIGHT_DTYPES,
-    GiB,
-    PlanError,
-    load_model,
-)
+from civic_vllm.planner import model_info
+from civic_vllm.planner.model_info import PlanError
 from civic_vllm.planner.plan import PlanRequest, make_plan
 from civic_vllm.planner.render import render_table
 
@@ -152,19 +143,21 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="like civic_exit_layer: blocks after the first L run on the kept groups only")
     parser.add_argument("--max-tokens", type=_int_at_least(0), default=256, help="output tokens (default 256)")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
-    parser.add_argument("--gpu-memory", type=_arg(parse_bytes), default=80 * GiB, metavar="SIZE",
+    parser.add_argument("--gpu-memory", type=_arg(parse_bytes), default=80 * model_info.GiB, metavar="SIZE",
                         help="device memory, e.g. 80GiB (default 80GiB)")
-    parser.add_argument("--gpu-memory-utilization", type=_fraction, default=GPU_MEMORY_UTILIZATION,
+    parser.add_argument("--gpu-memory-utilization", type=_fraction, default=model_info.GPU_MEMORY_UTILIZATION,
                         help="vLLM's --gpu-memory-utilization (default 0.9)")
-    parser.add_argument("--reserve", type=_arg(parse_bytes), default=DEFAULT_RESERVE_BYTES, metavar="SIZE",
+    parser.add_argument("--reserve", type=_arg(parse_bytes), default=model_info.DEFAULT_RESERVE_BYTES, metavar="SIZE",
                         help="assumed activation/profile/CUDA-graph memory besides weights (default 4GiB)")
     parser.add_argument("--kv-cache-memory", type=_arg(parse_bytes), default=None, metavar="SIZE",
                         help="exact KV pool size (vLLM's --kv-cache-memory-bytes / VLLM_CPU_KVCACHE_SPACE)")
     parser.add_argument("--block-size", type=_int_at_least(1), default=None,
-                        help=f"KV block size in tokens (default {GPU_BLOCK_SIZE} on gpu, {CPU_BLOCK_SIZE} on cpu)")
-    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="auto",
+                        help=f"KV block size in tokens (default {model_info.GPU_BLOCK_SIZE} on gpu, "
+                             f"{model_info.CPU_BLOCK_SIZE} on cpu)")
+    parser.add_argument("--dtype", choices=model_info.WEIGHT_DTYPES, default="auto",
                         help="weights dtype (auto: the config's; float32 checkpoints -> bfloat16 as in vLLM)")
-    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto", help="KV cache dtype (auto: weights dtype)")
+    parser.add_argument("--kv-dtype", choices=model_info.KV_DTYPES, default="auto",
+                        help="KV cache dtype (auto: weights dtype)")
     parser.add_argument("--tensor-parallel-size", type=_int_at_least(1), default=1, metavar="TP",
                         help="vLLM's --tensor-parallel-size: KV heads per GPU (default 1)")
     parser.add_argument("--pipeline-parallel-size", type=_int_at_least(1), default=1, metavar="PP",
@@ -211,7 +204,7 @@ def run_plan(args: argparse.Namespace) -> int:
             from civic_vllm.model_factory import default_model
 
             args.model = default_model()
-        plan = make_plan(load_model(args.model), request)
+        plan = make_plan(model_info.load_model(args.model), request)
     except PlanError as exc:
         print(f"civic plan: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
