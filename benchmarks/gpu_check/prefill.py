@@ -48,7 +48,7 @@ def part_prefill(device, budget: Budget, args) -> dict:
     serve = import_module("benchmarks.serve")
     from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
 
-    from benchmarks.locust import synthetic_image
+    from benchmarks.load import synthetic_image
     from civic_vllm.model_factory import make_model
 
     cuda = device.type == "cuda"

@@ -8,32 +8,20 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image, ImageDraw
 
 from benchmarks.harness import (
     BenchError,
 )
 from benchmarks.kv_blocks.common import Workload
+from benchmarks.load import synthetic_image
 from civic_vllm.client import civic_body, image_data_url, image_message
 
 
 @functools.cache
 def image_url(side: int, seed: int) -> str:
-    """A structured synthetic image (gradient + shapes) as a PNG data URL; distinct per seed so
-    concurrent requests share no encoder output or cached prefix."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / max(side - 1, 1)
-    coef = rng.uniform(0.2, 1.0, size=(3, 3))
-    base = np.stack([coef[c, 0] * x + coef[c, 1] * y + coef[c, 2] * (1 - x) * y for c in range(3)], -1)
-    image = Image.fromarray((255 * base / base.max()).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(8):
-        x0, y0 = (int(v) for v in rng.integers(0, side * 3 // 4, 2))
-        w, h = (int(v) for v in rng.integers(side // 16, side // 4, 2))
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape((x0, y0, x0 + w, y0 + h), fill=colour)
-    return image_data_url(image)
+    """A structured synthetic image (``benchmarks.load.synthetic_image``) as a PNG data URL; distinct
+    per seed so concurrent requests share no encoder output or cached prefix."""
+    return image_data_url(synthetic_image((side, side), seed))
 
 
 _WORDS = {

@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from benchmarks.locust import Workload
+from benchmarks.load import Workload
 from civic_vllm.prometheus import histogram, metric_value
 from civic_vllm.serving import VllmServer
 

@@ -9,7 +9,7 @@ import numpy as np
 import requests
 
 from benchmarks.harness import BenchError, log, wait_idle
-from benchmarks.locust import Record, StreamError, stream_chat
+from benchmarks.load import Record, StreamError, stream_chat
 from benchmarks.serve.common import (
     C_IMAGES,
     C_KEPT,

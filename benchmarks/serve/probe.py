@@ -19,7 +19,7 @@ import numpy as np
 import requests
 
 from benchmarks.harness import BenchError, wait_idle
-from benchmarks.locust import Record, StreamError, Workload, stream_chat
+from benchmarks.load import Record, StreamError, Workload, stream_chat
 from benchmarks.serve.common import (
     C_KEPT,
     C_SEEN,

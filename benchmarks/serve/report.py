@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.harness import environment_info, log
-from benchmarks.locust import summarize_sizes
+from benchmarks.load import summarize_sizes
 from benchmarks.serve.analysis import acceptance, diagnose, find_point, limits, probe_summary, ratio_rows
 from benchmarks.serve.common import (
     ACCEPT_WORKLOAD,

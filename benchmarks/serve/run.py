@@ -17,7 +17,7 @@ from typing import Any
 import requests
 
 from benchmarks.harness import BenchError, Geometry, log, pool_geometry
-from benchmarks.locust import Record, model_id
+from benchmarks.load import Record, model_id
 from benchmarks.serve.common import (
     ACCEPT_WORKLOAD,
     C_IMAGES,

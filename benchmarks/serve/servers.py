@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import BenchError
-from benchmarks.locust import Record, Workload
+from benchmarks.load import Record, Workload
 from benchmarks.serve.common import LOCUSTFILE, ROOT, Bounds
 
 
