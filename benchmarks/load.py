@@ -23,7 +23,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -159,6 +159,8 @@ def stamp(image: Image.Image, code: int) -> Image.Image:
 class Workload:
     """What one request looks like; every knob of the issue's locustfile."""
 
+    locustfile: ClassVar[str] = "civic_locustfile.py"  # in benchmarks/locust/: the locustfile that sends it
+
     image_size: tuple[int, int] = (896, 896)
     images_per_request: int = 1
     context_words: int = 0
@@ -186,6 +188,10 @@ class Workload:
 
     def text(self) -> str:
         return prompt_text(self.context_words, self.question)
+
+    def locust_args(self) -> list[str]:
+        """Options of :attr:`locustfile` beyond the image ones (a subclass's own knobs)."""
+        return []
 
     def image_urls(self, index: int) -> list[str]:
         pool = base_images(self.image_size, self.image_source)

@@ -72,13 +72,20 @@ def size_pool(run: Run) -> dict:
                               geometry.merge_size)
         expected[spec.name] = text_tokens(tokenizer, spec.workload().text(), spec.images) + n * spec.images
     longest = max(expected.values())
-    run.max_model_len = 256 * math.ceil((longest + run.max_tokens + 64) / 256)
-    anchor = expected.get(ACCEPT_WORKLOAD, longest)
-    blocks_per_request = geometry.kv_layout(CPU_BLOCK_SIZE).blocks(anchor + run.max_tokens)
-    usable = max(VANILLA_RESIDENT * blocks_per_request, math.ceil(run.max_model_len / CPU_BLOCK_SIZE))
-    run.pool_bytes = (usable + 1) * geometry.block_bytes(CPU_BLOCK_SIZE)  # +1: vLLM's null block
-    return {"expected_vanilla_prompt_tokens": expected, "vanilla_blocks_per_image_request": blocks_per_request,
-            "usable_blocks_planned": usable, "geometry": asdict(geometry)}
+    pool = plan_pool(geometry, longest, expected.get(ACCEPT_WORKLOAD, longest), run.max_tokens)
+    run.max_model_len, run.pool_bytes = pool["max_model_len"], pool["pool_bytes"]
+    return {"expected_vanilla_prompt_tokens": expected, "vanilla_blocks_per_image_request": pool["blocks_per_request"],
+            "usable_blocks_planned": pool["usable_blocks"], "geometry": asdict(geometry)}
+
+
+def plan_pool(geometry: Geometry, longest: int, anchor: int, max_tokens: int) -> dict[str, int]:
+    """max_model_len (room for the ``longest`` prompt) and a KV pool in bytes that holds VANILLA_RESIDENT
+    requests of ``anchor`` prompt tokens (prompt + output), at least one max_model_len request."""
+    max_model_len = 256 * math.ceil((longest + max_tokens + 64) / 256)
+    blocks_per_request = geometry.kv_layout(CPU_BLOCK_SIZE).blocks(anchor + max_tokens)
+    usable = max(VANILLA_RESIDENT * blocks_per_request, math.ceil(max_model_len / CPU_BLOCK_SIZE))
+    return {"max_model_len": max_model_len, "blocks_per_request": blocks_per_request, "usable_blocks": usable,
+            "pool_bytes": (usable + 1) * geometry.block_bytes(CPU_BLOCK_SIZE)}  # +1: vLLM's null block
 
 
 def start_servers(run: Run) -> None:

@@ -59,7 +59,8 @@ def run_locust(url: str, model: str, workload: Workload, users: int, bounds: Bou
     # The locustfile ends the run itself after warm-up + measuring window; -t is only the hard bound.
     run_time = int(math.ceil(max(bounds.warmup_s, bounds.warmup_max_s) + bounds.duration_s + 30))
     cmd = [
-        locust, "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users), "-t", f"{run_time}s",
+        locust, "-f", str(LOCUSTFILE.with_name(workload.locustfile)), "--headless", "-u", str(users), "-r", str(users),
+        "-t", f"{run_time}s",
         "--host", url, "--csv", str(prefix), "--json-file", str(prefix), "--only-summary",
         "--exit-code-on-error", "0", "--stop-timeout", f"{bounds.stop_timeout_s:g}", "--loglevel", "WARNING",
         "--model-name", model, "--image-size", f"{workload.image_size[0]}x{workload.image_size[1]}",
@@ -71,6 +72,7 @@ def run_locust(url: str, model: str, workload: Workload, users: int, bounds: Bou
         "--measure-s", f"{bounds.duration_s:g}",
         "--request-timeout-s", f"{bounds.request_timeout_s:g}",
     ]
+    cmd += workload.locust_args()
     if workload.ratio is not None:
         cmd += ["--civic-ratio", repr(float(workload.ratio))]
     if workload.policy:
