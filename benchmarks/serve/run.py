@@ -43,7 +43,7 @@ from benchmarks.serve.servers import client_cpus, omp_binding, worker_cpus
 from civic_vllm.budget import num_merged_tokens
 from civic_vllm.model_factory import make_model, models_root
 from civic_vllm.prometheus import metric_value
-from civic_vllm.serving import ServerConfig, VllmServer
+from civic_vllm.serving import ServerConfig, VllmServer, stop_all
 
 
 def text_tokens(tokenizer: Any, text: str, images: int) -> int:
@@ -114,8 +114,7 @@ def start_servers(run: Run) -> None:
 
 
 def stop_servers(run: Run) -> None:
-    for server in run.servers.values():
-        server.stop()
+    stop_all(run.servers.values())
 
 
 def build_run(args: argparse.Namespace, build_model: bool = True, recipe: dict | None = None) -> Run:
