@@ -6,7 +6,7 @@ STAMP_DIR := $(VENV)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-kernels bench-kv bench-kernels clean-results
+.PHONY: install demo test test-all test-kernels bench-kv bench-kernels clean-results docs
 
 install:
 	@bash scripts/install.sh
@@ -78,7 +78,12 @@ gpu-check:
 # Video serving: vanilla vs vLLM's EVS (--video-pruning-rate 2/3) vs civic at EVS's kept count vs uniform frame
 # subsampling (1/3 of the frames), bench preset, same KV pool, fresh random videos; locust at concurrency 1 and 8,
 # paired TTFT probe, vllm bench serve random-mm. Writes benchmarks/results/video_serve.json, .png, .md.
-# QUICK=1: a few minutes (video_serve_quick.*). VIDEO_ARGS passes options (e.g. --preset tiny --video 256x256x8).
+# QUICK=1: a few minutes (video_serve_quick.*). VIDEO_ARGS passes options (e.g. --preset tiny --video 256x256x12).
 .PHONY: bench-video
 bench-video: install
 	QUICK="$(QUICK)" $(PY) -m benchmarks.video_serve $(VIDEO_ARGS)
+
+# Rewrites every generated table in README.md and docs/*.md from benchmarks/results/*.json (the prose
+# around them stays). tests/unit/test_docs.py fails when they drift; `python tools/docs_gen.py --check`.
+docs:
+	$(GPU_PYTHON) tools/docs_gen.py

@@ -5,7 +5,7 @@
 
 Four contenders on the same checkpoint, dtype, KV pool (bytes), batching and flags; prefix caching and
 the multimodal processor cache off; every request carries its own freshly generated random video
-(``benchmarks/locust/video.py``), so no cache can hit:
+(``benchmarks/video_load.py``), so no cache can hit:
 
 * ``vanilla``: ``vllm serve`` with every video token;
 * ``EVS q``: vanilla vLLM with ``--video-pruning-rate q`` (Efficient Video Sampling: keeps the first frame
@@ -49,17 +49,22 @@ from typing import Any
 
 import requests
 
-from benchmarks import serve
-from benchmarks.kv_blocks import BenchError as KvBenchError
-from benchmarks.kv_blocks import Geometry, add_served_model_args, pool_geometry, wait_idle
-from benchmarks.locust import model_id
-from benchmarks.locust.video import VideoWorkload
+from benchmarks.harness import BenchError as HarnessError
+from benchmarks.harness import Geometry, add_served_model_args, log, pool_geometry, wait_idle
+from benchmarks.load import model_id
+from benchmarks.serve.analysis import div
+from benchmarks.serve.cli import wait_for_quiet_machine
+from benchmarks.serve.common import MAX_NUM_BATCHED_TOKENS, RESULTS, ROOT, Bounds, Run, fmt, relroot
+from benchmarks.serve.point import run_point, warm_up
+from benchmarks.serve.probe import bootstrap_ratio_ci, paired_probe
+from benchmarks.serve.run import plan_pool, stop_servers
+from benchmarks.serve.servers import client_cpus, omp_binding
+from benchmarks.video_load import VideoWorkload
 from civic_vllm.cost import kv_blocks, kv_tokens
 from civic_vllm.model_factory import make_model, models_root
-from civic_vllm.serving import ServerConfig, ServerError, VllmServer, metric_value, vllm_executable
+from civic_vllm.prometheus import metric_value
+from civic_vllm.serving import ServerConfig, ServerError, VllmServer, vllm_executable
 
-ROOT = serve.ROOT
-RESULTS = serve.RESULTS
 EVS_SHIM = ROOT / "benchmarks" / "evs_cpu"
 MERGED_PX = 32  # one merged token: patch 16 x spatial merge 2
 TEMPORAL_PATCH = 2  # frames per frame group
@@ -68,18 +73,16 @@ COUNT_REQUESTS = 2  # token-count requests per contender
 PLACEHOLDER_GOAL = 0.36  # issue 19: video placeholders and KV blocks at r = 1/3 <= 0.36x vanilla
 CIVIC_COUNTERS = ("civic:video_tokens_total", "civic:video_tokens_retained_total", "civic:videos_total")
 
-FULL = serve.Bounds(concurrency=(1, 8), warmup_s=10.0, duration_s=30.0, warmup_max_s=45.0, probe_rounds=4,
+FULL = Bounds(concurrency=(1, 8), warmup_s=10.0, duration_s=30.0, warmup_max_s=45.0, probe_rounds=4,
                     vision_reps=0, stop_timeout_s=60.0)
-QUICK = serve.Bounds(concurrency=(1, 8), warmup_s=3.0, duration_s=12.0, warmup_max_s=45.0, probe_rounds=2,
+QUICK = Bounds(concurrency=(1, 8), warmup_s=3.0, duration_s=12.0, warmup_max_s=45.0, probe_rounds=2,
                      vision_reps=0, warm_requests=1, stop_timeout_s=60.0)
 RANDOM_MM_PROMPTS = {"full": {1: 2, 8: 8}, "quick": {1: 2, 8: 8}}
 
 
-class BenchError(serve.BenchError):
+class BenchError(HarnessError):
     pass
 
-
-log = serve.log
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +114,7 @@ class VideoSpec:
 
 @dataclass(frozen=True)
 class Contender:
-    """One compared configuration, duck-typed for serve.run_point / warm_up / paired_probe: ``server`` names
+    """One compared configuration, duck-typed for run_point / warm_up / paired_probe: ``server`` names
     the server, ``ratio`` is civic_video_ratio (civic only), ``stride`` the client's frame subsampling."""
 
     name: str  # vanilla | evs | civic | subsample
@@ -119,7 +122,7 @@ class Contender:
     ratio: Fraction | None = None
     stride: int = 1
     prune_rate: Fraction | None = None
-    default: bool = False  # serve.run_point records it (recipe defaults do not apply here)
+    default: bool = False  # run_point records it (recipe defaults do not apply here)
 
     @property
     def label(self) -> str:
@@ -154,8 +157,8 @@ def matching_ratio(kept: int, tokens_per_group: int, groups: int) -> Fraction:
 
 
 @dataclass
-class VideoRun(serve.Run):
-    """serve.Run with video requests: the same points, probe and warm-up code drive it."""
+class VideoRun(Run):
+    """Run with video requests: the same points, probe and warm-up code drive it."""
 
     def workload(self, spec: VideoSpec, config: Contender, **kw: Any) -> VideoWorkload:
         return VideoWorkload(video_size=(spec.width, spec.height), frames=spec.frames, stride=config.stride,
@@ -167,7 +170,7 @@ class VideoRun(serve.Run):
 def server_configs(run: VideoRun, spec: VideoSpec, rate: Fraction) -> dict[str, ServerConfig]:
     """The three servers: identical but for the model class and EVS's flag (and its CPU shim)."""
     common = dict(model=str(run.model), max_model_len=run.max_model_len,
-                  max_num_batched_tokens=serve.MAX_NUM_BATCHED_TOKENS, images_per_prompt=1,
+                  max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, images_per_prompt=1,
                   profile_image_size=(64, 64), videos_per_prompt=1,
                   profile_video_size=(spec.width, spec.height, spec.frames), dtype=run.dtype, kv_cache_gib=None,
                   kv_cache_bytes=run.pool_bytes, prefix_caching=False)
@@ -188,7 +191,7 @@ def start_video_servers(run: VideoRun, configs: dict[str, ServerConfig]) -> None
         run.servers[name] = server
         server.start()
         run.server_info[name] = {"url": server.url, "command": cfg.command()[1:], "pool": pool_geometry(server),
-                                 "binding": serve.omp_binding(server.log_text())}
+                                 "binding": omp_binding(server.log_text())}
         log(f"  {name} up: {run.server_info[name]['pool']['num_blocks']} blocks")
     pools = {n: (i["pool"]["num_blocks"], i["pool"]["block_size"]) for n, i in run.server_info.items()}
     if len(set(pools.values())) != 1:
@@ -312,7 +315,7 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
     state: dict[str, Any] = {"counts": [], "random_mm": [], "final_civic": {}}
     try:
         start_video_servers(run, server_configs(run, spec, rate))
-        run.client_cpus = serve.client_cpus(run.server_info["vanilla"]["binding"], run.args.client_cpus)
+        run.client_cpus = client_cpus(run.server_info["vanilla"]["binding"], run.args.client_cpus)
         run.served_model = model_id(requests, run.servers["vanilla"].url)
         vanilla, evs = Contender("vanilla", "vanilla"), Contender("evs", "evs", prune_rate=rate)
         subsample = Contender("subsample", "vanilla", stride=stride)
@@ -338,12 +341,12 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
         run.configs = run.probe_configs = [vanilla, *([evs] if state["evs"]["ok"] else []), civic, subsample]
         for contender in run.configs:
             server = run.servers[contender.server]
-            warm = serve.warm_up(run, server, spec, contender)
+            warm = warm_up(run, server, spec, contender)
             log(f"{contender.label}: warm-up TTFT {[round(t, 3) for t in warm]} s")
             for users in run.bounds.concurrency:
-                run.points.append(serve.run_point(run, server, spec, contender, users))
+                run.points.append(run_point(run, server, spec, contender, users))
         log(f"paired TTFT probe: {run.bounds.probe_rounds} rounds x {[c.label for c in run.probe_configs]}")
-        run.probe.extend(serve.paired_probe(run, spec))
+        run.probe.extend(paired_probe(run, spec))
         if not run.args.no_random_mm:
             log("vllm bench serve --dataset-name random-mm")
             for contender in run.configs:
@@ -352,7 +355,7 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
         text = run.servers["civic"].metrics()
         state["final_civic"] = {k: metric_value(text, k) for k in CIVIC_COUNTERS}
     finally:
-        serve.stop_servers(run)
+        stop_servers(run)
         partial = {**state, "points": run.points, "probe": run.probe}  # kept if the run fails part-way
         (run.raw_dir / "partial.json").write_text(json.dumps(partial, default=str) + "\n")
     state["contenders"] = [{"label": c.label, "name": c.name, "server": c.server,
@@ -396,7 +399,7 @@ def paired_ratio(probe: list[dict], num: str, den: str, key: str = "client_ttft_
     a, b = [by_round[r][num] for r in rounds], [by_round[r][den] for r in rounds]
     if not rounds:
         return {"ratio": None, "ci95": None, "rounds": 0}
-    return {"ratio": statistics.median(a) / statistics.median(b), "ci95": serve.bootstrap_ratio_ci(a, b),
+    return {"ratio": statistics.median(a) / statistics.median(b), "ci95": bootstrap_ratio_ci(a, b),
             "rounds": len(rounds), "num_median_s": statistics.median(a), "den_median_s": statistics.median(b)}
 
 
@@ -408,7 +411,7 @@ def throughput_ratio(points: list[dict], num: str, den: str, users: int, key: st
     a, b = point(points, num, users), point(points, den, users)
     if a is None or b is None:
         return None
-    return serve.div(a["client"][key], b["client"][key])
+    return div(a["client"][key], b["client"][key])
 
 
 def ratio_table(state: dict) -> list[dict]:
@@ -424,16 +427,16 @@ def ratio_table(state: dict) -> list[dict]:
         row: dict[str, Any] = {"pair": f"{num}/{den}", "num": a, "den": b,
                                "probe_ttft": paired_ratio(state["probe"], a, b),
                                "probe_server_ttft": paired_ratio(state["probe"], a, b, "server_ttft_s"),
-                               "video_tokens": serve.div(tokens[a]["video_tokens"], tokens[b]["video_tokens"]),
-                               "kv_blocks_end": serve.div(tokens[a]["kv_blocks_end"], tokens[b]["kv_blocks_end"])}
+                               "video_tokens": div(tokens[a]["video_tokens"], tokens[b]["video_tokens"]),
+                               "kv_blocks_end": div(tokens[a]["kv_blocks_end"], tokens[b]["kv_blocks_end"])}
         for users in sorted({p["concurrency"] for p in state["points"]}):
             pa, pb = point(state["points"], a, users), point(state["points"], b, users)
             wa, wb = (pa or {}).get("whole_run") or {}, (pb or {}).get("whole_run") or {}
             row[f"c{users}"] = {
                 "output_tok_per_s": throughput_ratio(state["points"], a, b, users),
                 "req_per_s": throughput_ratio(state["points"], a, b, users, "req_per_s"),
-                "ttft_p50": serve.div(pa["client"]["ttft_p50_s"], pb["client"]["ttft_p50_s"]) if pa and pb else None,
-                "whole_run_output_tok_per_s": serve.div(wa.get("output_tok_per_s"), wb.get("output_tok_per_s")),
+                "ttft_p50": div(pa["client"]["ttft_p50_s"], pb["client"]["ttft_p50_s"]) if pa and pb else None,
+                "whole_run_output_tok_per_s": div(wa.get("output_tok_per_s"), wb.get("output_tok_per_s")),
             }
         rows.append(row)
     return rows
@@ -476,7 +479,7 @@ def acceptance(state: dict, ratios: list[dict]) -> list[dict]:
         worst = min((v for v in values if v is not None), default=None)
         checks.append(check("civic faster than EVS under load (output tok/s, every concurrency >= 8)", worst,
                             "civic/EVS > 1", None if worst is None or None in values else worst > 1.0,
-                            f"concurrency {loaded}: {[serve.fmt(v) for v in values]}"))
+                            f"concurrency {loaded}: {[fmt(v) for v in values]}"))
     third = next((v for k, v in tokens.items() if k == "civic r=1/3"), None)
     if third is not None:
         ratio = third["video_tokens"] / vanilla["video_tokens"]
@@ -587,7 +590,7 @@ def markdown(state: dict, report: dict) -> str:
     lines += [f"| {k} | {v['video_tokens']} | {v['prompt_tokens']} | {v['kv_blocks_prompt']} | {v['kv_blocks_end']} |"
               for k, v in report["tokens"].items()]
     lines += ["", "KV blocks from `/metrics` (peak `vllm:kv_cache_usage_perc` x usable blocks, concurrency 1): "
-              + ", ".join(f"{k} {serve.fmt(v, 'd')}" for k, v in report["kv_blocks_from_metrics_c1"].items()) + "."]
+              + ", ".join(f"{k} {fmt(v, 'd')}" for k, v in report["kv_blocks_from_metrics_c1"].items()) + "."]
     evs = state.get("evs") or {"ok": True}
     if not evs["ok"]:
         lines += ["", f"**EVS ({evs['label']}) could not be served on this backend**: the engine died on the first "
@@ -598,11 +601,11 @@ def markdown(state: dict, report: dict) -> str:
               + " | ".join(f"tok/s c={u} (window) | tok/s c={u} (whole run) | TTFT p50 c={u}" for u in users)
               + " | video tokens | KV blocks |", "|---" * (5 + 3 * len(users)) + "|"]
     for r in report["ratios"]:
-        cells = [f"{serve.fmt(r[f'c{u}']['output_tok_per_s'])} | "
-                 f"{serve.fmt(r[f'c{u}'].get('whole_run_output_tok_per_s'))} | {serve.fmt(r[f'c{u}']['ttft_p50'])}"
+        cells = [f"{fmt(r[f'c{u}']['output_tok_per_s'])} | "
+                 f"{fmt(r[f'c{u}'].get('whole_run_output_tok_per_s'))} | {fmt(r[f'c{u}']['ttft_p50'])}"
                  for u in users]
         lines.append(f"| {r['num']} / {r['den']} | {fmt_ci(r['probe_ttft'])} | {fmt_ci(r['probe_server_ttft'])} | "
-                     + " | ".join(cells) + f" | {serve.fmt(r['video_tokens'])} | {serve.fmt(r['kv_blocks_end'])} |")
+                     + " | ".join(cells) + f" | {fmt(r['video_tokens'])} | {fmt(r['kv_blocks_end'])} |")
     lines += ["", "## Locust points", "",
               "Window: the measuring window after the warm-up; whole run: test start to the last completion, "
               "warm-up included (completed requests only).", "",
@@ -610,13 +613,13 @@ def markdown(state: dict, report: dict) -> str:
               "whole run: requests, output tok/s, TTFT p50 s |", "|---|---|---|---|---|---|---|---|---|"]
     for p in state["points"]:
         c, s = p["client"], p["server"]
-        lines.append(f"| {p['config']} | {p['concurrency']} | {serve.fmt(c['ttft_p50_s'])} | "
-                     f"{serve.fmt(c['ttft_p95_s'])} | {serve.fmt(c['req_per_s'])} | "
-                     f"{serve.fmt(c['output_tok_per_s'], '.1f')} | "
-                     f"{serve.fmt(s['kv_usage_max'], '.0%')} | {c['requests_completed']} | "
+        lines.append(f"| {p['config']} | {p['concurrency']} | {fmt(c['ttft_p50_s'])} | "
+                     f"{fmt(c['ttft_p95_s'])} | {fmt(c['req_per_s'])} | "
+                     f"{fmt(c['output_tok_per_s'], '.1f')} | "
+                     f"{fmt(s['kv_usage_max'], '.0%')} | {c['requests_completed']} | "
                      f"{(p.get('whole_run') or {}).get('requests_completed', 0)}, "
-                     f"{serve.fmt((p.get('whole_run') or {}).get('output_tok_per_s'), '.2f')}, "
-                     f"{serve.fmt((p.get('whole_run') or {}).get('ttft_p50_s'))} |")
+                     f"{fmt((p.get('whole_run') or {}).get('output_tok_per_s'), '.2f')}, "
+                     f"{fmt((p.get('whole_run') or {}).get('ttft_p50_s'))} |")
     if state["random_mm"]:
         lines += ["", "## vllm bench serve --dataset-name random-mm (video bucket)", "",
                   "| configuration | c | prompts | ok | input tok/request | output tok/s | req/s | median TTFT ms |",
@@ -624,13 +627,13 @@ def markdown(state: dict, report: dict) -> str:
         for r in state["random_mm"]:
             lines.append(f"| {r['contender']} | {r['concurrency']} | {r['num_prompts']} | "
                          f"{'yes' if r['ok'] else 'no: ' + r['error'].strip().splitlines()[-1][:200]} | "
-                         f"{serve.fmt(r.get('input_tokens_per_request'), '.0f')} | "
-                         f"{serve.fmt(r.get('output_throughput'), '.1f')} | {serve.fmt(r.get('request_throughput'))} | "
-                         f"{serve.fmt(r.get('median_ttft_ms'), '.0f')} |")
+                         f"{fmt(r.get('input_tokens_per_request'), '.0f')} | "
+                         f"{fmt(r.get('output_throughput'), '.1f')} | {fmt(r.get('request_throughput'))} | "
+                         f"{fmt(r.get('median_ttft_ms'), '.0f')} |")
     lines += ["", "## Acceptance (issue 19, serving)", ""]
     for c in report["acceptance"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["pass"]]
-        lines.append(f"* **{verdict}** {c['name']}: {serve.fmt(c['value'])}, needs {c['goal']} ({c['detail']})")
+        lines.append(f"* **{verdict}** {c['name']}: {fmt(c['value'])}, needs {c['goal']} ({c['detail']})")
     lines += ["", "## Notes", ""] + [f"* {n}" for n in state["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -659,7 +662,7 @@ def write_report(state: dict, out_json: Path) -> dict:
     out_json.write_text(json.dumps(full, indent=1, default=str) + "\n")
     plot(state, report, out_json.with_suffix(".png"))
     out_json.with_suffix(".md").write_text(markdown(state, report))
-    log(f"wrote {serve.relroot(out_json)} (+ .png, .md)")
+    log(f"wrote {relroot(out_json)} (+ .png, .md)")
     return full
 
 
@@ -707,11 +710,11 @@ def main(argv: list[str] | None = None) -> int:
         write_report(state, out_json)
         return 0
     started = time.monotonic()
-    load_start = serve.wait_for_quiet_machine()
+    load_start = wait_for_quiet_machine()
     bounds = QUICK if args.quick else FULL
     overrides = {k: v for k, v in {"concurrency": args.concurrency, "duration_s": args.duration,
                                    "probe_rounds": args.probe_rounds}.items() if v is not None}
-    bounds = serve.Bounds(**{**asdict(bounds), **overrides})
+    bounds = Bounds(**{**asdict(bounds), **overrides})
     model = Path(args.model).resolve() if args.model else make_model(args.preset, models_root() / args.preset)
     width, height, frames = args.video
     spec = VideoSpec(f"video-{width}x{height}x{frames}", width, height, frames)
@@ -721,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
                    out_json=out_json, out_dir=raw_dir, raw_dir=raw_dir, max_tokens=args.max_tokens,
                    seeds=itertools.count(int(time.time()) % 100000))
     longest = spec.video_tokens() + TEXT_ALLOWANCE
-    pool = serve.plan_pool(Geometry.from_checkpoint(model, args.dtype), longest, longest, args.max_tokens)
+    pool = plan_pool(Geometry.from_checkpoint(model, args.dtype), longest, longest, args.max_tokens)
     run.max_model_len, run.pool_bytes = pool["max_model_len"], pool["pool_bytes"]
     log(f"model {model} ({args.dtype}); {'QUICK' if args.quick else 'full'} run; {spec.name}; pool {pool}; "
         f"load average {load_start[0]:.2f}")
@@ -740,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     add_whole_run(state)
     (raw_dir / "state.json").write_text(json.dumps(state, default=str) + "\n")
-    log(f"measurements saved to {serve.relroot(raw_dir / 'state.json')}")
+    log(f"measurements saved to {relroot(raw_dir / 'state.json')}")
     write_report(json.loads((raw_dir / "state.json").read_text()), out_json)
     return 0
 
@@ -748,6 +751,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (BenchError, serve.BenchError, KvBenchError, ServerError) as exc:
+    except (HarnessError, ServerError) as exc:
         print(f"benchmarks.video_serve: could not measure: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +171,10 @@ class _SigtermAsExit:
     @classmethod
     def release(cls) -> None:
         cls._servers -= 1
+        cls.restore_if_idle()
+
+    @classmethod
+    def restore_if_idle(cls) -> None:
         if cls._servers == 0 and threading.current_thread() is threading.main_thread() \
                 and signal.getsignal(signal.SIGTERM) is cls._raise:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -318,6 +322,24 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_all(servers: Iterable[VllmServer]) -> None:
+    """Stop every server, even when the caller is signalled meanwhile.
+
+    Each ``stop()`` re-delivers a SIGTERM/SIGINT received during its drain once its group is gone;
+    in a plain loop that signal would end the loop and orphan the servers not yet stopped (GNU
+    ``timeout`` sends SIGTERM to the caller twice, directly and to its process group). Here the
+    re-delivered signals are held until the last server is stopped, then re-delivered once.
+    """
+    with _signals_deferred() as received:
+        for server in servers:
+            server.stop()
+    try:
+        if received:
+            signal.raise_signal(received[0])
+    finally:
+        _SigtermAsExit.restore_if_idle()  # the last stop() ran under the deferral, not under its handler
 
 
 def group_members(pgid: int) -> list[int]:

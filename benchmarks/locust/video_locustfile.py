@@ -1,7 +1,7 @@
 """Locust load of video requests: ``civic_locustfile.py``'s users, warm-up and records, video workload.
 
 Every option, event listener and the user class come from ``civic_locustfile.py`` (imported below);
-this file adds the video knobs and swaps the request shape for :class:`benchmarks.locust.video.VideoWorkload`
+this file adds the video knobs and swaps the request shape for :class:`benchmarks.video_load.VideoWorkload`
 (one freshly generated random video per request, no image):
 
     locust -f benchmarks/locust/video_locustfile.py --headless -u 8 -r 8 -t 120s \\
@@ -24,8 +24,8 @@ try:
 except ImportError:  # started from another directory: the repository root is two levels up
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks.locust import civic_locustfile as base
-from benchmarks.locust import parse_size
-from benchmarks.locust.video import VideoWorkload
+from benchmarks.load import parse_size
+from benchmarks.video_load import VideoWorkload
 
 ChatUser = base.ChatUser  # the user class locust runs: a streaming request, then the next
 

@@ -186,7 +186,7 @@ _MROPE_128 = (24, 20, 20)  # head_dim 128, as in the real models
 # The vision tower of Qwen3-VL-2B and -4B (SigLIP2-so400m-style, 1024 wide, 24 blocks).
 _VISION_2B_4B = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16)
 
-# The tiny preset's shapes, shared by the tiny presets of the other families.
+# The tiny preset's shapes, shared by the tiny presets of every family.
 _TINY_TEXT = dict(
     hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
     intermediate_size=512, mrope_section=_MROPE_64, max_position_embeddings=32_768,
@@ -199,12 +199,24 @@ _TINY_LINEAR = LinearAttentionDims(
     full_attention_interval=4, num_key_heads=2, num_value_heads=4, key_head_dim=64, value_head_dim=64,
 )
 _MROPE_64_QUARTER = (3, 3, 2)  # head_dim 64, partial rotary 0.25: 16 rotary dims
-# The bench preset's shapes, shared by the bench presets of the other families.
+# The bench preset's shapes, shared by the bench presets of every family.
 _BENCH_TEXT = dict(
     hidden_size=1024, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
     intermediate_size=3072, max_position_embeddings=32_768,
 )
 _BENCH_VISION = dict(depth=6, hidden_size=384, intermediate_size=1536, num_heads=6, out_hidden_size=1024)
+
+
+def _real_dims(name: str, billions: str, *, vision: dict, **text) -> ModelPreset:
+    """A Qwen3-VL dense model's published dimensions (8 KV heads of 128), random weights."""
+    size = name.removeprefix("qwen3-vl-").upper()
+    return ModelPreset(
+        name=name,
+        description=f"Qwen3-VL-{size}-Instruct dimensions, random weights (about {billions} B parameters).",
+        text=TextDims(num_key_value_heads=8, head_dim=128, vocab_size=_QWEN_VOCAB, **text),
+        vision=VisionDims(**vision),
+    )
+
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
@@ -215,15 +227,8 @@ PRESETS: dict[str, ModelPreset] = {
                 "Tests and the civic-shapes training start point: 6.0 M parameters (12 MB in "
                 "bf16), built in seconds; real architecture, 4 + 4 layers, 2048-token vocabulary."
             ),
-            text=TextDims(
-                hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=64, intermediate_size=512,
-                mrope_section=_MROPE_64, max_position_embeddings=32_768,
-            ),
-            vision=VisionDims(
-                depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
-                out_hidden_size=256, deepstack_visual_indexes=(1, 2, 3),
-            ),
+            text=TextDims(**_TINY_TEXT),
+            vision=VisionDims(**_TINY_VISION, deepstack_visual_indexes=(1, 2, 3)),
         ),
         ModelPreset(
             name="bench",
@@ -236,15 +241,8 @@ PRESETS: dict[str, ModelPreset] = {
                 "Qwen3-VL-2B 52%, 4B 73%, 8B 79%). 896x896 (806 tokens): 3.7 s, vision 2.0 s "
                 "(LLM 47%); 1344x1344 (1786 tokens): 12.1 s, vision 8.0 s (LLM 34%)."
             ),
-            text=TextDims(
-                hidden_size=1024, num_hidden_layers=12, num_attention_heads=8,
-                num_key_value_heads=4, head_dim=128, intermediate_size=3072,
-                mrope_section=_MROPE_128, max_position_embeddings=32_768,
-            ),
-            vision=VisionDims(
-                depth=6, hidden_size=384, intermediate_size=1536, num_heads=6,
-                out_hidden_size=1024, deepstack_visual_indexes=(1, 3, 4),
-            ),
+            text=TextDims(**_BENCH_TEXT, mrope_section=_MROPE_128),
+            vision=VisionDims(**_BENCH_VISION, deepstack_visual_indexes=(1, 3, 4)),
         ),
         ModelPreset(
             name="tiny-moe",
@@ -286,43 +284,16 @@ PRESETS: dict[str, ModelPreset] = {
                 value_head_dim=64)),
             vision=VisionDims(**_BENCH_VISION, deepstack_visual_indexes=()),
         ),
-        ModelPreset(
-            name="qwen3-vl-2b",
-            description="Qwen3-VL-2B-Instruct dimensions, random weights (about 2.1 B parameters).",
-            text=TextDims(
-                hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
-                num_key_value_heads=8, head_dim=128, intermediate_size=6144,
-                vocab_size=_QWEN_VOCAB, tie_word_embeddings=True,
-            ),
-            vision=VisionDims(
-                **_VISION_2B_4B, out_hidden_size=2048, deepstack_visual_indexes=(5, 11, 17)
-            ),
-        ),
-        ModelPreset(
-            name="qwen3-vl-4b",
-            description="Qwen3-VL-4B-Instruct dimensions, random weights (about 4.4 B parameters).",
-            text=TextDims(
-                hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, intermediate_size=9728,
-                vocab_size=_QWEN_VOCAB, tie_word_embeddings=True,
-            ),
-            vision=VisionDims(
-                **_VISION_2B_4B, out_hidden_size=2560, deepstack_visual_indexes=(5, 11, 17)
-            ),
-        ),
-        ModelPreset(
-            name="qwen3-vl-8b",
-            description="Qwen3-VL-8B-Instruct dimensions, random weights (about 8.8 B parameters).",
-            text=TextDims(
-                hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, intermediate_size=12288,
-                vocab_size=_QWEN_VOCAB, tie_word_embeddings=False,
-            ),
-            vision=VisionDims(
-                depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
-                out_hidden_size=4096, deepstack_visual_indexes=(8, 16, 24),
-            ),
-        ),
+        _real_dims("qwen3-vl-2b", "2.1", hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                   intermediate_size=6144, tie_word_embeddings=True,
+                   vision=dict(_VISION_2B_4B, out_hidden_size=2048, deepstack_visual_indexes=(5, 11, 17))),
+        _real_dims("qwen3-vl-4b", "4.4", hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                   intermediate_size=9728, tie_word_embeddings=True,
+                   vision=dict(_VISION_2B_4B, out_hidden_size=2560, deepstack_visual_indexes=(5, 11, 17))),
+        _real_dims("qwen3-vl-8b", "8.8", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                   intermediate_size=12288, tie_word_embeddings=False,
+                   vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                               deepstack_visual_indexes=(8, 16, 24))),
     )
 }
 

@@ -107,6 +107,48 @@ def test_a_second_signal_while_stopping_kills_the_group(tmp_path, second):
     assert status == (128 + signal.SIGTERM if second == signal.SIGTERM else -signal.SIGINT)
 
 
+# Two servers stopped together, as the serving benchmark does (argv: stand-in source, marker file).
+TWO_SERVER_CALLER = textwrap.dedent("""
+    import sys, time
+    from civic_vllm import serving
+    stand_in, marker = sys.argv[1:3]
+    serving.ServerConfig.command = lambda self: [sys.executable, "-c", stand_in, str(self.port), "drain", marker]
+    servers = []
+    try:
+        for _ in range(2):
+            servers.append(serving.VllmServer(serving.ServerConfig(model="unused")))
+            servers[-1].start()
+            print(servers[-1].process.pid, flush=True)
+        time.sleep(120)
+    finally:
+        serving.stop_all(servers)
+""")
+
+
+def test_stop_all_outlasts_a_second_sigterm_while_the_first_server_drains(tmp_path):
+    # GNU timeout signals its child twice (directly, then its process group). stop() re-delivers the
+    # second SIGTERM once its own group is gone; in a plain loop that ended the loop and orphaned the
+    # second server (seen with `timeout 1200 python -m benchmarks.serve`).
+    marker = tmp_path / "sigterms"
+    marker.touch()
+    caller = subprocess.Popen([sys.executable, "-c", TWO_SERVER_CALLER, STAND_IN, str(marker)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pids = []
+    try:
+        pids = [int(caller.stdout.readline()) for _ in range(2)]
+        caller.send_signal(signal.SIGTERM)
+        assert _wait_for(lambda: marker.read_text().count("SIGTERM") >= 1)  # the first server drains
+        caller.send_signal(signal.SIGTERM)
+        assert caller.wait(timeout=60) == 128 + signal.SIGTERM
+        assert _wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=10), "a server outlived its caller"
+    finally:
+        caller.kill()
+        caller.wait()
+        for pid in pids:
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
 def test_a_signal_during_stop_is_delivered_after_it(monkeypatch, no_running_servers, default_sigint, tmp_path):
     # stop() called by the program itself (no exception in flight): the signal is not lost.
     marker = tmp_path / "sigterms"

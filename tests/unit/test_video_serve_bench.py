@@ -1,4 +1,4 @@
-"""benchmarks/video_serve.py and benchmarks/locust/video.py, pure parts: videos, request bodies, token maths,
+"""benchmarks/video_serve.py and benchmarks/video_load.py, pure parts: videos, request bodies, token maths,
 ratios and the acceptance checks on a synthetic state. No server, no timing thresholds."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import video_serve as vs
-from benchmarks.locust.video import CELL, VideoWorkload, random_video, subsample, video_seed
+from benchmarks.video_load import CELL, VideoWorkload, random_video, subsample, video_seed
 from civic_vllm.client import video_data_url
 
 

@@ -1,8 +1,8 @@
 """The video serving benchmark's workload: fresh random videos, frame subsampling, request bodies.
 
-Shared by the video locustfile (``video_locustfile.py``) and the driver (``benchmarks/video_serve.py``:
-warm-up, token counts and the paired TTFT probe), so both send exactly the same requests. Nothing here
-imports locust or gevent.
+Shared by the video locustfile (``benchmarks/locust/video_locustfile.py``) and the driver
+(``benchmarks/video_serve.py``: warm-up, token counts and the paired TTFT probe), so both send exactly the
+same requests. Nothing here imports locust or gevent.
 
 Every request carries a video generated for it alone (seeded by the run seed and the request number):
 a mosaic of random colour cells of which a quarter change from one frame to the next, plus random
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from benchmarks.locust import Workload
+from benchmarks.load import Workload
 from civic_vllm.client import video_data_url, video_part
 
 DEFAULT_VIDEO_QUESTION = "Describe this video: what happens, what moves, and what colours dominate?"
@@ -105,4 +105,4 @@ class VideoWorkload(Workload):
 
     @classmethod
     def locustfile_path(cls) -> Path:
-        return Path(__file__).with_name(cls.locustfile)
+        return Path(__file__).parent / "locust" / cls.locustfile
