@@ -55,9 +55,8 @@ from benchmarks.load import model_id
 from benchmarks.serve.analysis import div
 from benchmarks.serve.cli import wait_for_quiet_machine
 from benchmarks.serve.common import MAX_NUM_BATCHED_TOKENS, RESULTS, ROOT, Bounds, Run, fmt, relroot
-from benchmarks.serve.point import run_point, warm_up
-from benchmarks.serve.probe import bootstrap_ratio_ci, paired_probe
-from benchmarks.serve.run import plan_pool, stop_servers
+from benchmarks.serve.probe import bootstrap_ratio_ci
+from benchmarks.serve.run import measure_points, plan_pool, stop_servers
 from benchmarks.serve.servers import client_cpus, omp_binding
 from benchmarks.video_load import VideoWorkload
 from civic_vllm.cost import kv_blocks, kv_tokens
@@ -339,14 +338,7 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
             state["counts"] += count_tokens(run, spec, Contender("civic", "civic", ratio=Fraction(1, 3)),
                                             video_token_id)
         run.configs = run.probe_configs = [vanilla, *([evs] if state["evs"]["ok"] else []), civic, subsample]
-        for contender in run.configs:
-            server = run.servers[contender.server]
-            warm = warm_up(run, server, spec, contender)
-            log(f"{contender.label}: warm-up TTFT {[round(t, 3) for t in warm]} s")
-            for users in run.bounds.concurrency:
-                run.points.append(run_point(run, server, spec, contender, users))
-        log(f"paired TTFT probe: {run.bounds.probe_rounds} rounds x {[c.label for c in run.probe_configs]}")
-        run.probe.extend(paired_probe(run, spec))
+        measure_points(run, spec)
         if not run.args.no_random_mm:
             log("vllm bench serve --dataset-name random-mm")
             for contender in run.configs:

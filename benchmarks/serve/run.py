@@ -113,6 +113,19 @@ def start_servers(run: Run) -> None:
     run.server_info["pool"] = next(iter(run.server_info.values()))["pool"]
 
 
+def measure_points(run: Run, spec) -> None:
+    """Every configuration of ``run`` on ``spec``: warm-up, a locust point at each concurrency; then the paired
+    TTFT probe over ``run.probe_configs`` (also the video benchmark's loop)."""
+    for config in run.configs:
+        server = run.servers[config.server]
+        warm = warm_up(run, server, spec, config)
+        log(f"{spec.name} / {config.label}: warm-up TTFT {[round(t, 3) for t in warm]} s")
+        for users in run.bounds.concurrency:
+            run.points.append(run_point(run, server, spec, config, users))
+    log(f"{spec.name}: paired TTFT probe, {run.bounds.probe_rounds} rounds x {[c.label for c in run.probe_configs]}")
+    run.probe.extend(paired_probe(run, spec))
+
+
 def stop_servers(run: Run) -> None:
     stop_all(run.servers.values())
 
@@ -301,15 +314,7 @@ def measure(run: Run) -> dict:
             log(f"  vision {v['vision_s']:.3f} s, HF full prefill {v['full_prefill_s']:.3f} s "
                 f"({v['vision_share_of_hf_prefill']:.0%} vision)")
         for spec in run.specs:
-            for config in run.configs:
-                server = run.servers[config.server]
-                warm = warm_up(run, server, spec, config)
-                log(f"{spec.name} / {config.label}: warm-up TTFT {[round(t, 3) for t in warm]} s")
-                for users in run.bounds.concurrency:
-                    run.points.append(run_point(run, server, spec, config, users))
-            log(f"{spec.name}: paired TTFT probe, {run.bounds.probe_rounds} rounds x "
-                f"{[c.label for c in run.probe_configs]}")
-            run.probe.extend(paired_probe(run, spec))
+            measure_points(run, spec)
         if "civic" in run.servers:
             text = run.servers["civic"].metrics()
             final = {k: metric_value(text, k) for k in (C_SEEN, C_KEPT, C_IMAGES)}
