@@ -476,6 +476,33 @@ def render_gpu() -> str:
 # ----------------------------------------------------------------------------------------------
 # the registration point: block name -> renderer
 
+def render_video_serve(name: str = "video_serve.json") -> str:
+    """The video serving benchmark: ratios against vanilla, vLLM's random-mm, acceptance."""
+    d = load(name)
+    spec = d["spec"]
+    lines = [f"{d['preset']} preset, {d['dtype']}, one {spec['width']}x{spec['height']} video of {spec['frames']} "
+             f"frames at {spec['fps']:g} fps per request, {d['max_tokens']} output tokens, one KV pool for all; "
+             f"load average {d['load_start'][0]:.2f} at the start.", ""]
+    rows = []
+    for r in d["ratios"]:
+        probe, c1, c8 = r.get("probe_ttft") or {}, r.get("c1") or {}, r.get("c8") or {}
+        rows.append([r["pair"], f"{x(probe.get('ratio'), 3)} {ci(probe.get('ci95'), 3)}".strip(),
+                     x(c1.get("whole_run_output_tok_per_s")), x(c8.get("whole_run_output_tok_per_s")),
+                     x(r.get("video_tokens"), 3), x(r.get("kv_blocks_end"), 3)])
+    lines.append(table(["pair", "TTFT, paired probe (95% CI)", "output tok/s c=1 (whole run)",
+                        "output tok/s c=8 (whole run)", "video tokens", "KV blocks"], rows))
+    mm = {(m["contender"], m["concurrency"]): m for m in d.get("random_mm", []) if m.get("ok")}
+    if mm:
+        lines += ["", "vLLM's own `vllm bench serve --dataset-name random-mm` (video bucket), output tok/s and "
+                  "median TTFT:", ""]
+        rows = [[c, str(n), f"{m['output_throughput']:.1f}", f"{m['median_ttft_ms'] / 1000:.1f} s",
+                 f"{m['input_tokens_per_request']:.0f}"] for (c, n), m in mm.items()]
+        lines.append(table(["contender", "concurrency", "output tok/s", "median TTFT", "input tokens"], rows))
+    lines += [""] + [f"- {'PASS' if a['pass'] else 'n/a' if a['pass'] is None else 'FAIL'}: {a['name']} "
+                     f"({a['detail']})" for a in d["acceptance"]]
+    return "\n".join(lines + ["", command_line(d.get("command"), name)])
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "headline": render_serve_headline,
     "serve": partial(render_serve_run, "serve.json"),
@@ -494,7 +521,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "soak": render_soak,
     "kernels": render_kernels,
     "gpu": render_gpu,
-    # to come: "video-serve": partial(render_serve_run, "video_serve.json"), "video-accuracy": ...
+    "video-serve": render_video_serve,
 }
 
 
