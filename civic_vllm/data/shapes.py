@@ -428,14 +428,19 @@ def is_correct(rec: dict[str, Any], output: str) -> bool:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    paths = write_dataset(args.out, args.n, args.seed, args.splits)
+    if args.video:
+        from civic_vllm.data.shapes_video import write_video_dataset
+
+        paths = write_video_dataset(args.out, args.n, args.seed, args.splits, progress=True)
+    else:
+        paths = write_dataset(args.out, args.n, args.seed, args.splits)
     for split, path in paths.items():
         print(f"{split}: {sum(1 for _ in path.open())} samples -> {path}")
     return 0
 
 
 def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``civic data synth --n N --seed S --out DIR`` (handler in ``args.handler``)."""
+    """Register ``civic data synth --n N --seed S --out DIR [--video]`` (handler in ``args.handler``)."""
     data = subparsers.add_parser("data", help="synthetic data sets")
     sub = data.add_subparsers(dest="data_command", required=True)
     synth = sub.add_parser("synth", help="write a civic-shapes data set (train/val/test 80/10/10)")
@@ -444,5 +449,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--splits", nargs="+", choices=tuple(SPLITS), default=None,
                        help="write only these splits (same content and ids as in the full set)")
+    synth.add_argument("--video", action="store_true",
+                       help="civic-shapes-video: mp4 videos of moving / appearing / colour-changing shapes "
+                            "(tasks direction, appears, count, last_color) instead of images")
     synth.set_defaults(handler=_synth)
     return data
