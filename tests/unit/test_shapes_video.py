@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from civic_vllm import evaluation as E
-from civic_vllm.data import shapes, shapes_video as SV
+from civic_vllm.data import shapes
+from civic_vllm.data import shapes_video as SV
 
 
 def _samples(task: str, n: int = 12, seed: int = 0):
@@ -125,7 +126,7 @@ def test_video_request_bodies_per_method(tmp_path: Path) -> None:
     paths = SV.write_video_dataset(tmp_path, 10, seed=1, splits=["train"])
     sample = E.load_samples(paths["train"])[0]
     bodies = {m: E.chat_body(sample, "m", m, 1.0 if m == "full" else 1 / 3) for m in E.VIDEO_METHODS}
-    for method, body in bodies.items():
+    for body in bodies.values():
         content = body["messages"][0]["content"]
         assert [p["type"] for p in content] == ["video_url", "text"] and content[1]["text"] == sample.record["question"]
         assert body["return_token_ids"] and body["max_tokens"] == E.MAX_TOKENS and body["temperature"] == 0
