@@ -21,7 +21,6 @@ every frame reaches Qwen3-VL (it samples 2 frames a second, 2 frames make one fr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,33 +224,14 @@ def write_video_dataset(out_dir: str | Path, n: int, seed: int = 0, splits: Sequ
     As :func:`civic_vllm.data.shapes.write_dataset`: tasks balanced round robin per split, one
     child seed a split, ids (``v000001``...) unique across splits, ``splits`` writes only those.
     """
-    from tqdm import tqdm
-
     from civic_vllm.client import write_video
 
-    unknown = set(splits or ()) - set(shapes.SPLITS)
-    if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; choose from {', '.join(shapes.SPLITS)}")
     out = Path(out_dir)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    next_id = 1
-    children = np.random.SeedSequence(seed).spawn(len(shapes.SPLITS))
-    for (split, count), child in zip(shapes._split_counts(n).items(), children):
-        if splits is not None and split not in splits:
-            next_id += count
-            continue
-        rng = np.random.default_rng(child)
-        tasks = [VIDEO_TASKS[i % len(VIDEO_TASKS)] for i in range(count)]
-        tasks = [tasks[int(i)] for i in rng.permutation(count)]
-        lines = []
-        for task in tqdm(tasks, desc=split, unit="video", disable=not progress):
-            sample_id = f"v{next_id:06d}"
-            next_id += 1
-            scene, qa = generate_video_sample(rng, task)
-            rel = f"videos/{sample_id}.mp4"
-            write_video(scene.frames, out / rel, FPS)
-            lines.append(json.dumps(video_record(sample_id, rel, scene, qa)))
-        paths[split] = out / f"{split}.jsonl"
-        paths[split].write_text("".join(line + "\n" for line in lines))
-    return paths
+
+    def write(rng: np.random.Generator, task: str, sample_id: str) -> dict[str, Any]:
+        scene, qa = generate_video_sample(rng, task)
+        rel = f"videos/{sample_id}.mp4"
+        write_video(scene.frames, out / rel, FPS)
+        return video_record(sample_id, rel, scene, qa)
+
+    return shapes.write_splits(out, n, seed, splits, VIDEO_TASKS, "v", "videos", write, progress)

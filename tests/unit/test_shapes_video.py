@@ -171,11 +171,9 @@ def test_video_training_chat_is_what_the_template_and_processor_make() -> None:
     assert sorted(q.task for q in qas) == ["count", "direction"]
     url = video_data_url(scene.frames)
     frames, meta = decode_video(url)
-    messages = []
-    for k, q in enumerate(qas):
-        video = [{"type": "video"}] if k == 0 else []
-        messages.append({"role": "user", "content": [*video, {"type": "text", "text": q.question}]})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": q.answer}]})
+    messages = [turn for k, q in enumerate(qas) for turn in (
+        {"role": "user", "content": [{"type": "video"}] * (k == 0) + [{"type": "text", "text": q.question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": q.answer}]})]
     proc = encoder.processor
     kwargs = dict(videos=[frames], do_sample_frames=meta["do_sample_frames"], return_tensors="pt",
                   video_metadata=[VideoMetadata(**{k: v for k, v in meta.items() if k != "do_sample_frames"})])
