@@ -62,26 +62,49 @@ def scored(samples, predictions: list[dict[str, Any]], tasks: list[str]) -> Scor
     return Scored(np.array([p["correct"] for p in predictions], dtype=bool), masks)
 
 
-def run_methods(model: str, data: Path, ratio: float, concurrency: int) -> dict[str, dict[str, Any]]:
-    """Every method's ``civic eval`` result (with predictions): one civic server, one vanilla EVS server."""
+def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: Path) -> dict[str, dict[str, Any]]:
+    """Every method's ``civic eval`` result (with predictions): a vanilla EVS server, then one civic server.
+
+    Each result is kept in ``cache`` as soon as it is scored (keyed by model, data and ratio), so a run
+    that stops is continued rather than redone.
+    """
     from civic_vllm.evaluation import evaluate, load_samples, server_config
     from civic_vllm.serving import VllmServer
 
     samples = load_samples(data)
-    results: dict[str, dict[str, Any]] = {}
-    t0 = time.monotonic()
-    with VllmServer(server_config(model, samples)) as server:
-        print(f"civic server up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-        for method, r in (("full", 1.0), ("civic", ratio), ("subsample", ratio)):
-            results[method] = evaluate(samples, server.url, method=method, ratio=r, concurrency=concurrency,
-                                       desc=f"{method} r={ratio_label(r)}")
-    t0 = time.monotonic()
-    evs = server_config(model, samples, civic=False, extra_args=("--video-pruning-rate", f"{1 - ratio:.6f}"))
-    with VllmServer(evs) as server:
-        print(f"vanilla EVS server up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-        results["evs"] = evaluate(samples, server.url, method="default", ratio=ratio, concurrency=concurrency,
-                                  desc=f"evs q={1 - ratio:.3g}")
-        results["evs"]["video_pruning_rate"] = round(1 - ratio, 6)
+    key = {"model": str(Path(model).resolve()), "data": str(data.resolve()), "ratio": ratio}
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def cached(method: str) -> dict[str, Any] | None:
+        path = cache / f"{method}.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                return saved["result"]
+        return None
+
+    def keep(method: str, result: dict[str, Any]) -> None:
+        (cache / f"{method}.json").write_text(json.dumps({"key": key, "result": result}))
+
+    results = {m: r for m in METHODS if (r := cached(m)) is not None}
+    if "evs" not in results:
+        t0 = time.monotonic()
+        evs = server_config(model, samples, civic=False, extra_args=("--video-pruning-rate", f"{1 - ratio:.6f}"))
+        with VllmServer(evs) as server:
+            print(f"vanilla EVS server up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+            results["evs"] = evaluate(samples, server.url, method="default", ratio=ratio, concurrency=concurrency,
+                                      desc=f"evs q={1 - ratio:.3g}")
+            results["evs"]["video_pruning_rate"] = round(1 - ratio, 6)
+            keep("evs", results["evs"])
+    todo = [(m, r) for m, r in (("full", 1.0), ("civic", ratio), ("subsample", ratio)) if m not in results]
+    if todo:
+        t0 = time.monotonic()
+        with VllmServer(server_config(model, samples)) as server:
+            print(f"civic server up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+            for method, r in todo:
+                results[method] = evaluate(samples, server.url, method=method, ratio=r, concurrency=concurrency,
+                                           desc=f"{method} r={ratio_label(r)}")
+                keep(method, results[method])
     return results
 
 
@@ -189,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     data = test_split(args.n_test)
     samples = load_samples(data)
     start = time.monotonic()
-    results = run_methods(args.model, data, args.ratio, args.concurrency)
+    results = run_methods(args.model, data, args.ratio, args.concurrency, DATA_ROOT / "results")
     model = Path(args.model).resolve()
     result = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else args.model,
               "data": str(data.relative_to(ROOT)), "test_seed": TEST_SEED, "n": len(samples),

@@ -85,7 +85,7 @@ class VideoScene:
     frames: np.ndarray
     tracks: list[Track]
     task: str
-    subject: int = 0  # the track the question is about (direction, appears, last_color)
+    subject: int = 0  # the track the question is about (direction, appears, last_color): the first
 
     @property
     def num_frames(self) -> int:
@@ -126,8 +126,7 @@ def _window(rng: np.random.Generator, frames: int) -> list[bool]:
     return [start <= t < start + length for t in range(frames)]
 
 
-def _tracks(rng: np.random.Generator, task: str, width: int, height: int, frames: int) -> tuple[list[Track], int]:
-    n = int(rng.integers(1 if task in ("direction", "count") else 2, MAX_VIDEO_OBJECTS + 1))
+def _tracks(rng: np.random.Generator, task: str, n: int, width: int, height: int, frames: int) -> list[Track]:
     colors = [str(c) for c in rng.permutation(list(shapes.COLORS))]
     shape_names = [str(s) for s in rng.permutation(list(shapes.SHAPES))]
     tracks: list[Track] = []
@@ -147,7 +146,7 @@ def _tracks(rng: np.random.Generator, task: str, width: int, height: int, frames
             change = int(rng.integers(1, frames))  # the new colour from this frame on
             color_seq = tuple(colors[k] if t < change else colors[n] for t in range(frames))
         tracks.append(Track(shape_names[k], size, xy, color_seq))
-    return tracks, 0
+    return tracks
 
 
 def sample_video(rng: np.random.Generator, task: str, sizes: Sequence[tuple[int, int]] = VIDEO_SIZES,
@@ -157,8 +156,10 @@ def sample_video(rng: np.random.Generator, task: str, sizes: Sequence[tuple[int,
         raise ValueError(f"unknown video task {task!r}; choose one of {VIDEO_TASKS}")
     width, height = sizes[int(rng.integers(len(sizes)))]
     frames = int(frame_counts[int(rng.integers(len(frame_counts)))])
+    # Drawn once, outside the placement retries: redrawing it there would favour fewer objects.
+    n = int(rng.integers(1 if task in ("direction", "count") else 2, MAX_VIDEO_OBJECTS + 1))
     while True:
-        tracks, subject = _tracks(rng, task, width, height, frames)
+        tracks = _tracks(rng, task, n, width, height, frames)
         boxes = [t.swept() for t in tracks]
         if all(_disjoint(boxes[i], boxes[j]) for i in range(len(boxes)) for j in range(i)):
             break
@@ -171,7 +172,7 @@ def sample_video(rng: np.random.Generator, task: str, sizes: Sequence[tuple[int,
             if (obj := track.obj(t)) is not None:
                 shapes._draw(draw, obj)
         out[t] = np.asarray(image)
-    return VideoScene(out, tracks, task, subject)
+    return VideoScene(out, tracks, task)
 
 
 def direction_of(track: Track) -> str:

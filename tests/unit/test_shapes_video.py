@@ -60,12 +60,12 @@ def test_appearing_colour_is_absent_at_both_ends_and_shown_mid_video() -> None:
 
 
 def test_count_is_distinct_objects_over_the_whole_video() -> None:
-    counts = set()
-    for scene, qa in _samples("count", 30):
+    per_count = {}
+    for scene, qa in _samples("count", 200):
         colours = {c for c in shapes.COLORS if any(_colour_pixels(f, c) > 0 for f in scene.frames)}
         assert qa.answer == str(len(colours)) == str(len(scene.tracks))
-        counts.add(qa.answer)
-    assert counts == {"1", "2", "3", "4"}
+        per_count[qa.answer] = per_count.get(qa.answer, 0) + 1
+    assert sorted(per_count) == ["1", "2", "3", "4"] and min(per_count.values()) >= 35  # about uniform
 
 
 def test_last_colour_is_the_named_shapes_colour_in_the_last_frame() -> None:
