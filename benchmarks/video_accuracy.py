@@ -4,7 +4,7 @@ frame subsampling, on the civic-shapes-video test split, served by vLLM.
     python -m benchmarks.video_accuracy [--model models/civic-shapes-video-tiny] [--n-test 640]
                                         [--ratio 1/3] [--concurrency 4]      (= make bench-video-accuracy)
 
-One test split (seed TEST_SEED, tasks balanced: direction, appears, count, last_color), each
+One test split (seed TEST_SEED, tasks balanced: direction, appears, video_count, last_color), each
 method scored once, greedy:
 
 * ``full``       every video token (``--model-impl civic`` with ``civic_policy=full``: token-identical

@@ -463,6 +463,6 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                        help="write only these splits (same content and ids as in the full set)")
     synth.add_argument("--video", action="store_true",
                        help="civic-shapes-video: mp4 videos of moving / appearing / colour-changing shapes "
-                            "(tasks direction, appears, count, last_color) instead of images")
+                            "(tasks direction, appears, video_count, last_color) instead of images")
     synth.set_defaults(handler=_synth)
     return data

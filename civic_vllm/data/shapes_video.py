@@ -8,7 +8,7 @@ frames where something happens) loses the answer, while the objects are drawn ex
 |---|---|---|
 | direction | ``Which way does the {colour} object move?`` | ``left`` / ``right`` / ``up`` / ``down`` |
 | appears | ``Which color appears during the video?`` | the colour of an object shown for 2-4 mid frames |
-| count | ``How many objects are there in the video?`` | ``1``...``4``: distinct objects (some come and go) |
+| video_count | ``How many objects are there in the video?`` | ``1``...``4``: distinct objects (some come and go) |
 | last_color | ``What color is the {shape} in the last frame?`` | the colour the named shape changed to mid-video |
 
 Every object in a video has its own colour and its own shape (names are unambiguous and no
@@ -36,11 +36,11 @@ __all__ = [
     "sample_video", "video_question", "chat_questions", "video_record", "generate_video_sample", "write_video_dataset",
 ]
 
-VIDEO_TASKS: tuple[str, ...] = ("direction", "appears", "count", "last_color")
+VIDEO_TASKS: tuple[str, ...] = ("direction", "appears", "video_count", "last_color")
 VIDEO_QUESTIONS: dict[str, str] = {
     "direction": "Which way does the {colour} object move?",
     "appears": "Which color appears during the video?",
-    "count": "How many objects are there in the video?",
+    "video_count": "How many objects are there in the video?",
     "last_color": "What color is the {shape} in the last frame?",
 }
 # (width, height), multiples of 32: small, so a tiny model serves and trains fast on CPU.
@@ -137,7 +137,7 @@ def _tracks(rng: np.random.Generator, task: str, n: int, width: int, height: int
             xy = _moving(rng, width, height, size, frames, str(rng.choice(list(DIRECTIONS))))
         elif task == "appears" and k == 0:
             xy = _static(rng, width, height, size, frames, _window(rng, frames))
-        elif task == "count" and k > 0 and rng.random() < 0.5:  # comes late and/or leaves early
+        elif task == "video_count" and k > 0 and rng.random() < 0.5:  # comes late and/or leaves early
             a, b = sorted(int(v) for v in rng.choice(frames + 1, size=2, replace=False))
             xy = _static(rng, width, height, size, frames, [a <= t < b for t in range(frames)])
         else:
@@ -157,7 +157,7 @@ def sample_video(rng: np.random.Generator, task: str, sizes: Sequence[tuple[int,
     width, height = sizes[int(rng.integers(len(sizes)))]
     frames = int(frame_counts[int(rng.integers(len(frame_counts)))])
     # Drawn once, outside the placement retries: redrawing it there would favour fewer objects.
-    n = int(rng.integers(1 if task in ("direction", "count") else 2, MAX_VIDEO_OBJECTS + 1))
+    n = int(rng.integers(1 if task in ("direction", "video_count") else 2, MAX_VIDEO_OBJECTS + 1))
     while True:
         tracks = _tracks(rng, task, n, width, height, frames)
         boxes = [t.swept() for t in tracks]
@@ -193,8 +193,8 @@ def video_question(scene: VideoScene) -> shapes.QA:
     if scene.task == "appears":
         first = [subject.visible(t) for t in range(scene.num_frames)].index(True)
         return shapes.QA("appears", q, subject.colors[first])
-    if scene.task == "count":
-        return shapes.QA("count", q, str(len(scene.tracks)))
+    if scene.task == "video_count":
+        return shapes.QA("video_count", q, str(len(scene.tracks)))
     return shapes.QA("last_color", q.format(shape=subject.shape), subject.colors[-1])
 
 
@@ -207,7 +207,8 @@ def generate_video_sample(rng: np.random.Generator, task: str | None = None,
 
 def chat_questions(rng: np.random.Generator, scene: VideoScene, qa: shapes.QA) -> list[shapes.QA]:
     """A training chat's questions about a video: its own question and (always true) the count, in random order."""
-    qas = [qa] if scene.task == "count" else [qa, shapes.QA("count", VIDEO_QUESTIONS["count"], str(len(scene.tracks)))]
+    count = shapes.QA("video_count", VIDEO_QUESTIONS["video_count"], str(len(scene.tracks)))
+    qas = [qa] if scene.task == "video_count" else [qa, count]
     return [qas[int(i)] for i in rng.permutation(len(qas))]
 
 

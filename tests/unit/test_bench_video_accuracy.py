@@ -12,7 +12,7 @@ from civic_vllm.evaluation import Sample
 
 def _fake(tmp_path: Path):
     rng = np.random.default_rng(0)
-    tasks = ["appears", "count", "direction", "last_color"]
+    tasks = ["appears", "direction", "last_color", "video_count"]
     samples = [Sample(i + 1, {"task": tasks[i % 4], "answer": "x"}, tmp_path / "v.mp4") for i in range(80)]
     p_correct = {"full": 0.8, "civic": 0.75, "evs": 0.6, "subsample": 0.4}
     tokens = {"full": 256, "civic": 88, "evs": 85, "subsample": 64}
@@ -32,7 +32,7 @@ def test_report_has_intervals_kept_fractions_and_paired_differences(tmp_path: Pa
     assert rows["civic"]["kept_fraction"] == round(88 / 256, 4) and rows["full"]["kept_fraction"] == 1
     for r in rows.values():
         lo, hi = r["figures"]["overall"]["ci95"]
-        assert lo <= r["figures"]["overall"]["value"] <= hi and r["figures"]["count"]["n"] == 20
+        assert lo <= r["figures"]["overall"]["value"] <= hi and r["figures"]["video_count"]["n"] == 20
     diff = out["comparisons"]["civic-evs"]["overall"]
     assert diff["difference"] == round(rows["civic"]["figures"]["overall"]["value"]
                                        - rows["evs"]["figures"]["overall"]["value"], 4)

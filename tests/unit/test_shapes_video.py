@@ -21,7 +21,7 @@ def _samples(task: str, n: int = 12, seed: int = 0):
 
 
 def test_generation_is_deterministic_and_covers_sizes_and_frame_counts() -> None:
-    a, b = _samples("count", 20, seed=5), _samples("count", 20, seed=5)
+    a, b = _samples("video_count", 20, seed=5), _samples("video_count", 20, seed=5)
     for (sa, qa), (sb, qb) in zip(a, b):
         assert np.array_equal(sa.frames, sb.frames) and qa == qb
     many = [s for task in SV.VIDEO_TASKS for s, _ in _samples(task, 30, seed=1)]
@@ -61,7 +61,7 @@ def test_appearing_colour_is_absent_at_both_ends_and_shown_mid_video() -> None:
 
 def test_count_is_distinct_objects_over_the_whole_video() -> None:
     per_count = {}
-    for scene, qa in _samples("count", 200):
+    for scene, qa in _samples("video_count", 200):
         colours = {c for c in shapes.COLORS if any(_colour_pixels(f, c) > 0 for f in scene.frames)}
         assert qa.answer == str(len(colours)) == str(len(scene.tracks))
         per_count[qa.answer] = per_count.get(qa.answer, 0) + 1
@@ -104,7 +104,7 @@ def test_jsonl_round_trip_through_the_mp4_files(tmp_path: Path) -> None:
 def test_the_shared_writer_is_the_data_url_codec(tmp_path: Path) -> None:
     from civic_vllm.client import video_data_url, write_video
 
-    scene, _ = _samples("count", 1)[0]
+    scene, _ = _samples("video_count", 1)[0]
     url = video_data_url(scene.frames)
     assert base64.b64decode(url.split(",", 1)[1]) == write_video(scene.frames, tmp_path / "v.mp4").read_bytes()
 
@@ -168,7 +168,7 @@ def test_video_training_chat_is_what_the_template_and_processor_make() -> None:
     rng = np.random.default_rng(0)
     scene, qa = SV.generate_video_sample(rng, "direction")
     qas = SV.chat_questions(rng, scene, qa)
-    assert sorted(q.task for q in qas) == ["count", "direction"]
+    assert sorted(q.task for q in qas) == ["direction", "video_count"]
     url = video_data_url(scene.frames)
     frames, meta = decode_video(url)
     messages = [turn for k, q in enumerate(qas) for turn in (
