@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,7 +376,8 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = 0, splits: Sequence[s
 
 
 def write_splits(out: Path, n: int, seed: int, splits: Sequence[str] | None, tasks: Sequence[str], prefix: str,
-                 media_dir: str, write: Any, progress: bool = False) -> dict[str, Path]:
+                 media_dir: str, write: Callable[[np.random.Generator, str, str], dict[str, Any]],
+                 progress: bool = False) -> dict[str, Path]:
     """The split files of a data set: ``write(rng, task, sample_id)`` saves one sample's media and returns
     its JSONL record; tasks round robin then shuffled per split, one child seed a split, ids unique."""
     from tqdm import tqdm
