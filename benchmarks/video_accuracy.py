@@ -62,13 +62,14 @@ def scored(samples, predictions: list[dict[str, Any]], tasks: list[str]) -> Scor
     return Scored(np.array([p["correct"] for p in predictions], dtype=bool), masks)
 
 
-def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: Path) -> dict[str, dict[str, Any]]:
+def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: Path,
+                cpu_evs_fix: bool = True) -> dict[str, dict[str, Any]]:
     """Every method's ``civic eval`` result (with predictions): a vanilla EVS server, then one civic server.
 
     Each result is kept in ``cache`` as soon as it is scored (keyed by model, data and ratio), so a run
     that stops is continued rather than redone.
     """
-    from civic_vllm.evaluation import evaluate, load_samples, server_config
+    from civic_vllm.evaluation import EvalServerError, evaluate, load_samples, server_config
     from civic_vllm.serving import VllmServer
 
     samples = load_samples(data)
@@ -89,13 +90,23 @@ def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: P
     results = {m: r for m in METHODS if (r := cached(m)) is not None}
     if "evs" not in results:
         t0 = time.monotonic()
-        evs = server_config(model, samples, civic=False, extra_args=("--video-pruning-rate", f"{1 - ratio:.6f}"))
-        with VllmServer(evs) as server:
+        # CIVIC_CPU_EVS=1: civic_vllm.vllm_adapter.cpu_evs, without which EVS fails on vLLM's CPU backend.
+        evs = server_config(model, samples, civic=False, extra_args=("--video-pruning-rate", f"{1 - ratio:.6f}"),
+                            extra_env={"CIVIC_CPU_EVS": "1"} if cpu_evs_fix else {})
+        server = VllmServer(evs)
+        with server:
             print(f"vanilla EVS server up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-            results["evs"] = evaluate(samples, server.url, method="default", ratio=ratio, concurrency=concurrency,
-                                      desc=f"evs q={1 - ratio:.3g}")
-            results["evs"]["video_pruning_rate"] = round(1 - ratio, 6)
-            keep("evs", results["evs"])
+            try:
+                results["evs"] = evaluate(samples, server.url, method="default", ratio=ratio,
+                                          concurrency=concurrency, desc=f"evs q={1 - ratio:.3g}")
+            except EvalServerError as exc:  # recorded, and the other methods still run
+                errors = [line for line in server.log_tail(400).splitlines() if "Error" in line]
+                print(f"EVS failed: {exc}\n" + "\n".join(errors[-5:]), file=sys.stderr)
+                results["evs_error"] = {"request": str(exc), "server_log": errors[-5:], "cpu_evs_fix": cpu_evs_fix}
+            else:
+                results["evs"]["video_pruning_rate"] = round(1 - ratio, 6)
+                results["evs"]["cpu_evs_fix"] = cpu_evs_fix
+                keep("evs", results["evs"])
     todo = [(m, r) for m, r in (("full", 1.0), ("civic", ratio), ("subsample", ratio)) if m not in results]
     if todo:
         t0 = time.monotonic()
@@ -111,10 +122,11 @@ def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: P
 def summarise(results: dict[str, dict[str, Any]], samples, ratio: float) -> dict[str, Any]:
     tasks = sorted({s.record["task"] for s in samples})
     idx = bootstrap_indices(len(samples))
-    sc = {m: scored(samples, results[m]["predictions"], tasks) for m in METHODS}
+    methods = [m for m in METHODS if m in results]
+    sc = {m: scored(samples, results[m]["predictions"], tasks) for m in methods}
     full_tokens = np.array(results["full"]["video_tokens"], dtype=float)
     rows = []
-    for m in METHODS:
+    for m in methods:
         res = results[m]
         tokens = np.array(res["video_tokens"], dtype=float)
         rows.append({
@@ -125,13 +137,14 @@ def summarise(results: dict[str, dict[str, Any]], samples, ratio: float) -> dict
             "kept_fraction_per_video_mean": round(float((tokens / full_tokens).mean()), 4),
             "mean_prompt_tokens": res["mean_prompt_tokens"], "mean_kv_blocks": res["mean_kv_blocks"],
             "block_size": res["block_size"], "wall_s": res["wall_s"], "requests_per_s": res["requests_per_s"],
-            **({"video_pruning_rate": res["video_pruning_rate"]} if "video_pruning_rate" in res else {}),
+            **{k: res[k] for k in ("video_pruning_rate", "cpu_evs_fix") if k in res},
         })
     comparisons = {f"{a}-{b}": {k: paired(sc[a], sc[b], k, idx) for k in ["overall", *tasks]}
                    for a, b in (("civic", "evs"), ("civic", "subsample"), ("civic", "full"), ("evs", "full"),
-                                ("subsample", "full"))}
+                                ("subsample", "full")) if a in sc and b in sc}
     return {"tasks": tasks, "rows": rows, "comparisons": comparisons,
-            "baseline": results["full"]["baseline"]}
+            "baseline": results["full"]["baseline"],
+            **({"evs_error": results["evs_error"]} if "evs_error" in results else {})}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -142,8 +155,9 @@ def table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         f = r["figures"]
         lo, hi = f["overall"]["ci95"]
-        label = r["method"] + (f" (--video-pruning-rate {r['video_pruning_rate']:.3g})" if "video_pruning_rate" in r
-                               else "")
+        label = r["method"] + (f" (--video-pruning-rate {r['video_pruning_rate']:.3g}"
+                               + (", CIVIC_CPU_EVS=1" if r.get("cpu_evs_fix") else "") + ")"
+                               if "video_pruning_rate" in r else "")
         lines.append(f"| {label} | {ratio_label(r['ratio'])} | {r['mean_video_tokens']:.1f} | "
                      f"{r['kept_fraction']:.3f} | {r['mean_kv_blocks']:.2f} | "
                      f"{f['overall']['value']:.3f} ({lo:.3f}–{hi:.3f}) | "
@@ -207,12 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=_ratio, default=1 / 3, help="kept fraction of video tokens (default 1/3)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "video_accuracy.json"))
+    parser.add_argument("--no-cpu-evs-fix", action="store_true",
+                        help="serve EVS without CIVIC_CPU_EVS=1 (on vLLM's CPU backend it then fails: see cpu_evs.py)")
     args = parser.parse_args(argv)
 
     data = test_split(args.n_test)
     samples = load_samples(data)
     start = time.monotonic()
-    results = run_methods(args.model, data, args.ratio, args.concurrency, DATA_ROOT / "results")
+    results = run_methods(args.model, data, args.ratio, args.concurrency, DATA_ROOT / "results",
+                          cpu_evs_fix=not args.no_cpu_evs_fix)
     model = Path(args.model).resolve()
     result = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else args.model,
               "data": str(data.relative_to(ROOT)), "test_seed": TEST_SEED, "n": len(samples),
@@ -224,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     md = (f"# Video accuracy at r = {ratio_label(args.ratio)} ({result['model']}, n = {result['n']})\n\n"
           + table(result) + "\n\n" + comparison_lines(result) + "\n\nDifferences in accuracy points, paired 95% "
           "bootstrap intervals (the same resampled questions for both methods).\n")
+    if "evs_error" in result:
+        err = result["evs_error"]
+        md += "\nEVS FAILED: " + err["request"] + "\n" + "\n".join(err["server_log"]) + "\n"
     out.with_suffix(".md").write_text(md)
     plot(result, out.with_suffix(".png"))
     print(md)
