@@ -3,9 +3,10 @@
 vLLM's ``CPUModelRunner.load_model`` (this vLLM) replaces ``GPUModelRunner.load_model`` without its
 lines that set ``is_multimodal_pruning_enabled``, so on CPU the flag stays False: the pruned video
 embeddings keep the position channels EVS appends to them (hidden + deepstack + 5 columns) and the
-first video request fails in ``Qwen3VLForConditionalGeneration._compute_deepstack_embeds`` with
-``split_with_sizes expects split_sizes to sum exactly to 1029 ... but got split_sizes=[256, 768]``
-(tiny model), the engine dies and the request gets HTTP 500. The fix sets the two attributes
+first video request fails in ``Qwen3VLForConditionalGeneration._compute_deepstack_embeds``, e.g. with
+the bench preset (hidden 1024): ``RuntimeError: split_with_sizes expects split_sizes to sum exactly to
+4101 (input tensor's size at dimension -1), but got split_sizes=[1024, 3072]``; the engine dies and
+the request gets ``HTTP 500: EngineCore encountered an issue``. The fix sets the two attributes
 exactly as ``GPUModelRunner.load_model`` does, after the CPU runner loads the model.
 
 Only with ``CIVIC_CPU_EVS=1`` in the server's environment (benchmarks.video_accuracy sets it for its
