@@ -6,7 +6,7 @@ STAMP_DIR := $(VENV)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all test-kernels bench-kv bench-kernels clean-results
+.PHONY: install demo test test-all test-kernels bench-kv bench-kernels clean-results docs
 
 install:
 	@bash scripts/install.sh
@@ -81,3 +81,8 @@ GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 .PHONY: gpu-check
 gpu-check:
 	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# Rewrites every generated table in README.md and docs/*.md from benchmarks/results/*.json (the prose
+# around them stays). tests/unit/test_docs.py fails when they drift; `python tools/docs_gen.py --check`.
+docs:
+	$(GPU_PYTHON) tools/docs_gen.py

@@ -366,8 +366,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from civic_vllm.demo import default_model
     from civic_vllm.evaluation import load_samples
+    from civic_vllm.model_factory import default_model
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default=None, help="full-token model every contender continues "

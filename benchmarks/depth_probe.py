@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-    from benchmarks.locust import synthetic_image
+    from benchmarks.load import synthetic_image
     from benchmarks.serve import hf_compact_prefill, hf_prompt_inputs, retention_plans
     from civic_vllm.model_factory import make_model, models_root
 
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"preset": None if args.model else args.preset, "path": str(model_dir), "parameters": params,
                   "vision_depth": depth, "vision_hidden": vision.hidden_size,
                   "text_layers": model.config.text_config.num_hidden_layers},
-        "image": {"size": args.size, "kind": "benchmarks.locust.synthetic_image, a fresh seed per round",
+        "image": {"size": args.size, "kind": "benchmarks.load.synthetic_image, a fresh seed per round",
                   "grid_thw": grid_thw, "visual_tokens": n_merged, "question": QUESTION,
                   "prompt_tokens_full": prompt_tokens,
                   "planner_prompt_tokens_full": (next(iter(limits.values()))["full"]["prompt_tokens"]

@@ -82,8 +82,8 @@ def reusable(student: Path, teacher: str, params: str, lr: float, ce_weight: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from civic_vllm.demo import default_model
     from civic_vllm.evaluation import evaluate, load_samples
+    from civic_vllm.model_factory import default_model
     from civic_vllm.serving import ServerConfig, VllmServer
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.distill_params", description=__doc__.split("\n\n")[0])

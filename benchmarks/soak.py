@@ -26,6 +26,7 @@ time); exits 1 when a check fails. Environment (all optional):
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -42,7 +43,8 @@ from pathlib import Path
 import psutil
 
 from civic_vllm.model_factory import default_model_dir
-from civic_vllm.serving import ServerConfig, VllmServer, metric_value
+from civic_vllm.prometheus import metric_value
+from civic_vllm.serving import ServerConfig, VllmServer
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "benchmarks" / "locust" / "soak_locustfile.py"
@@ -201,7 +203,11 @@ def plot(samples: list[dict], memory: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # Settings come from the environment (make soak passes them); the parser gives --help and
+    # refuses stray arguments instead of starting a 30-minute run.
+    argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     seconds = int(_env_float("SOAK_SECONDS", 1800))
     users = int(_env_float("SOAK_USERS", 4))
     interval = _env_float("SOAK_SAMPLE_SECONDS", 5)

@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import openai
 
 from civic_vllm.client import civic_body, image_message
-from civic_vllm.serving import ServerConfig, VllmServer, metric_value
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_model() -> str:
-    """The trained civic-shapes model once it is committed, else the tiny random preset."""
-    from civic_vllm.model_factory import default_model_dir
-
-    trained = ROOT / "models" / "civic-shapes-tiny"
-    if (trained / "config.json").exists():
-        return str(trained)
-    return str(default_model_dir("tiny"))
+from civic_vllm.model_factory import default_model
+from civic_vllm.prometheus import metric_value
+from civic_vllm.serving import ServerConfig, VllmServer
 
 
 def bundled_photo():

@@ -46,7 +46,10 @@ from PIL import Image
 
 from civic_vllm.budget import num_retained, validate_ratio
 from civic_vllm.client import image_data_url, image_message
+from civic_vllm.cost import kv_blocks, kv_tokens
 from civic_vllm.data import shapes
+from civic_vllm.model_factory import default_model
+from civic_vllm.prometheus import metric_labels, metric_value
 from civic_vllm.serving import ServerError
 
 METHODS = ("full", "civic", "downscale", "pool", "random", "default", "subsample")
@@ -330,13 +333,8 @@ def _metrics(url: str) -> str:
 
 def block_size_of(metrics_text: str) -> int | None:
     """vLLM exports its cache config as labels of ``vllm:cache_config_info``."""
-    for line in metrics_text.splitlines():
-        if line.startswith("vllm:cache_config_info{"):
-            for part in line[line.index("{") + 1:line.rindex("}")].split(","):
-                key, _, value = part.partition("=")
-                if key.strip() == "block_size":
-                    return int(value.strip().strip('"'))
-    return None
+    value = metric_labels(metrics_text, "vllm:cache_config_info").get("block_size", "")
+    return int(value) if value.isdigit() else None
 
 
 def served_model(url: str) -> str:
@@ -361,7 +359,6 @@ def evaluate(
 
     The server should serve nothing else meanwhile: visual-token means come from its counters.
     """
-    from civic_vllm.serving import metric_value
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -418,13 +415,12 @@ def evaluate(
     if block_size is None:
         raise EvalServerError(f"{url}/metrics has no vllm:cache_config_info block_size: is it a vLLM server?")
 
-    from civic_vllm.planner import kv_blocks
 
     n = len(samples)
     visual = metric_value(after, RETAINED_METRIC) - metric_value(before, RETAINED_METRIC)
     visual_full = metric_value(after, VISUAL_METRIC) - metric_value(before, VISUAL_METRIC)
     video_tokens = [u["video_tokens"] for u in usages if "video_tokens" in u]
-    blocks = [kv_blocks(u["prompt_tokens"] + max(u["completion_tokens"] - 1, 0), block_size) for u in usages]
+    blocks = [kv_blocks(kv_tokens(u["prompt_tokens"], u["completion_tokens"]), block_size) for u in usages]
     result = {
         "model": model_id, "method": method, "ratio": ratio, "exit_layer": exit_layer, "n": n,
         **score(samples, outputs),
@@ -507,7 +503,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from civic_vllm.serving import VllmServer
 
     samples = load_samples(args.data)
-    model = resolve_model(args.model or _default_model())
+    model = resolve_model(args.model or default_model())
     geometry = geometry_of(model) if args.method == "downscale" else None
     with contextlib.ExitStack() as stack:
         url = args.server.rstrip("/") if args.server else None
@@ -555,12 +551,6 @@ def server_config(model: str, samples: Sequence[Sample], *, dtype: str = "float3
     video = {"videos_per_prompt": 1, "profile_video_size": profile} if profile else {}
     return ServerConfig(model=model, dtype=dtype, images_per_prompt=1, civic=civic, trust_request_mm_kwargs=civic,
                         extra_args=tuple(extra_args), **video, **overrides)
-
-
-def _default_model() -> str:
-    from civic_vllm.demo import default_model
-
-    return default_model()
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

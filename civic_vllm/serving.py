@@ -29,6 +29,7 @@ from pathlib import Path
 import requests
 
 from civic_vllm.access import MIDDLEWARE
+from civic_vllm.prometheus import metric_value
 
 
 def free_port() -> int:
@@ -330,12 +331,3 @@ def group_members(pgid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(stat.parent.name))
     return members
-
-
-def metric_value(metrics_text: str, name: str) -> float:
-    """Sum of all samples of one metric in Prometheus text format (0 when absent)."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total

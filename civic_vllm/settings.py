@@ -32,6 +32,22 @@ KEY_PREFIX = "civic_"
 PolicyName = Literal["civic", "pool", "random", "full", "learned"]
 POLICY_CHOICES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defined]
 
+# What the processor hands the model per item (mm_processor_kwargs fields, one value per image or
+# video), after a request's settings are resolved; they never reach the HF processor.
+NUM_KEPT_KEY = "civic_num_kept"  # K of each image
+POLICY_ID_KEY = "civic_policy_id"  # index into POLICY_CHOICES
+EXIT_LAYER_KEY = "civic_exit_layer_of_image"  # not "civic_exit_layer": that is the setting
+PER_IMAGE_KEYS = (NUM_KEPT_KEY, POLICY_ID_KEY, EXIT_LAYER_KEY)
+VIDEO_NUM_KEPT_KEY = "civic_video_num_kept"  # K_t, kept tokens in each frame group of a video
+
+
+def policy_id(name: str) -> int:
+    return POLICY_CHOICES.index(name)
+
+
+def policy_name(policy_index: int) -> str:
+    return POLICY_CHOICES[policy_index]
+
 
 class CivicSettingsError(ValueError):
     """A civic_* setting has a bad value; the message names the key and the allowed range."""

@@ -232,7 +232,7 @@ def run_viz(args: argparse.Namespace) -> int:
     from civic_vllm.model_factory import resolve_model
 
     if args.model is None:
-        from civic_vllm.demo import default_model
+        from civic_vllm.model_factory import default_model
 
         args.model = default_model()
     model = resolve_model(args.model)
@@ -261,7 +261,7 @@ def add_viz_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     viz.add_argument("--image", required=True, help="image file (any format Pillow reads)")
     viz.add_argument("--ratio", type=float, required=True, help="civic_ratio in (0, 1]")
     viz.add_argument("--model", default=None,
-                     help="Qwen3-VL checkpoint directory (default: civic_vllm.demo.default_model())")
+                     help="Qwen3-VL checkpoint directory (default: civic_vllm.model_factory.default_model())")
     viz.add_argument("--policy", default="civic", choices=POLICY_CHOICES)
     viz.add_argument("--min-tokens", type=int, default=1, help="civic_min_tokens (floor on K)")
     viz.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],

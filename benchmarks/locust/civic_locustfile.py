@@ -2,7 +2,7 @@
 
 Each user sends streaming chat-completions requests with base64 images back to back (closed
 loop, no think time). Images are bundled photographs and synthetic pictures, each request's
-unique (see :mod:`benchmarks.locust`), so no cache in vLLM ever hits.
+unique (see :mod:`benchmarks.load`), so no cache in vLLM ever hits.
 
     locust -f benchmarks/locust/civic_locustfile.py --headless -u 8 -r 8 -t 60s \\
         --host http://127.0.0.1:8000 --csv out/run --json-file out/run \\
@@ -47,10 +47,10 @@ from locust import User, constant, events, task
 from locust.exception import StopUser
 
 try:
-    import benchmarks.locust as workload_lib
+    import benchmarks.load as workload_lib
 except ImportError:  # started from another directory: the repository root is two levels up
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import benchmarks.locust as workload_lib
+    import benchmarks.load as workload_lib
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -440,10 +440,10 @@ def parse_recipe(argv: Sequence[str]) -> DistillRecipe:
 
 
 def _distill_cmd(args: argparse.Namespace) -> int:
-    from civic_vllm.evaluation import _default_model
+    from civic_vllm.model_factory import default_model
 
     recipe = recipe_from_args(args)
-    path = distill(args.model or _default_model(), args.out, recipe=recipe, minutes=args.minutes,
+    path = distill(args.model or default_model(), args.out, recipe=recipe, minutes=args.minutes,
                    max_steps=args.max_steps, threads=args.threads, resume=args.resume)
     print(path)
     return 0

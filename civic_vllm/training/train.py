@@ -602,11 +602,11 @@ def export_model(model, preset: ModelPreset, out_dir: str | Path, info: dict[str
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        mf._write_checkpoint(preset, tmp, seed=0, weights=False, dtype="bfloat16")
+        mf.write_checkpoint(preset, tmp, seed=0, weights=False, dtype="bfloat16")
         tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / TRAIN_MARKER).write_text(json.dumps({"preset": asdict(preset), **(info or {})}, indent=2) + "\n")
-        mf._make_readable(tmp)
+        mf.make_readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

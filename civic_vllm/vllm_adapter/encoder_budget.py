@@ -60,6 +60,8 @@ from typing import Any
 
 from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
 
+from civic_vllm.cost import image_encoder_cost
+from civic_vllm.settings import EXIT_LAYER_KEY
 from civic_vllm.vllm_adapter.model_impl import MODEL_IMPL, SUPPORTED_ARCHITECTURES
 
 logger = logging.getLogger("vllm.civic")
@@ -68,19 +70,6 @@ MANAGER_QUALNAME = "civic_vllm.vllm_adapter.encoder_budget.CivicEncoderCacheMana
 
 
 # ---- arithmetic (no vLLM state) ----------------------------------------------------------------
-
-
-def image_encoder_cost(num_tokens: int, num_kept: int, exit_layer: int, depth: int) -> int:
-    """Vision-tower work for one image in merged tokens, comparable with vanilla's N.
-
-    Blocks 1..exit_layer run on all N tokens' patches, the other depth − exit_layer blocks on the
-    K kept ones (the mergers on K are cheaper than vanilla's on N and not counted).
-    """
-    if not 1 <= exit_layer <= depth:
-        raise ValueError(f"exit_layer must be in [1, {depth}], got {exit_layer}")
-    if not 0 < num_kept <= num_tokens:
-        raise ValueError(f"num_kept must be in [1, {num_tokens}], got {num_kept}")
-    return -(-(num_tokens * exit_layer + num_kept * (depth - exit_layer)) // depth)
 
 
 def admits(step_cost: int, cost: int, budget: int) -> bool:
@@ -121,11 +110,6 @@ class CivicEncoderCacheManager(EncoderCacheManager):
         self._full_budget = 0  # largest placeholder budget the scheduler passed (its per-step budget)
         self.num_deferred = 0
         self._warned_unknown = False
-        # Imported here: the processor module imports vLLM's Qwen3-VL model code, which plugin
-        # loading (this module is imported then) must not pay for.
-        from civic_vllm.vllm_adapter.processor import EXIT_LAYER_KEY
-
-        self._exit_layer_key = EXIT_LAYER_KEY
 
     @classmethod
     def create_manager(cls, *, cache_size: int, vllm_config) -> CivicEncoderCacheManager:
@@ -158,8 +142,8 @@ class CivicEncoderCacheManager(EncoderCacheManager):
             if feature.modality == "video":  # the whole tower on every group, retention on its output
                 return num_tokens
             exit_layer = self.depth
-            if self._exit_layer_key in data:
-                exit_layer = int(data[self._exit_layer_key].data)
+            if EXIT_LAYER_KEY in data:
+                exit_layer = int(data[EXIT_LAYER_KEY].data)
             return image_encoder_cost(num_tokens, min(num_kept, num_tokens), exit_layer, self.depth)
         except Exception:
             # No processed data in this process (e.g. --mm-processor-cache-type shm), or data this

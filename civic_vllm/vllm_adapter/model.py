@@ -96,17 +96,16 @@ from civic_vllm.recipe import layered_settings, load_scorer, recipe_of
 from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.learned import TokenScorer
 from civic_vllm.retention.plan import ImageRetention, VideoRetention, select_video_tokens
-from civic_vllm.settings import CivicSettings
-from civic_vllm.vllm_adapter.data_parallel_encoder import encode_images_sharded
-from civic_vllm.vllm_adapter.processor import (
+from civic_vllm.settings import (
     EXIT_LAYER_KEY,
     NUM_KEPT_KEY,
     POLICY_ID_KEY,
     VIDEO_NUM_KEPT_KEY,
-    CivicQwen3VLMultiModalProcessor,
-    civic_processing_info,
+    CivicSettings,
     policy_name,
 )
+from civic_vllm.vllm_adapter.data_parallel_encoder import encode_images_sharded
+from civic_vllm.vllm_adapter.processor import CivicQwen3VLMultiModalProcessor, civic_processing_info
 from civic_vllm.vllm_adapter.vision import encode_images_compact
 
 logger = logging.getLogger("vllm.civic")

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import functools
 
+from civic_vllm.model_factory.presets import FAMILIES
+
 MODEL_IMPL = "civic"
-# Every vLLM class built on Qwen3-VL's vision tower and processor -> its civic class (model.py).
-SUPPORTED_ARCHITECTURES = {
-    "Qwen3VLForConditionalGeneration": "CivicQwen3VLForConditionalGeneration",
-    "Qwen3VLMoeForConditionalGeneration": "CivicQwen3VLMoeForConditionalGeneration",
-    "Qwen3_5ForConditionalGeneration": "CivicQwen3_5ForConditionalGeneration",
-    "Qwen3_5MoeForConditionalGeneration": "CivicQwen3_5MoeForConditionalGeneration",
-}
+# Every vLLM class built on Qwen3-VL's vision tower and processor (the families CIVIC serves,
+# named once in model_factory.presets.FAMILIES) -> its civic class in model.py.
+SUPPORTED_ARCHITECTURES = {family.architecture: f"Civic{family.architecture}" for family in FAMILIES.values()}
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -53,27 +53,25 @@ from vllm.multimodal.processing import PromptReplacement
 from civic_vllm.budget import frame_groups, num_merged_tokens, num_retained, num_retained_per_group
 from civic_vllm.image_cap import EDGES, ImageCap
 from civic_vllm.recipe import CivicRecipe, layered_settings, recipe_of
-from civic_vllm.settings import KEY_PREFIX, POLICY_CHOICES, CivicSettings, ServerSettings, strip_civic_kwargs
+from civic_vllm.settings import (
+    EXIT_LAYER_KEY,
+    KEY_PREFIX,
+    NUM_KEPT_KEY,
+    PER_IMAGE_KEYS,
+    POLICY_ID_KEY,
+    VIDEO_NUM_KEPT_KEY,
+    CivicSettings,
+    ServerSettings,
+    policy_id,
+    strip_civic_kwargs,
+)
 from civic_vllm.vllm_adapter import metrics
 
-NUM_KEPT_KEY = "civic_num_kept"
-POLICY_ID_KEY = "civic_policy_id"
 # The HF processor's kwarg scopes; a request may nest keys under them (vLLM routes flat keys in).
 HF_KWARG_SCOPES = ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs")
-EXIT_LAYER_KEY = "civic_exit_layer_of_image"  # not "civic_exit_layer": that is the setting
-PER_IMAGE_KEYS = (NUM_KEPT_KEY, POLICY_ID_KEY, EXIT_LAYER_KEY)
-VIDEO_NUM_KEPT_KEY = "civic_video_num_kept"  # K_t, kept tokens in each frame group of a video
 # N of recently processed videos by item hash, for /metrics on processor-cache hits.
 _VIDEO_MEMORY = 4096
 _VIDEO_TOKENS_BY_HASH: OrderedDict[str, int] = OrderedDict()
-
-
-def policy_id(name: str) -> int:
-    return POLICY_CHOICES.index(name)
-
-
-def policy_name(policy_index: int) -> str:
-    return POLICY_CHOICES[policy_index]
 
 
 class CivicProcessingInfoMixin:

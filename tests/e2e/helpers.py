@@ -20,8 +20,9 @@ from civic_vllm import planner
 from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, decode_video, image_message
 from civic_vllm.hf_compact import VideoInputs, build_compact_batch, compact_greedy
+from civic_vllm.prometheus import metric_value
 from civic_vllm.retention.plan import ImageRetention, VideoRetention
-from civic_vllm.serving import ServerConfig, VllmServer, metric_value
+from civic_vllm.serving import ServerConfig, VllmServer
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
 # Small enough that a 3-image prompt is prefilled in several chunks.
@@ -86,6 +87,23 @@ def merged_tokens(width: int, height: int) -> int:
     return (width // 32) * (height // 32)
 
 
+def chat_text(processor, media: list[dict], question: str) -> str:
+    """The chat-template prompt of one user turn: ``media`` parts, then the question."""
+    messages = [{"role": "user", "content": [*media, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def image_plans(model, image_grid_thw, ratio, policy, exit_layer=None) -> list[ImageRetention]:
+    """One ``ImageRetention`` per image of an HF batch: K = num_retained(N, ratio) of its merged grid."""
+    merge = model.config.vision_config.spatial_merge_size
+    plans = []
+    for _, h, w in image_grid_thw.tolist():
+        grid = (h // merge, w // merge)
+        plans.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio), policy=policy,
+                                    exit_layer=exit_layer))
+    return plans
+
+
 def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=None, forced=None, best=None):
     """(prompt tokens, greedy tokens, logprobs) of the HF transformers reference of one retention.
 
@@ -93,15 +111,9 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
     scorer for the learned policy; ``forced`` / ``best``: see ``compact_greedy``.
     """
     model, processor = hf
-    messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = chat_text(processor, [{"type": "image"}] * len(images), question)
     inputs = processor(text=[text], images=images, return_tensors="pt")
-    merge = model.config.vision_config.spatial_merge_size
-    plans = []
-    for _, h, w in inputs["image_grid_thw"].tolist():
-        n = (h // merge) * (w // merge)
-        plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio), policy=policy,
-                                    exit_layer=exit_layer))
+    plans = image_plans(model, inputs["image_grid_thw"], ratio, policy, exit_layer)
     raw = processor.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
     batch = build_compact_batch(
         model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
@@ -130,9 +142,8 @@ def hf_media_reference(hf, items, question, ratio):
     from transformers.video_utils import VideoMetadata
 
     model, processor = hf
-    content = [{"type": "video"} if isinstance(item, str) else {"type": "image"} for item in items]
-    messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = chat_text(processor, [{"type": "video"} if isinstance(item, str) else {"type": "image"} for item in items],
+                     question)
     images = [item for item in items if not isinstance(item, str)]
     decoded = [decode_video(item) for item in items if isinstance(item, str)]
     kwargs = {}
@@ -143,10 +154,7 @@ def hf_media_reference(hf, items, question, ratio):
                       video_metadata=[VideoMetadata(**{k: v for k, v in metadata.items() if k != "do_sample_frames"})])
     inputs = processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
     merge = model.config.vision_config.spatial_merge_size
-    plans = []
-    for _, h, w in inputs["image_grid_thw"].tolist() if images else []:
-        n = (h // merge) * (w // merge)
-        plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio), policy="civic"))
+    plans = image_plans(model, inputs["image_grid_thw"], ratio, "civic") if images else []
     videos = None
     if decoded:
         video_plans = [VideoRetention(num_groups=t, grid_hw=(h // merge, w // merge),

@@ -24,7 +24,8 @@ from helpers import chat, make_image
 from PIL import Image
 
 from civic_vllm.client import civic_body, image_message
-from civic_vllm.serving import ServerConfig, VllmServer, group_members, metric_value
+from civic_vllm.prometheus import metric_value
+from civic_vllm.serving import ServerConfig, VllmServer, group_members
 
 pytestmark = pytest.mark.e2e
 

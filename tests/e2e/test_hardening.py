@@ -28,7 +28,8 @@ import pytest
 import requests
 from PIL import Image, ImageDraw
 
-from civic_vllm.serving import ServerConfig, VllmServer, group_members, metric_value
+from civic_vllm.prometheus import metric_value
+from civic_vllm.serving import ServerConfig, VllmServer, group_members
 
 pytestmark = pytest.mark.e2e
 

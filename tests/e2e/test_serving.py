@@ -11,7 +11,8 @@ import requests
 from helpers import QUESTIONS, chat, make_image, merged_tokens
 
 from civic_vllm.budget import num_retained
-from civic_vllm.serving import metric_value, vllm_executable
+from civic_vllm.prometheus import metric_value
+from civic_vllm.serving import vllm_executable
 from civic_vllm.vllm_adapter.model_impl import SUPPORTED_ARCHITECTURES
 
 pytestmark = pytest.mark.e2e

@@ -32,7 +32,7 @@ from transformers import AutoConfig
 from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, video_data_url, video_part
 from civic_vllm.planner import kv_blocks, kv_tokens
-from civic_vllm.serving import metric_value
+from civic_vllm.prometheus import metric_value
 
 pytestmark = pytest.mark.e2e
 

@@ -19,16 +19,16 @@ from vllm.multimodal.inputs import PlaceholderRange
 from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
 
 from civic_vllm.budget import num_retained
+from civic_vllm.cost import image_encoder_cost
+from civic_vllm.settings import EXIT_LAYER_KEY
 from civic_vllm.vllm_adapter import encoder_budget
 from civic_vllm.vllm_adapter.encoder_budget import (
     CivicEncoderCacheManager,
     admits,
-    image_encoder_cost,
     install_encoder_budget_hook,
     is_civic_model,
     plan_step,
 )
-from civic_vllm.vllm_adapter.processor import EXIT_LAYER_KEY
 
 pytestmark = pytest.mark.compat
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from civic_vllm import cost
 from civic_vllm import model_factory as mf
+from civic_vllm.model_factory import checkpoint, tokenizer
 
 # Published sizes of the real models (parameters, tied embeddings counted once).
 REAL_PARAMS = {"qwen3-vl-2b": 2.13e9, "qwen3-vl-4b": 4.44e9, "qwen3-vl-8b": 8.77e9}
@@ -129,7 +131,7 @@ def test_tokenizer_digits_and_specials() -> None:
 
 
 def test_tokenizer_is_deterministic() -> None:
-    assert mf._tokenizer_json.__wrapped__() == mf._tokenizer_json()
+    assert tokenizer._tokenizer_json.__wrapped__() == tokenizer._tokenizer_json()
 
 
 def test_chat_template_renders_openai_and_hf_parts() -> None:
@@ -172,7 +174,7 @@ def test_vllm_detects_openai_content_format() -> None:
 
 def test_tiny_checkpoint_files(tiny_dir: Path) -> None:
     names = {p.name for p in tiny_dir.iterdir()}
-    assert set(mf._REQUIRED_FILES) | {"model.safetensors", mf.MARKER_FILE} <= names
+    assert set(checkpoint._REQUIRED_FILES) | {"model.safetensors", mf.MARKER_FILE} <= names
     cfg = json.loads((tiny_dir / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3VLForConditionalGeneration"]
     gen = json.loads((tiny_dir / "generation_config.json").read_text())
@@ -261,7 +263,7 @@ def test_config_only_then_weights(tmp_path: Path) -> None:
 def test_sharded_weights_match_single_file(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load_file
 
-    monkeypatch.setattr(mf, "_SHARD_BYTES", 2 * 1024**2)
+    monkeypatch.setattr(checkpoint, "_SHARD_BYTES", 2 * 1024**2)
     out = mf.make_model("tiny", tmp_path / "sharded")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -363,11 +365,11 @@ def test_text_prefill_flops_counts_active_experts_and_full_attention_only() -> N
     h, m = moe.hidden_size, moe.moe
     mlp_gap = 2 * n * 3 * h * (dense.intermediate_size - m.num_experts_per_tok * m.moe_intermediate_size)
     router = 2 * n * h * m.num_experts
-    assert mf.text_prefill_flops(dense, n, vocab) - mf.text_prefill_flops(moe, n, vocab) == (
+    assert cost.text_prefill_flops(dense, n, vocab) - cost.text_prefill_flops(moe, n, vocab) == (
         (mlp_gap - router) * dense.num_hidden_layers)
     # f(2n) - 2 f(n) keeps only the causal attention (4 n^2 q per full-attention layer) and -1 LM head.
     def quadratic(t):
-        return mf.text_prefill_flops(t, 2 * n, vocab) - 2 * mf.text_prefill_flops(t, n, vocab) + 2 * h * vocab
+        return cost.text_prefill_flops(t, 2 * n, vocab) - 2 * cost.text_prefill_flops(t, n, vocab) + 2 * h * vocab
 
     q = dense.num_attention_heads * dense.head_dim
     assert quadratic(dense) == 4 * n * n * q * dense.num_hidden_layers

@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from civic_vllm import cost, planner
 from civic_vllm import model_factory as mf
-from civic_vllm import planner
 from civic_vllm.budget import num_merged_tokens, num_retained
-from civic_vllm.planner import GiB, PlanError, PlanRequest
+from civic_vllm.planner import GiB, PlanError, PlanRequest, model_info, tokens
 
 QUESTION = "What shapes and colours are in this picture?"
 
@@ -77,11 +77,12 @@ def test_merged_tokens_match_the_image_processor(tiny: planner.ModelInfo, tiny_d
 
 
 def test_pixel_bounds_come_from_the_preprocessor_config(tmp_path: Path, tiny_dir: Path) -> None:
-    assert planner._pixel_bounds(None)[:2] == (65_536, 16_777_216)
-    assert planner._pixel_bounds({"size": {"shortest_edge": 3136, "longest_edge": 1_003_520}})[:2] == (3136, 1_003_520)
+    assert model_info._pixel_bounds(None)[:2] == (65_536, 16_777_216)
+    bounds = model_info._pixel_bounds({"size": {"shortest_edge": 3136, "longest_edge": 1_003_520}})
+    assert bounds[:2] == (3136, 1_003_520)
     # Legacy keys win over size, as in vLLM's _get_vision_size.
-    assert planner._pixel_bounds({"size": {"shortest_edge": 1, "longest_edge": 2}, "min_pixels": 10,
-                                  "max_pixels": 20})[:2] == (10, 20)
+    assert model_info._pixel_bounds({"size": {"shortest_edge": 1, "longest_edge": 2}, "min_pixels": 10,
+                                     "max_pixels": 20})[:2] == (10, 20)
     small = tmp_path / "small"
     small.mkdir()
     for f in tiny_dir.iterdir():
@@ -115,7 +116,7 @@ def test_k_is_budget_num_retained(q8b, ratio: float, min_tokens: int) -> None:
 def test_estimated_template_equals_a_real_render(tiny: planner.ModelInfo, num_images: int) -> None:
     """Qwen's chat format costs 8 + 2/image tokens; the tiny checkpoint's template (Qwen3-VL's
     without tools) and Qwen-style tokenizer agree."""
-    template, question = planner._exact_template_tokens(tiny.tokenizer, num_images, "")
+    template, question = tokens.exact_template_tokens(tiny.tokenizer, num_images, "")
     assert question == 0
     assert template == planner.estimated_template_tokens(num_images)
 
@@ -128,7 +129,7 @@ def test_exact_prompt_tokens_with_a_question(tiny: planner.ModelInfo) -> None:
     n_question = len(tok(QUESTION, add_special_tokens=False)["input_ids"])
     assert plan.text["question_tokens"] == n_question
     # The full render with the image pads expanded to N, as vLLM's processor does.
-    messages = planner._user_turn(2, QUESTION)
+    messages = tokens._user_turn(2, QUESTION)
     ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
               add_special_tokens=False)["input_ids"]
     assert plan.vanilla.prompt_tokens == len(ids) - 2 + 192 + 64
@@ -223,7 +224,7 @@ def test_checkpoint_dims_and_params_equal_the_preset(tiny: planner.ModelInfo) ->
     assert tiny.dims.text == mf.PRESETS["tiny"].text.__class__(
         **{**mf.PRESETS["tiny"].text.__dict__, "vocab_size": tiny.dims.text.vocab_size})
     assert tiny.dims.vision == mf.PRESETS["tiny"].vision
-    assert planner._param_counts(tiny.dims) == mf.param_counts("tiny")
+    assert model_info.param_counts(tiny.dims) == mf.param_counts("tiny")
 
 
 # --- FLOPs ------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def test_checkpoint_dims_and_params_equal_the_preset(tiny: planner.ModelInfo) ->
 @pytest.mark.parametrize("preset", ["tiny", "bench", "qwen3-vl-8b"])
 @pytest.mark.parametrize("size", [(448, 448), (1344, 1344), (640, 320)])
 def test_vanilla_flops_equal_model_factory(preset: str, size: tuple[int, int]) -> None:
-    model = planner._from_preset(preset, preset, [])
+    model = model_info._from_preset(preset, preset, [])
     plan = planner.make_plan(model, PlanRequest(images=[size], text_tokens=20, ratios=[]))
     n = plan.images[0].merged_tokens
     text = plan.vanilla.prompt_tokens - n
@@ -261,7 +262,7 @@ def test_civic_flops_and_exit_layer(q8b) -> None:
     assert early.civic[0].vision_flops == full.vision_flops  # K = N: nothing to skip
     assert early.civic[1].vision_flops < third.vision_flops
     v = q8b.dims.vision
-    skipped = (depth - 8) * (planner._vision_block_flops(v, 7056) - planner._vision_block_flops(v, 4 * 588))
+    skipped = (depth - 8) * (cost._vision_block_flops(v, 7056) - cost._vision_block_flops(v, 4 * 588))
     assert third.vision_flops - early.civic[1].vision_flops == skipped
 
 

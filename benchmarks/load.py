@@ -1,8 +1,8 @@
-"""The serving benchmark's workload: images, text, request bodies and one streamed request.
+"""The serving benchmarks' load: images, text, request bodies and one streamed request.
 
-Shared by the locustfile (``civic_locustfile.py``, run by locust under gevent) and the driver
-(``benchmarks/serve.py``: warm-up and the paired TTFT probe), so both send exactly the same
-requests. Nothing here imports locust or gevent.
+Shared by the locustfiles (``benchmarks/locust/``, run by locust under gevent), the driver
+(``benchmarks.serve``: warm-up and the paired TTFT probe) and the KV benchmark's images, so all
+send exactly the same kind of requests. Nothing here imports locust or gevent.
 
 Every request carries images that were never sent before: a per-request code (run seed, request
 counter, image index) is stamped into the pixels as a strip of black/white 8x8 cells in the top
