@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -100,9 +101,9 @@ def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: P
                 results["evs"] = evaluate(samples, server.url, method="default", ratio=ratio,
                                           concurrency=concurrency, desc=f"evs q={1 - ratio:.3g}")
             except EvalServerError as exc:  # recorded, and the other methods still run
-                errors = [line for line in server.log_tail(400).splitlines() if "Error" in line]
-                print(f"EVS failed: {exc}\n" + "\n".join(errors[-5:]), file=sys.stderr)
-                results["evs_error"] = {"request": str(exc), "server_log": errors[-5:], "cpu_evs_fix": cpu_evs_fix}
+                errors = root_errors(server.log_text())
+                print(f"EVS failed: {exc}\n" + "\n".join(errors), file=sys.stderr)
+                results["evs_error"] = {"request": str(exc), "server_log": errors, "cpu_evs_fix": cpu_evs_fix}
             else:
                 results["evs"]["video_pruning_rate"] = round(1 - ratio, 6)
                 results["evs"]["cpu_evs_fix"] = cpu_evs_fix
@@ -117,6 +118,16 @@ def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: P
                                            desc=f"{method} r={ratio_label(r)}")
                 keep(method, results[method])
     return results
+
+
+def root_errors(log: str, most: int = 3) -> list[str]:
+    """The distinct exception lines (``SomeError: message``) of a server log, first first: the root cause."""
+    seen: list[str] = []
+    for line in log.splitlines():
+        match = re.search(r"\b([A-Za-z_.]*(?:Error|Exception)): (.*)$", line)
+        if match and (text := f"{match.group(1)}: {match.group(2)}") not in seen:
+            seen.append(text)
+    return seen[:most]
 
 
 def summarise(results: dict[str, dict[str, Any]], samples, ratio: float) -> dict[str, Any]:

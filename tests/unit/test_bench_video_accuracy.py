@@ -41,3 +41,9 @@ def test_report_has_intervals_kept_fractions_and_paired_differences(tmp_path: Pa
     assert "--video-pruning-rate 0.667" in md and "civic − subsample" in md
     V.plot(out, tmp_path / "v.png")
     assert (tmp_path / "v.png").stat().st_size > 10_000
+
+
+def test_root_errors_are_the_exception_lines_not_the_http_500s() -> None:
+    log = ("(Worker pid=1) ERROR [x.py:1] RuntimeError: The expanded size of the tensor (0) must match\n" * 2
+           + 'INFO: 127.0.0.1 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error\n')
+    assert V.root_errors(log) == ["RuntimeError: The expanded size of the tensor (0) must match"]
