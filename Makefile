@@ -38,6 +38,13 @@ bench-kernels: install
 bench-accuracy: install
 	$(PY) -m benchmarks.accuracy
 
+# Video accuracy at r = 1/3 on the civic-shapes-video test split (640 videos) with models/civic-shapes-video-tiny:
+# full, civic (civic_video_ratio), vLLM's EVS (vanilla, --video-pruning-rate 2/3) and uniform frame subsampling,
+# bootstrap intervals and paired differences: benchmarks/results/video_accuracy.{json,md,png}. VIDEO_ACC_ARGS passes options.
+.PHONY: bench-video-accuracy
+bench-video-accuracy: install
+	$(PY) -m benchmarks.video_accuracy $(VIDEO_ACC_ARGS)
+
 # Serving benchmark: vanilla vs --model-impl civic under locust load (bench preset, fixed KV pool).
 # Writes benchmarks/results/serve.json, serve/ (CSVs, plots, summary.md). QUICK=1: a few minutes.
 .PHONY: bench-serve

@@ -12,6 +12,14 @@ did not generate. Every sample is one OpenAI chat request (image, then question;
 * ``default``   no CIVIC setting at all: what the server serves by default (a checkpoint's CIVIC
   recipe, or the server's --mm-processor-kwargs); ``--ratio`` then only labels the result.
 
+Video samples (a ``video`` field, an mp4 path relative to the JSONL, instead of ``image``; e.g.
+``civic data synth --video``) are one chat of video, then question. Their methods: ``full``,
+``civic`` (the temporal policy at ``civic_video_ratio=R``), ``subsample`` (the naive baseline:
+the client keeps about R of the video's frame groups, evenly spread, and sends every token of
+those) and ``default`` (e.g. a vanilla server with ``--video-pruning-rate``: EVS). Their token
+count is the ``<|video_pad|>`` placeholders of the served prompt (``return_token_ids``), which
+every server reports, civic or vanilla.
+
 Visual tokens reaching the LLM are read from the plugin's counters on ``/metrics`` (so they are
 what the server did, not what this file expects); KV blocks per request follow vLLM's allocation
 ``ceil((prompt + completion - 1) / block_size)`` (verified against a live server by the planner tests).
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import requests
 from PIL import Image
 
@@ -43,9 +52,11 @@ from civic_vllm.model_factory import default_model
 from civic_vllm.prometheus import metric_labels, metric_value
 from civic_vllm.serving import ServerError
 
-METHODS = ("full", "civic", "downscale", "pool", "random", "default")
+METHODS = ("full", "civic", "downscale", "pool", "random", "default", "subsample")
+VIDEO_METHODS = ("full", "civic", "subsample", "default")
+FRAMES_PER_GROUP = 2  # Qwen3-VL's temporal patch: two frames make one frame group
 MAX_TOKENS = 24  # the spec's decoding budget
-REQUIRED_FIELDS = ("image", "question", "answer", "task")
+REQUIRED_FIELDS = ("question", "answer", "task")  # and one of "image" / "video"
 RETAINED_METRIC = "civic:visual_tokens_retained_total"
 VISUAL_METRIC = "civic:visual_tokens_total"
 
@@ -62,7 +73,11 @@ class EvalServerError(ServerError):
 class Sample:
     line: int
     record: dict[str, Any]
-    image_path: Path
+    image_path: Path  # the media file: an image, or an mp4 for a video sample
+
+    @property
+    def is_video(self) -> bool:
+        return "video" in self.record
 
     @property
     def size_split(self) -> str | None:
@@ -81,9 +96,11 @@ def _check_record(rec: Any, where: str) -> dict[str, Any]:
     if not isinstance(rec, dict):
         raise EvalDataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     missing = [k for k in REQUIRED_FIELDS if k not in rec]
+    if ("image" in rec) == ("video" in rec):
+        missing.insert(0, "image" if "image" not in rec else "exactly one of image / video")
     if missing:
         raise EvalDataError(f"{where}: missing field(s) {', '.join(missing)}")
-    for key in ("image", "question", "task"):
+    for key in ("image" if "image" in rec else "video", "question", "task"):
         if not isinstance(rec[key], str) or not rec[key].strip():
             raise EvalDataError(f"{where}: field {key!r} must be a non-empty string")
     if isinstance(rec["answer"], bool) or not isinstance(rec["answer"], str | int):
@@ -118,23 +135,81 @@ def load_samples(path: str | Path) -> list[Sample]:
                 raise EvalDataError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
             rec = _check_record(raw, where)
             rec.setdefault("id", f"line{lineno}")
-            image_path = (path.parent / rec["image"]).resolve()
+            kind = "image" if "image" in rec else "video"
+            image_path = (path.parent / rec[kind]).resolve()
             if not image_path.is_file():
-                raise EvalDataError(f"{where}: image {rec['image']!r} not found (looked for {image_path})")
-            try:
-                with Image.open(image_path) as img:
-                    img.size  # noqa: B018 - the header parse is the check
-            except OSError as exc:
-                raise EvalDataError(f"{where}: image {rec['image']!r} cannot be read: {exc}") from None
+                raise EvalDataError(f"{where}: {kind} {rec[kind]!r} not found (looked for {image_path})")
+            if kind == "video":
+                if not read_video(image_path).shape[0]:
+                    raise EvalDataError(f"{where}: video {rec['video']!r} cannot be read (no frames)")
+            else:
+                try:
+                    with Image.open(image_path) as img:
+                        img.size  # noqa: B018 - the header parse is the check
+                except OSError as exc:
+                    raise EvalDataError(f"{where}: image {rec['image']!r} cannot be read: {exc}") from None
             samples.append(Sample(lineno, rec, image_path))
     if not samples:
         raise EvalDataError(f"{path}: no samples")
     return samples
 
 
+def read_video(path: str | Path) -> np.ndarray:
+    """Every frame of a video file as [F, H, W, 3] uint8 RGB (F = 0 when OpenCV cannot read it)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    finally:
+        cap.release()
+    return np.stack(frames) if frames else np.zeros((0, 1, 1, 3), dtype=np.uint8)
+
+
 # --------------------------------------------------------------------------------------
 # Methods
 # --------------------------------------------------------------------------------------
+
+
+def subsample_groups(num_frames: int, ratio: float) -> list[int]:
+    """The frame groups uniform subsampling keeps: max(1, round(R * G)) of the G groups, evenly spread
+    (the middle group of each of that many equal stretches)."""
+    groups = -(-num_frames // FRAMES_PER_GROUP)
+    keep = max(1, min(groups, round(ratio * groups)))
+    return [int((i + 0.5) * groups / keep) for i in range(keep)]
+
+
+def subsample_frames(frames: np.ndarray, ratio: float) -> np.ndarray:
+    """The frames of :func:`subsample_groups` (both frames of every kept group), in order."""
+    index = [g * FRAMES_PER_GROUP + k for g in subsample_groups(len(frames), ratio)
+             for k in range(FRAMES_PER_GROUP) if g * FRAMES_PER_GROUP + k < len(frames)]
+    return frames[index]
+
+
+def video_content(sample: Sample, method: str, ratio: float) -> dict[str, Any]:
+    """The video's chat content part: the file as it is, or (``subsample``) re-encoded from its kept frames."""
+    from civic_vllm.client import video_data_url, video_file_url, video_part
+
+    if method == "subsample" and ratio < 1:
+        fps = float(sample.record.get("fps", 2.0))
+        return video_part(video_data_url(subsample_frames(read_video(sample.image_path), ratio), fps))
+    return video_part(video_file_url(sample.image_path))
+
+
+def video_request_kwargs(method: str, ratio: float) -> dict[str, Any]:
+    """``mm_processor_kwargs`` of a video request (subsampling happens in the client: every token kept)."""
+    if method not in VIDEO_METHODS:
+        raise ValueError(f"method {method!r} does not apply to videos; choose from {', '.join(VIDEO_METHODS)}")
+    if method == "default":
+        return {}
+    if method in ("full", "subsample"):
+        return {"civic_policy": "full"}
+    return {"civic_policy": "civic", "civic_ratio": ratio, "civic_video_ratio": ratio}
 
 
 @dataclass(frozen=True)
@@ -292,29 +367,31 @@ def evaluate(
         raise ValueError("method 'full' keeps every visual token: use --ratio 1")
     if method == "downscale" and geometry is None:
         raise ValueError("method 'downscale' needs the model's image geometry")
+    videos = sum(s.is_video for s in samples)
+    if videos:
+        video_request_kwargs(method, ratio)  # refuses image-only methods before any request
+    if method == "subsample" and videos < len(samples):
+        raise ValueError("method 'subsample' subsamples video frames: the data has image samples")
     model_id = served_model(url)
     before = _metrics(url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    video_pad = video_pad_id(url, model_id, headers) if videos else None
     local = threading.local()
 
     def ask(index: int) -> tuple[int, str, dict[str, int]]:
         sample = samples[index]
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
-        with Image.open(sample.image_path) as img:
-            image = img.convert("RGB")
-        body = {
-            "model": model_id,
-            "messages": image_message(sample.record["question"], [image_data_url(image)]),
-            "max_tokens": MAX_TOKENS, "temperature": 0.0,
-            "mm_processor_kwargs": request_kwargs(method, ratio, exit_layer, image.size, geometry),
-        }
+        body = chat_body(sample, model_id, method, ratio, exit_layer, geometry)
         resp = session.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=600)
         if resp.status_code != 200:
             raise EvalServerError(f"line {sample.line} ({sample.record['id']}): HTTP {resp.status_code}: "
                                   f"{resp.text[:500]}")
         out = resp.json()
-        return index, out["choices"][0]["message"]["content"] or "", out["usage"]
+        usage = dict(out["usage"])
+        if sample.is_video:
+            usage["video_tokens"] = (out.get("prompt_token_ids") or []).count(video_pad)
+        return index, out["choices"][0]["message"]["content"] or "", usage
 
     from tqdm import tqdm
 
@@ -342,6 +419,7 @@ def evaluate(
     n = len(samples)
     visual = metric_value(after, RETAINED_METRIC) - metric_value(before, RETAINED_METRIC)
     visual_full = metric_value(after, VISUAL_METRIC) - metric_value(before, VISUAL_METRIC)
+    video_tokens = [u["video_tokens"] for u in usages if "video_tokens" in u]
     blocks = [kv_blocks(kv_tokens(u["prompt_tokens"], u["completion_tokens"]), block_size) for u in usages]
     result = {
         "model": model_id, "method": method, "ratio": ratio, "exit_layer": exit_layer, "n": n,
@@ -349,6 +427,8 @@ def evaluate(
         "baseline": majority_baseline(samples),
         "mean_visual_tokens": round(visual / n, 2),
         "mean_visual_tokens_before_retention": round(visual_full / n, 2),
+        **({"videos": len(video_tokens), "mean_video_tokens": round(sum(video_tokens) / len(video_tokens), 2),
+            "video_tokens": video_tokens} if video_tokens else {}),
         "mean_prompt_tokens": round(sum(u["prompt_tokens"] for u in usages) / n, 2),
         "mean_kv_blocks": round(sum(blocks) / n, 3),
         "block_size": block_size,
@@ -363,11 +443,37 @@ def evaluate(
     return result
 
 
+def chat_body(sample: Sample, model_id: str, method: str, ratio: float, exit_layer: int | None = None,
+              geometry: ImageGeometry | None = None) -> dict[str, Any]:
+    """The chat request of one sample (greedy, ``MAX_TOKENS``); video requests ask for the prompt's token ids."""
+    body: dict[str, Any] = {"model": model_id, "max_tokens": MAX_TOKENS, "temperature": 0.0}
+    if sample.is_video:
+        return {**body, "messages": image_message(sample.record["question"], [video_content(sample, method, ratio)]),
+                "mm_processor_kwargs": video_request_kwargs(method, ratio), "return_token_ids": True}
+    with Image.open(sample.image_path) as img:
+        image = img.convert("RGB")
+    return {**body, "messages": image_message(sample.record["question"], [image_data_url(image)]),
+            "mm_processor_kwargs": request_kwargs(method, ratio, exit_layer, image.size, geometry)}
+
+
+def video_pad_id(url: str, model_id: str, headers: dict[str, str] | None = None) -> int:
+    """The server's ``<|video_pad|>`` token id, from its own /tokenize (works for any served model)."""
+    resp = requests.post(url + "/tokenize", json={"model": model_id, "prompt": "<|video_pad|>",
+                                                  "add_special_tokens": False}, headers=headers or {}, timeout=60)
+    if resp.status_code != 200:
+        raise EvalServerError(f"{url}/tokenize: HTTP {resp.status_code}: {resp.text[:300]}")
+    tokens = resp.json()["tokens"]
+    if len(tokens) != 1:
+        raise EvalServerError(f"{url}: <|video_pad|> is not one token ({tokens}): not a Qwen3-VL tokenizer?")
+    return int(tokens[0])
+
+
 def summary(result: dict[str, Any]) -> str:
     base = result["baseline"]
     lines = [f"{result['method']} r={result['ratio']:.3g}  n={result['n']}  accuracy {result['accuracy']:.3f} "
              f"(most-common-answer baseline {base['accuracy']:.3f})  visual tokens {result['mean_visual_tokens']:.1f}"
-             f"  KV blocks {result['mean_kv_blocks']:.2f}"]
+             f"  KV blocks {result['mean_kv_blocks']:.2f}"
+             + (f"  video tokens {result['mean_video_tokens']:.1f}" if "mean_video_tokens" in result else "")]
     for task, acc in result["per_task"].items():
         lines.append(f"  {task:<10} {acc:.3f}  (baseline {base['per_task'][task]:.3f}, n={result['per_task_n'][task]})")
     for key, acc in result["per_task_split"].items():
@@ -394,7 +500,7 @@ def _ratio(text: str) -> float:
 
 def run_eval(args: argparse.Namespace) -> int:
     from civic_vllm.model_factory import resolve_model
-    from civic_vllm.serving import ServerConfig, VllmServer
+    from civic_vllm.serving import VllmServer
 
     samples = load_samples(args.data)
     model = resolve_model(args.model or default_model())
@@ -403,7 +509,8 @@ def run_eval(args: argparse.Namespace) -> int:
         url = args.server.rstrip("/") if args.server else None
         if url is None:
             print(f"starting vllm serve {model} --model-impl civic ...", file=sys.stderr)
-            url = stack.enter_context(VllmServer(ServerConfig(model=model, dtype=args.dtype, images_per_prompt=1))).url
+            config = server_config(model, samples, dtype=args.dtype)
+            url = stack.enter_context(VllmServer(config)).url
         result = evaluate(samples, url, method=args.method, ratio=args.ratio, exit_layer=args.exit_layer,
                           geometry=geometry, concurrency=args.concurrency, api_key=args.api_key)
     result["data"] = str(Path(args.data).resolve())
@@ -418,13 +525,45 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def video_profile(samples: Sequence[Sample]) -> tuple[int, int, int] | None:
+    """(width, height, frames) covering every video of the data (None: no video), for the encoder profile
+    (vLLM's default profiles a maximum-size video, which takes minutes on a CPU)."""
+    sizes = []
+    for s in samples:
+        if s.is_video:
+            rec = s.record
+            if all(isinstance(rec.get(k), int) for k in ("width", "height", "frames")):
+                sizes.append((rec["width"], rec["height"], rec["frames"]))
+            else:
+                frames = read_video(s.image_path)
+                sizes.append((frames.shape[2], frames.shape[1], frames.shape[0]))
+    if not sizes:
+        return None
+    return tuple(max(v[i] for v in sizes) for i in range(3))  # type: ignore[return-value]
+
+
+def server_config(model: str, samples: Sequence[Sample], *, dtype: str = "float32", civic: bool = True,
+                  extra_args: Sequence[str] = (), **overrides: Any):
+    """A server for these samples: one image or one video a prompt, the video profile sized to the data."""
+    from civic_vllm.serving import ServerConfig
+
+    profile = video_profile(samples)
+    video = {"videos_per_prompt": 1, "profile_video_size": profile} if profile else {}
+    return ServerConfig(model=model, dtype=dtype, images_per_prompt=1, civic=civic, trust_request_mm_kwargs=civic,
+                        extra_args=tuple(extra_args), **video, **overrides)
+
+
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``civic eval --data FILE.jsonl --method M --ratio R --out RESULT.json [--model M]``."""
-    p = subparsers.add_parser("eval", help="accuracy on a civic-shapes JSONL through vllm serve --model-impl civic")
+    p = subparsers.add_parser("eval", help="accuracy on a civic-shapes JSONL (images or videos) through "
+                                           "vllm serve --model-impl civic")
     p.add_argument("--model", default=None,
                    help="checkpoint directory or HF repo id (default: the trained models/civic-shapes-tiny)")
-    p.add_argument("--data", required=True, help="JSONL in the civic-shapes format (image paths relative to it)")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--data", required=True,
+                   help="JSONL in the civic-shapes format (image or video paths relative to it)")
+    p.add_argument("--method", required=True, choices=METHODS,
+                   help=f"video samples: {', '.join(VIDEO_METHODS)} (subsample: uniform frame-group subsampling "
+                        "to about RATIO of the groups in the client)")
     p.add_argument("--ratio", type=_ratio, default=1.0, help="retention ratio in (0, 1], e.g. 0.5 or 1/3")
     p.add_argument("--exit-layer", type=int, default=None, help="civic_exit_layer (vision block to retain after)")
     p.add_argument("--out", required=True, help="result JSON")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,11 +364,28 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = 0, splits: Sequence[s
     child seed, so a split's content does not depend on the other splits' sizes' rounding.
     Ids (``s000001``...) are unique across splits; all images share one folder.
     """
+    out = Path(out_dir)
+
+    def write(rng: np.random.Generator, task: str, sample_id: str) -> dict[str, Any]:
+        image, qa = generate_sample(rng, task)
+        rel = f"images/{sample_id}.png"
+        image.save(out / rel)
+        return record(sample_id, rel, qa)
+
+    return write_splits(out, n, seed, splits, TASKS, "s", "images", write)
+
+
+def write_splits(out: Path, n: int, seed: int, splits: Sequence[str] | None, tasks: Sequence[str], prefix: str,
+                 media_dir: str, write: Callable[[np.random.Generator, str, str], dict[str, Any]],
+                 progress: bool = False) -> dict[str, Path]:
+    """The split files of a data set: ``write(rng, task, sample_id)`` saves one sample's media and returns
+    its JSONL record; tasks round robin then shuffled per split, one child seed a split, ids unique."""
+    from tqdm import tqdm
+
     unknown = set(splits or ()) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; choose from {', '.join(SPLITS)}")
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / media_dir).mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     next_id = 1
     children = np.random.SeedSequence(seed).spawn(len(SPLITS))
@@ -377,16 +394,12 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = 0, splits: Sequence[s
             next_id += count
             continue
         rng = np.random.default_rng(child)
-        tasks = [TASKS[i % len(TASKS)] for i in range(count)]
-        tasks = [tasks[int(i)] for i in rng.permutation(count)]
+        order = [tasks[i % len(tasks)] for i in range(count)]
+        order = [order[int(i)] for i in rng.permutation(count)]
         lines = []
-        for task in tasks:
-            sample_id = f"s{next_id:06d}"
+        for task in tqdm(order, desc=split, unit="sample", disable=not progress):
+            lines.append(json.dumps(write(rng, task, f"{prefix}{next_id:06d}")))
             next_id += 1
-            image, qa = generate_sample(rng, task)
-            rel = f"images/{sample_id}.png"
-            image.save(out / rel)
-            lines.append(json.dumps(record(sample_id, rel, qa)))
         paths[split] = out / f"{split}.jsonl"
         paths[split].write_text("".join(line + "\n" for line in lines))
     return paths
@@ -428,14 +441,19 @@ def is_correct(rec: dict[str, Any], output: str) -> bool:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    paths = write_dataset(args.out, args.n, args.seed, args.splits)
+    if args.video:
+        from civic_vllm.data.shapes_video import write_video_dataset
+
+        paths = write_video_dataset(args.out, args.n, args.seed, args.splits, progress=True)
+    else:
+        paths = write_dataset(args.out, args.n, args.seed, args.splits)
     for split, path in paths.items():
         print(f"{split}: {sum(1 for _ in path.open())} samples -> {path}")
     return 0
 
 
 def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``civic data synth --n N --seed S --out DIR`` (handler in ``args.handler``)."""
+    """Register ``civic data synth --n N --seed S --out DIR [--video]`` (handler in ``args.handler``)."""
     data = subparsers.add_parser("data", help="synthetic data sets")
     sub = data.add_subparsers(dest="data_command", required=True)
     synth = sub.add_parser("synth", help="write a civic-shapes data set (train/val/test 80/10/10)")
@@ -444,5 +462,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--splits", nargs="+", choices=tuple(SPLITS), default=None,
                        help="write only these splits (same content and ids as in the full set)")
+    synth.add_argument("--video", action="store_true",
+                       help="civic-shapes-video: mp4 videos of moving / appearing / colour-changing shapes "
+                            "(tasks direction, appears, video_count, last_color) instead of images")
     synth.set_defaults(handler=_synth)
     return data

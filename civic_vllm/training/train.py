@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from civic_vllm import model_factory as mf
-from civic_vllm.data import shapes
+from civic_vllm.client import video_data_url
+from civic_vllm.data import shapes, shapes_video
 from civic_vllm.model_factory import ModelPreset, TextDims, VisionDims
 
 __all__ = [
@@ -131,6 +132,9 @@ class Recipe:
     # Weight of the dense per-visual-token losses (``DenseSupervision``) next to the answer loss; 0: off.
     dense_weight: float = 0.5
     init_from: str | None = None  # start from this checkpoint's weights (fresh optimizer and schedule)
+    # Fraction of a step's chats that are civic-shapes-video chats (a video, its question and the
+    # count question); the rest are image chats, so a video fine-tune keeps the image skills.
+    p_video: float = 0.0
     seed: int = 0
 
     def weight(self, task: str) -> float:
@@ -138,22 +142,35 @@ class Recipe:
 
 
 # What a recipe saved before these fields existed did; newer recipes store their own values.
-RECIPE_FIELDS_ADDED: dict[str, Any] = {"dense_weight": 0.0, "init_from": None, "presence": "pairs"}
+RECIPE_FIELDS_ADDED: dict[str, Any] = {"dense_weight": 0.0, "init_from": None, "presence": "pairs", "p_video": 0.0}
 
 
 @dataclass
 class Encoded:
-    """One chat as model inputs; ``answer_of[i]`` is the answer index token i belongs to, or -1."""
+    """One chat as model inputs; ``answer_of[i]`` is the answer index token i belongs to, or -1.
+
+    An image chat has ``pixel_values`` / ``image_grid_thw``, a video chat ``pixel_values_videos`` /
+    ``video_grid_thw`` instead.
+    """
 
     input_ids: torch.Tensor  # [1, L]
     mm_token_type_ids: torch.Tensor  # [1, L]
-    pixel_values: torch.Tensor  # [patches, C * T * P * P]
-    image_grid_thw: torch.Tensor  # [1, 3]
+    pixel_values: torch.Tensor | None  # [patches, C * T * P * P]
+    image_grid_thw: torch.Tensor | None  # [1, 3]
     answer_of: torch.Tensor  # [L]
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.video_grid_thw is not None
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "mm_token_type_ids": self.mm_token_type_ids,
-                "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+        out = {"input_ids": self.input_ids, "mm_token_type_ids": self.mm_token_type_ids}
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 class ChatEncoder:
@@ -172,6 +189,7 @@ class ChatEncoder:
         self.im_start, self.im_end = ids["<|im_start|>"], ids["<|im_end|>"]
         self.vision = [ids["<|vision_start|>"], ids["<|image_pad|>"], ids["<|vision_end|>"]]
         self.pad_id = ids["<|endoftext|>"]
+        self.video_pad = ids["<|video_pad|>"]
         self.merge = preset.vision.spatial_merge_size ** 2
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - a few hundred distinct strings, encoder lives all run
@@ -189,6 +207,35 @@ class ChatEncoder:
         pix = self.processor.image_processor(images=[image], return_tensors="pt", **extra)
         grid = pix["image_grid_thw"]
         n_image = int(grid.prod()) // self.merge
+        start, pad, end = self.vision
+        enc = self._chat([start, *[pad] * n_image, end], questions, answers)
+        enc.pixel_values, enc.image_grid_thw = pix["pixel_values"], grid
+        return enc
+
+    def encode_video(self, video_url: str, questions: Sequence[str], answers: Sequence[str] | None) -> Encoded:
+        """A video chat (``video_url``: an mp4 data URL), the video decoded as a vLLM server decodes it.
+
+        The video segment (per frame group ``<t seconds><|vision_start|><|video_pad|>...<|vision_end|>``
+        inside the template's ``<|vision_start|>...<|vision_end|>``) is the processor's own expansion.
+        """
+        from transformers.video_utils import VideoMetadata
+
+        from civic_vllm.client import decode_video
+
+        frames, meta = decode_video(video_url)
+        start, _, end = self.vision
+        out = self.processor(
+            text=[self.tokenizer.decode([start]) + "<|video_pad|>" + self.tokenizer.decode([end])],
+            videos=[frames], do_sample_frames=meta["do_sample_frames"], return_tensors="pt",
+            video_metadata=[VideoMetadata(**{k: v for k, v in meta.items() if k != "do_sample_frames"})],
+        )
+        enc = self._chat(out["input_ids"][0].tolist(), questions, answers)
+        enc.mm_token_type_ids = torch.where(enc.mm_token_type_ids > 0, 2, 0)
+        enc.pixel_values_videos, enc.video_grid_thw = out["pixel_values_videos"], out["video_grid_thw"]
+        return enc
+
+    def _chat(self, vision: list[int], questions: Sequence[str], answers: Sequence[str] | None) -> Encoded:
+        """The chat's token ids with ``vision`` (the media segment) first in turn one; no pixels yet."""
         nl = self.text("\n")
         ids: list[int] = []
         owner: list[int] = []
@@ -200,8 +247,7 @@ class ChatEncoder:
         for k, question in enumerate(questions):
             add([self.im_start, *self.text("user\n")])
             if k == 0:
-                start, pad, end = self.vision
-                add([start, *[pad] * n_image, end])
+                add(vision)
             add([*self.text(question), self.im_end, *nl])
             add([self.im_start, *self.text("assistant\n")])
             if answers is not None:
@@ -210,9 +256,9 @@ class ChatEncoder:
         input_ids = torch.tensor([ids])
         return Encoded(
             input_ids=input_ids,
-            mm_token_type_ids=(input_ids == self.vision[1]).long(),
-            pixel_values=pix["pixel_values"],
-            image_grid_thw=grid,
+            mm_token_type_ids=((input_ids == self.vision[1]) | (input_ids == self.video_pad)).long(),
+            pixel_values=None,
+            image_grid_thw=None,
             answer_of=torch.tensor(owner),
         )
 
@@ -382,14 +428,19 @@ def lr_factor(recipe: Recipe, step: int, progress: float) -> float:
 
 def sample_chats(
     rng: np.random.Generator, recipe: Recipe, progress: float
-) -> list[tuple[shapes.Scene, list[shapes.QA]]]:
-    """The step's images and questions; early on (``size_curriculum``) only the cheap sizes."""
+) -> list[tuple[shapes.Scene | shapes_video.VideoScene, list[shapes.QA]]]:
+    """The step's images (or videos, ``p_video``) and questions; early on (``size_curriculum``) only
+    the cheap image sizes."""
     sizes = shapes.IMAGE_SIZES
     stage = next((px for until, px in recipe.size_curriculum if progress < until), None)
     if stage is not None:
         sizes = tuple(s for s in sizes if s[0] * s[1] <= stage) or sizes[:1]
-    chats = []
+    chats: list[tuple[shapes.Scene | shapes_video.VideoScene, list[shapes.QA]]] = []
     for _ in range(recipe.images_per_step):
+        if recipe.p_video > 0 and rng.random() < recipe.p_video:  # no draw at all without video
+            scene, qa = shapes_video.generate_video_sample(rng)
+            chats.append((scene, shapes_video.chat_questions(rng, scene, qa)))
+            continue
         kind = "single" if rng.random() < recipe.p_single else "multi"
         scene = shapes.sample_scene(rng, kind, sizes)
         qas = shapes.scene_questions(rng, scene, recipe.presence_pairs, recipe.single_presence_pairs, recipe.presence)
@@ -410,11 +461,17 @@ def train_step(model, optimizer, encoder: ChatEncoder, rng: np.random.Generator,
     optimizer.zero_grad(set_to_none=True)
     by_task: dict[str, list[float]] = defaultdict(list)
     for scene, qas in chats:
-        enc = encoder.encode(scene.image, [q.question for q in qas], [q.answer for q in qas])
+        questions, answers = [q.question for q in qas], [q.answer for q in qas]
+        if isinstance(scene, shapes_video.VideoScene):
+            enc = encoder.encode_video(video_data_url(scene.frames, shapes_video.FPS), questions, answers)
+        else:
+            enc = encoder.encode(scene.image, questions, answers)
         losses = answer_losses(model, enc)
         w = torch.tensor([recipe.weight(q.task) for q in qas])
         loss = (losses * w).sum() / total_w
-        if dense is not None:
+        if dense is not None and enc.is_video:
+            dense._tokens = None  # the dense heads supervise image tokens only
+        elif dense is not None:
             parts = dense.losses(scene, enc)
             loss = loss + recipe.dense_weight * sum(parts.values()) / len(chats)
             for head, value in parts.items():
@@ -445,6 +502,18 @@ def eval_samples(n_per_task: int, seed: int = EVAL_SEED) -> list[tuple[Image.Ima
     return out
 
 
+def eval_video_samples(n_per_task: int, seed: int = EVAL_SEED + 1) -> list[tuple[str, dict[str, Any]]]:
+    """A fixed held-out video set: ``n_per_task`` samples of every video task, as (mp4 data URL, record)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for task in shapes_video.VIDEO_TASKS:
+        for i in range(n_per_task):
+            scene, qa = shapes_video.generate_video_sample(rng, task)
+            out.append((video_data_url(scene.frames, shapes_video.FPS),
+                        shapes_video.video_record(f"e{task}{i:04d}", "", scene, qa)))
+    return out
+
+
 def load_jsonl_samples(path: str | Path) -> list[tuple[Image.Image, dict[str, Any]]]:
     """A civic-shapes JSONL file (image paths relative to it) as (image, record) pairs."""
     path = Path(path)
@@ -453,8 +522,13 @@ def load_jsonl_samples(path: str | Path) -> list[tuple[Image.Image, dict[str, An
 
 
 @torch.inference_mode()
-def generate_answer(model, encoder: ChatEncoder, image: Image.Image, question: str, max_new_tokens: int = 24) -> str:
-    enc = encoder.encode(image, [question], None)
+def generate_answer(model, encoder: ChatEncoder, image: Image.Image | str, question: str,
+                    max_new_tokens: int = 24) -> str:
+    """Greedy answer about an image, or a video (``image``: an mp4 data URL)."""
+    if isinstance(image, str):
+        enc = encoder.encode_video(image, [question], None)
+    else:
+        enc = encoder.encode(image, [question], None)
     model.model.rope_deltas = None  # it persists across generate calls
     out = model.generate(
         **enc.model_inputs(), attention_mask=torch.ones_like(enc.input_ids), max_new_tokens=max_new_tokens,
@@ -463,7 +537,8 @@ def generate_answer(model, encoder: ChatEncoder, image: Image.Image, question: s
     return encoder.tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def quick_eval(model, encoder: ChatEncoder, samples: Sequence[tuple[Image.Image, dict[str, Any]]]) -> dict[str, Any]:
+def quick_eval(model, encoder: ChatEncoder,
+               samples: Sequence[tuple[Image.Image | str, dict[str, Any]]]) -> dict[str, Any]:
     """Accuracy overall, per task, and small/large (by ``size``) for single-object tasks."""
     was_training = model.training
     model.eval()
@@ -648,7 +723,9 @@ def train(
              "params": sum(p.numel() for p in model.parameters())}, indent=2) + "\n")
     budget_s = minutes * 60.0
     encoder = ChatEncoder(preset)
-    evalset = eval_samples(eval_per_task) if eval_per_task > 0 else []
+    evalset: list[tuple[Any, dict[str, Any]]] = eval_samples(eval_per_task) if eval_per_task > 0 else []
+    if eval_per_task > 0 and recipe.p_video > 0:
+        evalset += eval_video_samples(eval_per_task)
 
     def progress_of(step: int, cpu: float) -> float:
         return max(cpu / budget_s, step / max_steps if max_steps else 0.0)
@@ -779,7 +856,8 @@ def _train_cmd(args: argparse.Namespace) -> int:
         presence=args.presence, presence_pairs=args.presence_pairs, single_presence_pairs=args.single_presence_pairs,
         task_weights={**Recipe().task_weights, **dict(args.task_weight)},
         size_curriculum=args.size_curriculum, dense_weight=args.dense_weight,
-        init_from=str(Path(args.init_from).resolve()) if args.init_from else None, seed=args.seed,
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else None, p_video=args.p_video,
+        seed=args.seed,
     )
     work = train(
         args.out, minutes=args.minutes, resume=args.resume, threads=args.threads, recipe=recipe,
@@ -827,6 +905,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="weight of the per-visual-token colour/shape/box losses (0: off)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from this exported checkpoint's weights (fresh optimizer and schedule)")
+    p.add_argument("--p-video", type=float, default=d.p_video,
+                   help="fraction of chats that are civic-shapes-video chats (mp4 through vLLM's decoder, "
+                        "HF processor videos=...); the rest are image chats (default 0: images only)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-every", type=float, default=5.0, help="quick eval every this many CPU-minutes")
     p.add_argument("--eval-per-task", type=int, default=25, help="quick-eval samples per task (0: none)")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from civic_vllm import planner
 from civic_vllm.budget import num_retained
-from civic_vllm.client import civic_body, image_message
+from civic_vllm.client import civic_body, decode_video, image_message
 from civic_vllm.hf_compact import VideoInputs, build_compact_batch, compact_greedy
 from civic_vllm.prometheus import metric_value
 from civic_vllm.retention.plan import ImageRetention, VideoRetention
@@ -134,15 +134,6 @@ def make_video(frames: int = 8, width: int = 256, height: int = 256, seed: int =
         x, y = (t * width) // (frames + 1), height // 2
         video[t, y : y + size, x : x + size] = color
     return video
-
-
-def decode_video(url: str):
-    """(frames, metadata) of a video data URL exactly as the server decodes it (vLLM's media IO)."""
-    from vllm.multimodal.media.image import ImageMediaIO
-    from vllm.multimodal.media.video import VideoMediaIO
-
-    mime, data = url.removeprefix("data:").split(";base64,", 1)
-    return VideoMediaIO(ImageMediaIO()).load_base64(mime, data).media
 
 
 def hf_media_reference(hf, items, question, ratio):
