@@ -27,6 +27,10 @@ from civic_vllm.model_factory import TextDims
 from civic_vllm.prometheus import metric_labels, metric_value
 from civic_vllm.serving import VllmServer
 
+# vLLM's CPU model runner never enables multimodal pruning, so EVS (--video-pruning-rate) fails on its
+# first request there; this folder's sitecustomize.py fixes that one bug in an EVS server's processes.
+EVS_CPU_SHIM = Path(__file__).resolve().parent / "evs_cpu"
+
 # Prometheus names in vLLM 0.32 (v1 engine).
 M_RUNNING = "vllm:num_requests_running"
 M_WAITING = "vllm:num_requests_waiting"
@@ -189,3 +193,9 @@ def environment_info() -> dict:
             "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
         },
     }
+
+
+def evs_cpu_env() -> dict[str, str]:
+    """``extra_env`` for an EVS server: the shim first on PYTHONPATH, then the repository."""
+    root = EVS_CPU_SHIM.parents[1]
+    return {"PYTHONPATH": os.pathsep.join([str(EVS_CPU_SHIM), str(root), os.environ.get("PYTHONPATH", "")])}

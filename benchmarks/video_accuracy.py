@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.accuracy import RESULTS, ROOT, Scored, bootstrap_indices, figure, paired, ratio_label
+from benchmarks.harness import evs_cpu_env
 
 DATA_ROOT = ROOT / "benchmarks" / "results" / "tmp" / "civic-shapes-video"  # gitignored
 TEST_SEED = 90210  # no training stream or other split uses it (training draws videos on the fly from seed 0)
@@ -91,9 +92,9 @@ def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: P
     results = {m: r for m in METHODS if (r := cached(m)) is not None}
     if "evs" not in results:
         t0 = time.monotonic()
-        # CIVIC_CPU_EVS=1: civic_vllm.vllm_adapter.cpu_evs, without which EVS fails on vLLM's CPU backend.
+        # benchmarks/evs_cpu (harness.evs_cpu_env), without which EVS fails on vLLM's CPU backend at once.
         evs = server_config(model, samples, civic=False, extra_args=("--video-pruning-rate", f"{1 - ratio:.6f}"),
-                            extra_env={"CIVIC_CPU_EVS": "1"} if cpu_evs_fix else {})
+                            extra_env=evs_cpu_env() if cpu_evs_fix else {})
         server = VllmServer(evs)
         with server:
             print(f"vanilla EVS server up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
@@ -167,7 +168,7 @@ def table(result: dict[str, Any]) -> str:
         f = r["figures"]
         lo, hi = f["overall"]["ci95"]
         label = r["method"] + (f" (--video-pruning-rate {r['video_pruning_rate']:.3g}"
-                               + (", CIVIC_CPU_EVS=1" if r.get("cpu_evs_fix") else "") + ")"
+                               + (", with benchmarks/evs_cpu" if r.get("cpu_evs_fix") else "") + ")"
                                if "video_pruning_rate" in r else "")
         lines.append(f"| {label} | {ratio_label(r['ratio'])} | {r['mean_video_tokens']:.1f} | "
                      f"{r['kept_fraction']:.3f} | {r['mean_kv_blocks']:.2f} | "
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "video_accuracy.json"))
     parser.add_argument("--no-cpu-evs-fix", action="store_true",
-                        help="serve EVS without CIVIC_CPU_EVS=1 (on vLLM's CPU backend it then fails: see cpu_evs.py)")
+                        help="serve EVS without benchmarks/evs_cpu (on vLLM's CPU backend it then fails at once)")
     args = parser.parse_args(argv)
 
     data = test_split(args.n_test)

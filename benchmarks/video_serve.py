@@ -50,7 +50,7 @@ from typing import Any
 import requests
 
 from benchmarks.harness import BenchError as HarnessError
-from benchmarks.harness import Geometry, add_served_model_args, log, pool_geometry, wait_idle
+from benchmarks.harness import Geometry, add_served_model_args, evs_cpu_env, log, pool_geometry, wait_idle
 from benchmarks.load import model_id
 from benchmarks.serve.analysis import div
 from benchmarks.serve.cli import wait_for_quiet_machine
@@ -64,7 +64,6 @@ from civic_vllm.model_factory import make_model, models_root
 from civic_vllm.prometheus import metric_value
 from civic_vllm.serving import ServerConfig, ServerError, VllmServer, vllm_executable
 
-EVS_SHIM = ROOT / "benchmarks" / "evs_cpu"
 MERGED_PX = 32  # one merged token: patch 16 x spatial merge 2
 TEMPORAL_PATCH = 2  # frames per frame group
 TEXT_ALLOWANCE = 64  # prompt tokens besides the video placeholders, for sizing the pool (timestamps, template)
@@ -174,11 +173,10 @@ def server_configs(run: VideoRun, spec: VideoSpec, rate: Fraction) -> dict[str, 
                   profile_video_size=(spec.width, spec.height, spec.frames), dtype=run.dtype, kv_cache_gib=None,
                   kv_cache_bytes=run.pool_bytes, prefix_caching=False)
     no_cache = ["--mm-processor-cache-gb", "0"]
-    shim_path = os.pathsep.join([str(EVS_SHIM), str(ROOT), os.environ.get("PYTHONPATH", "")])
     return {
         "vanilla": ServerConfig(civic=False, extra_args=no_cache, **common),
         "evs": ServerConfig(civic=False, extra_args=[*no_cache, "--video-pruning-rate", repr(float(rate))],
-                            extra_env={"PYTHONPATH": shim_path}, **common),
+                            extra_env=evs_cpu_env(), **common),
         "civic": ServerConfig(civic=True, extra_args=no_cache, **common),
     }
 

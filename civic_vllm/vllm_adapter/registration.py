@@ -32,6 +32,3 @@ def register_with_vllm() -> None:
             ModelRegistry.register_model(civic_arch, f"civic_vllm.vllm_adapter.model:{civic_arch}")
     install_model_impl_hook(_ModelRegistry)
     install_encoder_budget_hook()
-    from civic_vllm.vllm_adapter.cpu_evs import install_cpu_evs_fix
-
-    install_cpu_evs_fix()  # only with CIVIC_CPU_EVS=1
