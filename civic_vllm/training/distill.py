@@ -58,6 +58,7 @@ from civic_vllm.hf_compact import build_compact_batch
 from civic_vllm.recipe import CivicRecipe, write_recipe
 from civic_vllm.retention.learned import ScorerConfig, TokenScorer, prior_score, saliency_loss
 from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention
+from civic_vllm.training import loop as loop_mod
 from civic_vllm.training import train as tr
 
 PARAM_CHOICES = ("merger", "vision", "all")
@@ -117,7 +118,7 @@ def load_hf_model(path: str | Path):
     marker = path / tr.TRAIN_MARKER
     if not marker.is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint written by civic train (no {tr.TRAIN_MARKER})")
-    preset = tr._preset_from_dict(json.loads(marker.read_text())["preset"])
+    preset = loop_mod._preset_from_dict(json.loads(marker.read_text())["preset"])
     model = Qwen3VLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
     return model, preset
 
@@ -261,7 +262,7 @@ def distill(
     bar = tqdm(total=max_steps or round(minutes, 1), initial=step if max_steps else round(cpu / 60, 1),
                unit="step" if max_steps else "cpu-min", disable=not progress,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-    with tr._Stop() as stop:
+    with loop_mod._Stop() as stop:
         while not stop.requested and (step < max_steps if max_steps else cpu < budget):
             t0 = time.process_time()
             for g in optimizer.param_groups:
