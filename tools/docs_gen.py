@@ -503,6 +503,26 @@ def render_video_serve(name: str = "video_serve.json") -> str:
     return "\n".join(lines + ["", command_line(d.get("command"), name)])
 
 
+def render_video_accuracy(name: str = "video_accuracy.json") -> str:
+    """Video civic-shapes accuracy of one checkpoint: full, civic, subsampling (EVS where it runs)."""
+    d = load(name)
+    tasks = d["tasks"]
+    rows = [[r["method"], f"{r['mean_video_tokens']:.1f}", f"{r['kept_fraction']:.3f}", f"{r['mean_kv_blocks']:.2f}",
+             f"{r['figures']['overall']['value']:.3f} {ci(r['figures']['overall']['ci95'], 3)}",
+             *(f"{r['figures'][t]['value']:.3f}" for t in tasks)] for r in d["rows"]]
+    rows.append(["most common answer", "", "", "", f"{d['baseline']['accuracy']:.3f}",
+                 *(f"{d['baseline']['per_task'][t]:.3f}" for t in tasks)])
+    lines = [f"`{d['model']}`, {d['n']} test videos (seed {d['test_seed']}), r = {d['ratio']:.3g}:", "",
+             table(["method", "video tokens", "kept", "KV blocks", "overall (95% CI)", *tasks], rows), ""]
+    diff = [[pair.replace("-", " − "), *(f"{100 * c[k]['difference']:+.1f} {ci(c[k]['difference_ci95'], 1, 100)}"
+                                         for k in ("overall", *tasks))]
+            for pair, c in d["comparisons"].items()]
+    lines += [table(["paired difference (points)", "overall", *tasks], diff), ""]
+    if d.get("evs_error"):
+        lines.append("EVS: not measured, the EVS server failed on this backend (error in the JSON's `evs_error`).")
+    return "\n".join(lines + ["", command_line(d.get("command"), name, "python -m benchmarks.video_accuracy")])
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "headline": render_serve_headline,
     "serve": partial(render_serve_run, "serve.json"),
@@ -522,6 +542,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "kernels": render_kernels,
     "gpu": render_gpu,
     "video-serve": render_video_serve,
+    "video-accuracy": render_video_accuracy,
 }
 
 
