@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from civic_vllm import planner
 from civic_vllm.budget import num_retained
 from civic_vllm.client import civic_body, decode_video, image_message
 from civic_vllm.hf_compact import VideoInputs, build_compact_batch, compact_greedy
-from civic_vllm.prometheus import metric_value
+from civic_vllm.prometheus import metric_labels, metric_value
 from civic_vllm.retention.plan import ImageRetention, VideoRetention
 from civic_vllm.serving import ServerConfig, VllmServer
 
@@ -231,10 +230,9 @@ def run_planner(argv: list[str]) -> dict:
 
 def cache_config(server) -> dict[str, str]:
     """The labels of ``vllm:cache_config_info`` (num_gpu_blocks, block_size, ...)."""
-    for line in server.metrics().splitlines():
-        if line.startswith("vllm:cache_config_info{"):
-            return dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
-    raise AssertionError("vllm:cache_config_info not in /metrics")
+    labels = metric_labels(server.metrics(), "vllm:cache_config_info")
+    assert labels, "vllm:cache_config_info not in /metrics"
+    return labels
 
 
 class HeldRequest:
