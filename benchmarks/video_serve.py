@@ -50,19 +50,19 @@ from typing import Any
 import requests
 
 from benchmarks.harness import BenchError as HarnessError
-from benchmarks.harness import Geometry, add_served_model_args, evs_cpu_env, log, pool_geometry, wait_idle
+from benchmarks.harness import Geometry, add_served_model_args, evs_cpu_env, log, wait_idle
 from benchmarks.load import model_id
 from benchmarks.serve.analysis import div
 from benchmarks.serve.cli import wait_for_quiet_machine
 from benchmarks.serve.common import MAX_NUM_BATCHED_TOKENS, RESULTS, ROOT, Bounds, Run, fmt, relroot
 from benchmarks.serve.probe import bootstrap_ratio_ci
-from benchmarks.serve.run import measure_points, plan_pool, stop_servers
-from benchmarks.serve.servers import client_cpus, omp_binding
+from benchmarks.serve.run import measure_points, plan_pool, start_server_set, stop_servers
+from benchmarks.serve.servers import client_cpus
 from benchmarks.video_load import VideoWorkload
 from civic_vllm.cost import kv_blocks, kv_tokens
 from civic_vllm.model_factory import make_model, models_root
 from civic_vllm.prometheus import metric_value
-from civic_vllm.serving import ServerConfig, ServerError, VllmServer, vllm_executable
+from civic_vllm.serving import ServerConfig, ServerError, vllm_executable
 
 MERGED_PX = 32  # one merged token: patch 16 x spatial merge 2
 TEMPORAL_PATCH = 2  # frames per frame group
@@ -181,20 +181,6 @@ def server_configs(run: VideoRun, spec: VideoSpec, rate: Fraction) -> dict[str, 
     }
 
 
-def start_video_servers(run: VideoRun, configs: dict[str, ServerConfig]) -> None:
-    for name, cfg in configs.items():
-        server = VllmServer(cfg, startup_timeout=run.bounds.startup_timeout_s, log_path=run.raw_dir / f"{name}.log")
-        log(f"starting {name}: {' '.join(cfg.command()[1:])}")
-        run.servers[name] = server
-        server.start()
-        run.server_info[name] = {"url": server.url, "command": cfg.command()[1:], "pool": pool_geometry(server),
-                                 "binding": omp_binding(server.log_text())}
-        log(f"  {name} up: {run.server_info[name]['pool']['num_blocks']} blocks")
-    pools = {n: (i["pool"]["num_blocks"], i["pool"]["block_size"]) for n, i in run.server_info.items()}
-    if len(set(pools.values())) != 1:
-        raise BenchError(f"the servers got different KV pools: {pools}")
-
-
 def count_tokens(run: VideoRun, spec: VideoSpec, contender: Contender, video_token_id: int) -> list[dict]:
     """Prompt and video tokens of COUNT_REQUESTS fresh requests (non-streaming, ``return_token_ids``)."""
     wl = run.workload(spec, contender, max_tokens=1)
@@ -311,7 +297,7 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
     video_token_id = AutoConfig.from_pretrained(str(run.model)).video_token_id
     state: dict[str, Any] = {"counts": [], "random_mm": [], "final_civic": {}}
     try:
-        start_video_servers(run, server_configs(run, spec, rate))
+        start_server_set(run, server_configs(run, spec, rate))
         run.client_cpus = client_cpus(run.server_info["vanilla"]["binding"], run.args.client_cpus)
         run.served_model = model_id(requests, run.servers["vanilla"].url)
         vanilla, evs = Contender("vanilla", "vanilla"), Contender("evs", "evs", prune_rate=rate)

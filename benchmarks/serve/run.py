@@ -90,14 +90,21 @@ def plan_pool(geometry: Geometry, longest: int, anchor: int, max_tokens: int) ->
 
 def start_servers(run: Run) -> None:
     images = max(s.images for s in run.specs)
-    for name, civic in (("vanilla", False), ("civic", True)):
-        if not any(c.server == name for c in run.configs):
-            continue
-        cfg = ServerConfig(
+    configs = {
+        name: ServerConfig(
             model=str(run.model), civic=civic, max_model_len=run.max_model_len,
             max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, images_per_prompt=max(images, 1), dtype=run.dtype,
             kv_cache_gib=None, kv_cache_bytes=run.pool_bytes, trust_request_mm_kwargs=True, prefix_caching=False,
         )
+        for name, civic in (("vanilla", False), ("civic", True)) if any(c.server == name for c in run.configs)
+    }
+    start_server_set(run, configs)
+    run.server_info["pool"] = next(iter(run.server_info.values()))["pool"]
+
+
+def start_server_set(run: Run, configs: dict[str, ServerConfig]) -> None:
+    """Start each named server in turn (log, pool, OMP binding into ``run.server_info``); all must get one pool."""
+    for name, cfg in configs.items():
         server = VllmServer(cfg, startup_timeout=run.bounds.startup_timeout_s, log_path=run.raw_dir / f"{name}.log")
         log(f"starting {name}: {' '.join(cfg.command()[1:])}")
         run.servers[name] = server
@@ -110,7 +117,6 @@ def start_servers(run: Run) -> None:
     pools = {n: (i["pool"]["num_blocks"], i["pool"]["block_size"]) for n, i in run.server_info.items()}
     if len(set(pools.values())) != 1:
         raise BenchError(f"the servers got different KV pools: {pools}")
-    run.server_info["pool"] = next(iter(run.server_info.values()))["pool"]
 
 
 def measure_points(run: Run, spec) -> None:
