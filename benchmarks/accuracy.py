@@ -90,6 +90,7 @@ CONTENDERS = (
     # the scorer trained only by the answers' KL/CE through a straight-through gate
     Contender("learned-st-exit1", "civic", ("--policy", "learned", "--exit-layer", "1", "--scorer-weight", "0",
                                             "--straight-through"), "default", 1),
+    Contender("civic-ctx-exit1", "civic", ("--policy", "civic", "--exit-layer", "1", "--exit-context"), "default", 1),
     Contender("pool-exit1", "baseline", ("--policy", "pool", "--exit-layer", "1"), "pool", 1),
     Contender("random-exit1", "baseline", ("--policy", "random", "--exit-layer", "1"), "random", 1),
     Contender("downscale", "baseline", ("--policy", "downscale"), "downscale"),
@@ -127,7 +128,7 @@ def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, 
     """The distill record at ``student`` if it is this contender's recipe from ``teacher`` (any budget)."""
     from dataclasses import asdict
 
-    from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, parse_recipe
+    from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, DistillRecipe, parse_recipe
 
     marker = student / DISTILL_MARKER
     if not marker.is_file():
@@ -140,7 +141,8 @@ def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, 
             wanted.pop(name)
     if wanted["ratios"] == [1.0]:  # a full-token student exports no recipe
         wanted.pop("serve_ratio")
-    same = all(done.get(name) == value for name, value in wanted.items())
+    defaults = asdict(DistillRecipe())  # a field the record lacks was added later: it ran with the default
+    same = all(done.get(name, defaults[name]) == value for name, value in wanted.items())
     return done if same and done.get("teacher") == str(Path(teacher).resolve()) else None
 
 

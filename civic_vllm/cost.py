@@ -91,17 +91,25 @@ def text_prefill_flops(t: TextDims, prompt_tokens: int, vocab_size: int) -> int:
     return flops + 2 * h * vocab_size
 
 
-def image_encoder_cost(num_tokens: int, num_kept: int, exit_layer: int, depth: int) -> int:
+# With exit context a dropped row still goes through norm1 and the QKV projection of every later
+# block: 3 of the block's 12 d^2 multiply-adds per row (QKV 3, output projection 1, MLP 8 at ratio 4).
+CONTEXT_ROW_SHARE = (1, 4)
+
+
+def image_encoder_cost(num_tokens: int, num_kept: int, exit_layer: int, depth: int, context: bool = False) -> int:
     """Vision-tower work for one image in merged tokens, comparable with vanilla's N.
 
     Blocks 1..exit_layer run on all N tokens' patches, the other depth − exit_layer blocks on the
-    K kept ones (the mergers on K are cheaper than vanilla's on N and not counted).
+    K kept ones (the mergers on K are cheaper than vanilla's on N and not counted); with
+    ``context`` those blocks also project the N − K dropped ones (``CONTEXT_ROW_SHARE``).
     """
     if not 1 <= exit_layer <= depth:
         raise ValueError(f"exit_layer must be in [1, {depth}], got {exit_layer}")
     if not 0 < num_kept <= num_tokens:
         raise ValueError(f"num_kept must be in [1, {num_tokens}], got {num_kept}")
-    return -(-(num_tokens * exit_layer + num_kept * (depth - exit_layer)) // depth)
+    share, whole = CONTEXT_ROW_SHARE
+    later = num_kept * whole + (num_tokens - num_kept) * share * context
+    return -(-(num_tokens * exit_layer * whole + later * (depth - exit_layer)) // (depth * whole))
 
 
 # ---- KV cache ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from civic_vllm.exit_context import BlockParts, DroppedContext, block_with_context, dropped_groups
 from civic_vllm.retention.learned import TokenScorer, keep_logits
 from civic_vllm.retention.plan import (
     GROUP_ROWS,
@@ -194,8 +195,13 @@ def compact_vision(
     scores: list[torch.Tensor | None] = [None] * len(plans)
     image_pixels = seed_pixels.split(patch_counts(grid_thw.tolist()))
     taps: list[torch.Tensor] = []  # merged rows, one per current group
+    context = DroppedContext()
     for block_index, block in enumerate(visual.blocks):
-        hidden = block(hidden, cu_seqlens=cu_seqlens, position_embeddings=(cos, sin))
+        if context:
+            rows = [GROUP_ROWS * g for g in groups]
+            hidden = block_with_context(_hf_block_parts(block), hidden, cos, sin, rows, context)
+        else:
+            hidden = block(hidden, cu_seqlens=cu_seqlens, position_embeddings=(cos, sin))
         if block_index in deepstack_indexes:
             merger = visual.deepstack_merger_list[deepstack_indexes.index(block_index)]
             taps.append(merger(hidden))
@@ -204,8 +210,12 @@ def compact_vision(
             continue
         surviving = [kept[i] if i in selecting else torch.arange(g, device=hidden.device) for i, g in enumerate(groups)]
         starts = torch.tensor([0] + groups[:-1]).cumsum(0).tolist()
+        for i in selecting:
+            if plans[i].exit_context and not plans[i].keeps_all:
+                dropped = _group_rows(dropped_groups(kept[i], groups[i]) + starts[i])
+                context.add(i, hidden[dropped], cos[dropped], sin[dropped])
         group_index = torch.cat([s + start for s, start in zip(surviving, starts)])
-        row_index = (group_index[:, None] * GROUP_ROWS + torch.arange(GROUP_ROWS, device=hidden.device)).flatten()
+        row_index = _group_rows(group_index)
         hidden, cos, sin = hidden[row_index], cos[row_index], sin[row_index]
         if straight_through:
             hidden = hidden * _straight_through_gate(surviving, selecting, scores, plans).to(hidden.dtype)[:, None]
@@ -214,6 +224,27 @@ def compact_vision(
         rows = torch.tensor([GROUP_ROWS * g for g in groups], device=hidden.device)
         cu_seqlens = F.pad(rows.cumsum(0, dtype=torch.int32), (1, 0))
     return visual.merger(hidden), taps, kept, scores
+
+
+def _group_rows(group_index: torch.Tensor) -> torch.Tensor:
+    """Patch-row indices of 2x2 groups (each group's rows are consecutive)."""
+    return (group_index[:, None] * GROUP_ROWS + torch.arange(GROUP_ROWS, device=group_index.device)).flatten()
+
+
+def _hf_block_parts(block) -> BlockParts:
+    """HF's Qwen3-VL vision block as :class:`BlockParts` (Qwen3.5's tower has the same modules)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+    attn = block.attn
+    return BlockParts(
+        norm1=block.norm1,
+        qkv=lambda x: attn.qkv(x).reshape(len(x), 3, attn.num_heads, -1),
+        rotate=lambda t, cos, sin: apply_rotary_pos_emb_vision(t, t, cos, sin)[0],
+        project=attn.proj,
+        norm2=block.norm2,
+        mlp=block.mlp,
+        scale=attn.scaling,
+    )
 
 
 def _straight_through_gate(surviving, selecting, scores, plans) -> torch.Tensor:

@@ -28,7 +28,7 @@ from civic_vllm.settings import KEY_PREFIX, CivicSettings, CivicSettingsError
 
 RECIPE_KEY = "civic"
 SCORER_FILE = "civic/scorer.safetensors"
-_SETTING_KEYS = ("ratio", "policy", "exit_layer")
+_SETTING_KEYS = ("ratio", "policy", "exit_layer", "exit_context")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class CivicRecipe:
     policy: str
     exit_layer: int | None
     scorer: ScorerConfig | None = None
+    exit_context: bool = False
 
     def __post_init__(self) -> None:
         self.settings()  # validates ratio, policy and exit layer like a request would be
@@ -65,7 +66,8 @@ class CivicRecipe:
         try:
             scorer = ScorerConfig(**section["scorer"]) if section.get("scorer") else None
             return cls(ratio=section.get("ratio", 1.0), policy=section.get("policy", "civic"),
-                       exit_layer=section.get("exit_layer"), scorer=scorer)
+                       exit_layer=section.get("exit_layer"), scorer=scorer,
+                       exit_context=section.get("exit_context", False))
         except (TypeError, ValueError) as exc:
             raise CivicSettingsError(f"Invalid CIVIC recipe in the checkpoint's config: {exc}") from None
 

@@ -37,7 +37,8 @@ POLICY_CHOICES: tuple[str, ...] = PolicyName.__args__  # type: ignore[attr-defin
 NUM_KEPT_KEY = "civic_num_kept"  # K of each image
 POLICY_ID_KEY = "civic_policy_id"  # index into POLICY_CHOICES
 EXIT_LAYER_KEY = "civic_exit_layer_of_image"  # not "civic_exit_layer": that is the setting
-PER_IMAGE_KEYS = (NUM_KEPT_KEY, POLICY_ID_KEY, EXIT_LAYER_KEY)
+EXIT_CONTEXT_KEY = "civic_exit_context_of_image"  # 1: the blocks after the exit layer read the dropped groups
+PER_IMAGE_KEYS = (NUM_KEPT_KEY, POLICY_ID_KEY, EXIT_LAYER_KEY, EXIT_CONTEXT_KEY)
 VIDEO_NUM_KEPT_KEY = "civic_video_num_kept"  # K_t, kept tokens in each frame group of a video
 
 
@@ -137,6 +138,18 @@ class CivicSettings(BaseModel):
     """Vision blocks that run on all patches before retention; None: all of them (retention on
     the encoder output). Smaller values let the later blocks run on kept tokens only. The upper
     bound (the vision depth) is checked by the processor, which knows the model."""
+
+    exit_context: bool = False
+    """With ``exit_layer``: the blocks after it also attend to the dropped groups (frozen at the
+    exit layer, keys and values only), which keeps the kept tokens' context; costs their K/V
+    projection per later block. Ignored without an exit layer."""
+
+    @field_validator("exit_context", mode="before")
+    @classmethod
+    def _check_exit_context(cls, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
 
     @field_validator("ratio", mode="before")
     @classmethod

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the recipe's policy (default learned: a scorer as wide as the vision tower)")
     recipe.add_argument("--recipe-exit-layer", type=recipe_exit_layer_arg, default=None,
                         help="the recipe's exit layer: a vision block, or 'none' (default max(1, depth // 4))")
+    recipe.add_argument("--recipe-exit-context", action="store_const", const=True, default=None,
+                        help="the recipe's civic_exit_context: later vision blocks also read the dropped groups")
     recipe.add_argument("--recipe-seed", type=int, default=None, help="seed of the scorer's random weights (0)")
     parser.add_argument("--vision-probe", help=argparse.SUPPRESS)
     return parser

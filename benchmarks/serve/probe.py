@@ -127,7 +127,7 @@ def hf_prompt_inputs(processor: Any, images: list, text: str) -> tuple[Any, Any]
 
 
 def retention_plans(grid_thw: Any, merge: int, ratio: float, exit_layer: int | None, policy: str,
-                    min_tokens: int = 1) -> list:
+                    min_tokens: int = 1, exit_context: bool = False) -> list:
     """One ImageRetention per image of ``grid_thw`` (patches): K = num_retained(N, ratio, min_tokens)."""
     from civic_vllm.retention.plan import ImageRetention
 
@@ -135,7 +135,7 @@ def retention_plans(grid_thw: Any, merge: int, ratio: float, exit_layer: int | N
     for _, h, w in grid_thw.tolist():
         n = (h // merge) * (w // merge)
         plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio, min_tokens),
-                                    policy=policy, exit_layer=exit_layer))
+                                    policy=policy, exit_layer=exit_layer, exit_context=exit_context))
     return plans
 
 
@@ -178,6 +178,8 @@ def vision_probe_main(spec_json: str) -> int:
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
+    from civic_vllm.recipe import read_recipe
+
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[spec["dtype"]]
     settings = spec.get("civic_settings") or {}  # the civic requests' other settings (policy, min_tokens, ...)
     # The checkpoint's own family class (Qwen3-VL, -MoE, Qwen3.5, -MoE): their vision towers differ (DeepStack).
@@ -203,7 +205,8 @@ def vision_probe_main(spec_json: str) -> int:
             policy = recipe_policy or settings.get("policy", "civic")
             scorer = recipe_scorer(spec["model"]) if policy == "learned" else None
             min_tokens = 1 if recipe_policy else settings.get("min_tokens", 1)
-            plans = retention_plans(grid, merge, ratio, exit_layer, policy, min_tokens)
+            context = bool(recipe_policy) and read_recipe(spec["model"]).exit_context  # the default's context
+            plans = retention_plans(grid, merge, ratio, exit_layer, policy, min_tokens, context)
             result[compact_key(ratio, exit_layer, recipe_policy is not None)] = timed(
                 lambda plans=plans, scorer=scorer: hf_compact_prefill(model, inputs, seed_pixels, plans, scorer),
                 spec["reps"])

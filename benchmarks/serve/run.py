@@ -180,13 +180,13 @@ RECIPE_COPY_MARKER = "civic_bench_recipe.json"
 
 
 def _recipe_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k, None) for k in ("recipe_ratio", "recipe_policy", "recipe_exit_layer", "recipe_seed")
-            if getattr(args, k, None) is not None}
+    keys = ("recipe_ratio", "recipe_policy", "recipe_exit_layer", "recipe_exit_context", "recipe_seed")
+    return {k: getattr(args, k, None) for k in keys if getattr(args, k, None) is not None}
 
 
 def bench_recipe(model: Path, args: argparse.Namespace):
     """The recipe ``--recipe-*`` describe for ``model``: ratio 1/3, policy learned, exit layer
-    max(1, depth // 4), a scorer as wide as the vision tower (seeded random weights)."""
+    max(1, depth // 4), a scorer as wide as the vision tower (seeded random weights), no exit context."""
     from civic_vllm.recipe import CivicRecipe
     from civic_vllm.retention.learned import ScorerConfig
 
@@ -199,7 +199,8 @@ def bench_recipe(model: Path, args: argparse.Namespace):
     policy = getattr(args, "recipe_policy", None) or "learned"
     ratio = getattr(args, "recipe_ratio", None) or Fraction(1, 3)
     scorer = ScorerConfig(in_dim=vision["hidden_size"]) if policy == "learned" else None
-    return CivicRecipe(ratio=float(ratio), policy=policy, exit_layer=exit_layer, scorer=scorer)
+    context = bool(getattr(args, "recipe_exit_context", None))
+    return CivicRecipe(ratio=float(ratio), policy=policy, exit_layer=exit_layer, scorer=scorer, exit_context=context)
 
 
 def recipe_checkpoint(model: Path, recipe, seed: int) -> Path:

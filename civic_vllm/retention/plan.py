@@ -23,13 +23,16 @@ class ImageRetention:
 
     ``exit_layer`` is the number of vision blocks that run on all patches before the
     selection (None: after the last block, i.e. retention on the encoder output);
-    the remaining blocks and the mergers then run on the kept patch groups only.
+    the remaining blocks and the mergers then run on the kept patch groups only. With
+    ``exit_context`` those blocks' attention also reads the dropped groups, frozen at the
+    exit layer, as keys and values (civic_vllm.exit_context).
     """
 
     grid_hw: tuple[int, int]  # merged grid (rows, cols)
     num_kept: int
     policy: str
     exit_layer: int | None = None
+    exit_context: bool = False
 
     @property
     def num_tokens(self) -> int:

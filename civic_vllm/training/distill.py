@@ -74,6 +74,7 @@ class DistillRecipe:
     ratios: list[float] = field(default_factory=lambda: [0.5, 1 / 3, 0.25, 0.15])
     policy: str = "civic"
     exit_layer: int | None = None
+    exit_context: bool = False  # the blocks after the exit layer also read the dropped groups
     serve_ratio: float = 1 / 3  # the ratio the exported checkpoint serves by default
     scorer_lr: float = 1e-4  # learned policy: the scorer's learning rate (1e-3 drifted from its prior in probes)
     scorer_weight: float = 1.0  # learned policy: weight of the saliency loss towards the late saliency
@@ -132,7 +133,8 @@ def student_plans(enc: tr.Encoded, merge: int, ratio: float, recipe: DistillReci
             plans.append(ImageRetention(grid_hw=grid, num_kept=grid[0] * grid[1], policy="full"))
             continue
         plans.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio),
-                                    policy=recipe.policy, exit_layer=recipe.exit_layer))
+                                    policy=recipe.policy, exit_layer=recipe.exit_layer,
+                                    exit_context=recipe.exit_context))
     return plans
 
 
@@ -314,7 +316,7 @@ def distill(
     shutil.move(log_path, path / CURVE_FILE)
     if recipe.policy != "downscale" and min(recipe.ratios) < 1:
         served = CivicRecipe(ratio=recipe.serve_ratio, policy=recipe.policy, exit_layer=recipe.exit_layer,
-                             scorer=scorer.config if scorer is not None else None)
+                             exit_context=recipe.exit_context, scorer=scorer.config if scorer is not None else None)
         write_recipe(path, served, scorer)
     (path / STATE_FILE).parent.mkdir(exist_ok=True)
     torch.save(state, path / STATE_FILE)
@@ -426,7 +428,8 @@ def ratio_list(text: str) -> list[float]:
 
 def recipe_from_args(args: argparse.Namespace) -> DistillRecipe:
     """The DistillRecipe that ``civic distill``'s parsed arguments ask for."""
-    return DistillRecipe(ratios=args.ratios, policy=args.policy, exit_layer=args.exit_layer, params=args.params,
+    return DistillRecipe(ratios=args.ratios, policy=args.policy, exit_layer=args.exit_layer,
+                         exit_context=args.exit_context, params=args.params,
                          lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed,
                          serve_ratio=args.serve_ratio, scorer_lr=args.scorer_lr, scorer_weight=args.scorer_weight,
                          scorer_sharpness=args.scorer_sharpness,
@@ -462,6 +465,8 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--policy", default=d.policy, choices=POLICY_CHOICES,
                    help="student's retention (learned: train a scorer; downscale: shrink the image)")
     p.add_argument("--exit-layer", type=int, default=None, help="student's civic_exit_layer")
+    p.add_argument("--exit-context", action="store_true",
+                   help="student's civic_exit_context: the blocks after the exit layer also read the dropped groups")
     p.add_argument("--serve-ratio", type=float, default=d.serve_ratio,
                    help="ratio the exported checkpoint serves by default (its CIVIC recipe)")
     p.add_argument("--scorer-lr", type=float, default=d.scorer_lr, help="learned policy: scorer learning rate")

@@ -61,7 +61,7 @@ from typing import Any
 from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
 
 from civic_vllm.cost import image_encoder_cost
-from civic_vllm.settings import EXIT_LAYER_KEY
+from civic_vllm.settings import EXIT_CONTEXT_KEY, EXIT_LAYER_KEY
 from civic_vllm.vllm_adapter.model_impl import MODEL_IMPL, SUPPORTED_ARCHITECTURES
 
 logger = logging.getLogger("vllm.civic")
@@ -144,7 +144,8 @@ class CivicEncoderCacheManager(EncoderCacheManager):
             exit_layer = self.depth
             if EXIT_LAYER_KEY in data:
                 exit_layer = int(data[EXIT_LAYER_KEY].data)
-            return image_encoder_cost(num_tokens, min(num_kept, num_tokens), exit_layer, self.depth)
+            context = EXIT_CONTEXT_KEY in data and bool(int(data[EXIT_CONTEXT_KEY].data))
+            return image_encoder_cost(num_tokens, min(num_kept, num_tokens), exit_layer, self.depth, context)
         except Exception:
             # No processed data in this process (e.g. --mm-processor-cache-type shm), or data this
             # code does not understand: N is unknown, so the image gets a whole step, the only

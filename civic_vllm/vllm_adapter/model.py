@@ -97,6 +97,7 @@ from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.learned import TokenScorer
 from civic_vllm.retention.plan import ImageRetention, VideoRetention, select_video_tokens
 from civic_vllm.settings import (
+    EXIT_CONTEXT_KEY,
     EXIT_LAYER_KEY,
     NUM_KEPT_KEY,
     POLICY_ID_KEY,
@@ -162,6 +163,7 @@ class CivicQwen3VLMixin:
         num_kept = _per_item_ints(kwargs.pop(NUM_KEPT_KEY, None))
         policy_ids = _per_item_ints(kwargs.pop(POLICY_ID_KEY, None))
         exit_layers = _per_item_ints(kwargs.pop(EXIT_LAYER_KEY, None))
+        exit_contexts = _per_item_ints(kwargs.pop(EXIT_CONTEXT_KEY, None))
         video_num_kept = _per_item_ints(kwargs.pop(VIDEO_NUM_KEPT_KEY, None))
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not inputs:
@@ -169,7 +171,7 @@ class CivicQwen3VLMixin:
         outputs: list[torch.Tensor] = []
         for modality, modality_input in inputs.items():  # vLLM's order of modalities: keep it
             if modality == "image":
-                outputs.extend(self._embed_images(modality_input, num_kept, policy_ids, exit_layers))
+                outputs.extend(self._embed_images(modality_input, num_kept, policy_ids, exit_layers, exit_contexts))
             elif modality == "video":
                 outputs.extend(self._embed_videos(modality_input, video_num_kept))
         return tuple(outputs)
@@ -214,7 +216,7 @@ class CivicQwen3VLMixin:
         starts = torch.arange(plan.num_groups, device=embedding.device) * plan.tokens_per_group
         return (starts[:, None] + per_group[None, :]).flatten()
 
-    def _embed_images(self, image_input, num_kept, policy_ids, exit_layers):
+    def _embed_images(self, image_input, num_kept, policy_ids, exit_layers, exit_contexts):
         """Per-image lists (None when the processor did not add them: keep everything)."""
         grid_thw = image_input["image_grid_thw"].tolist()
         merge = self.visual.spatial_merge_size
@@ -223,9 +225,10 @@ class CivicQwen3VLMixin:
         num_kept = num_kept if num_kept is not None else num_tokens
         policies = [policy_name(i) for i in policy_ids] if policy_ids is not None else ["full"] * len(grids_hw)
         exit_layers = exit_layers if exit_layers is not None else [None] * len(grids_hw)
+        exit_contexts = exit_contexts if exit_contexts is not None else [0] * len(grids_hw)
         retention = [
-            ImageRetention(grid_hw=hw, num_kept=k, policy=p, exit_layer=e)
-            for hw, k, p, e in zip(grids_hw, num_kept, policies, exit_layers)
+            ImageRetention(grid_hw=hw, num_kept=k, policy=p, exit_layer=e, exit_context=bool(c))
+            for hw, k, p, e, c in zip(grids_hw, num_kept, policies, exit_layers, exit_contexts)
         ]
         if image_input["type"] == "image_embeds":
             if any(not plan.keeps_all for plan in retention):

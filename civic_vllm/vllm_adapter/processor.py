@@ -54,6 +54,7 @@ from civic_vllm.budget import frame_groups, num_merged_tokens, num_retained, num
 from civic_vllm.image_cap import EDGES, ImageCap
 from civic_vllm.recipe import CivicRecipe, layered_settings, recipe_of
 from civic_vllm.settings import (
+    EXIT_CONTEXT_KEY,
     EXIT_LAYER_KEY,
     KEY_PREFIX,
     NUM_KEPT_KEY,
@@ -276,6 +277,7 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
             )
             exit_layer = settings.exit_layer or self.info.vision_depth()
             processed[EXIT_LAYER_KEY] = torch.full((len(grids),), exit_layer, dtype=torch.int64)
+            processed[EXIT_CONTEXT_KEY] = torch.full((len(grids),), int(settings.exit_context), dtype=torch.int64)
         if "video_grid_thw" in processed:
             grids = processed["video_grid_thw"].tolist()
             num_kept = [self.info.get_num_kept_video_tokens(grid, settings) for grid in grids]

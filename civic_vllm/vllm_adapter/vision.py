@@ -9,7 +9,10 @@ DeepStack merger on all N merged tokens inside the block loop. CIVIC selects K
 groups per image after its exit layer (by default after the last block), gathers
 their 2x2 patch rows contiguously together with their rotary embeddings and any
 DeepStack taps already taken, runs the remaining blocks on those rows only
-(per-image sequence boundaries recomputed), and the mergers on K rows.
+(per-image sequence boundaries recomputed), and the mergers on K rows. With an image's
+``exit_context`` the later blocks run as ``civic_vllm.exit_context.block_with_context``
+on the stock block's own submodules (norm1, attn.qkv, attn.apply_rotary_emb, attn.proj,
+norm2, mlp): the kept rows also attend to the dropped rows frozen at the exit layer.
 How: the block loop is the stock one; compaction happens between blocks.
 Future: if vLLM grows a hook between vision blocks, this becomes a callback.
 """
@@ -24,6 +27,7 @@ import torch
 import torch.nn as nn
 from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderAttention
 
+from civic_vllm.exit_context import BlockParts, DroppedContext, block_with_context, dropped_groups
 from civic_vllm.kernels import gather_merge_project, gather_rows
 from civic_vllm.retention.learned import TokenScorer
 from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_after_block
@@ -56,22 +60,34 @@ def encode_images_compact(
     groups = [plan.num_tokens for plan in plans]  # merged tokens per image in the current rows
     kept: list[torch.Tensor | None] = [None] * len(plans)
     taps: list[torch.Tensor] = []
+    context = DroppedContext()  # images whose later blocks still read their dropped rows
 
     for block_index, block in enumerate(visual.blocks):
-        hidden = block(
-            hidden.unsqueeze(1),
-            cu_seqlens=sequences["cu_seqlens"],
-            rotary_pos_emb_cos=rotary[0],
-            rotary_pos_emb_sin=rotary[1],
-            max_seqlen=sequences["max_seqlen"],
-            sequence_lengths=sequences["sequence_lengths"],
-        ).squeeze(1)
+        if context:
+            rows = [GROUP_ROWS * g for g in groups]
+            hidden = block_with_context(_block_parts(block), hidden, rotary[0], rotary[1], rows, context)
+        else:
+            hidden = block(
+                hidden.unsqueeze(1),
+                cu_seqlens=sequences["cu_seqlens"],
+                rotary_pos_emb_cos=rotary[0],
+                rotary_pos_emb_sin=rotary[1],
+                max_seqlen=sequences["max_seqlen"],
+                sequence_lengths=sequences["sequence_lengths"],
+            ).squeeze(1)
         if block_index in visual.deepstack_visual_indexes:
             taps.append(hidden)
         selecting = select_after_block(block_index, depth, hidden, groups, seed_pixels, plans, kept, scorer)
         compacting = {i: kept[i] for i in selecting if not plans[i].keeps_all}
         if block_index == depth - 1 or not compacting:
             continue  # after the last block the mergers do the gathering
+        keep_context = {i: dropped_groups(k, groups[i]) for i, k in compacting.items() if plans[i].exit_context}
+        if keep_context:
+            dropped = gather_rows([hidden, *rotary], layout_index(groups, keep_context, only=True),
+                                  rows_per_index=GROUP_ROWS)
+            for i, part in zip(keep_context, zip(*(t.split([GROUP_ROWS * len(d) for d in keep_context.values()])
+                                                  for t in dropped))):
+                context.add(i, *part)
         index = layout_index(groups, compacting)
         hidden, cos, sin, *taps = gather_rows([hidden, *rotary, *taps], index, rows_per_index=GROUP_ROWS)
         rotary = [cos, sin]
@@ -88,15 +104,37 @@ def encode_images_compact(
     return CompactImageEmbeddings(embeddings=list(embeddings), kept_indices=list(kept))
 
 
-def layout_index(groups: Sequence[int], replace: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """Group indices into the current rows: ``replace[i]`` for those images, all groups for the rest."""
+def layout_index(groups: Sequence[int], replace: Mapping[int, torch.Tensor], only: bool = False) -> torch.Tensor:
+    """Group indices into the current rows: ``replace[i]`` for those images, all groups for the
+    rest (none with ``only``)."""
     starts = np.concatenate([[0], np.cumsum(groups)[:-1]]).tolist()
     device = next(iter(replace.values())).device
     parts = [
         (replace[i] if i in replace else torch.arange(count, device=device)) + start
         for i, (count, start) in enumerate(zip(groups, starts))
+        if i in replace or not only
     ]
     return torch.cat(parts)
+
+
+def _block_parts(block: nn.Module) -> BlockParts:
+    """vLLM's Qwen3 vision block as :class:`BlockParts` (this rank's heads; proj all-reduces)."""
+    attn = block.attn
+    heads, head_size = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head
+
+    def qkv(x: torch.Tensor) -> torch.Tensor:
+        out, _ = attn.qkv(x)
+        return out.view(len(x), 3, heads, head_size)
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        out, _ = attn.proj(x)
+        return out
+
+    def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return attn.apply_rotary_emb(t.contiguous(), cos, sin)
+
+    return BlockParts(norm1=block.norm1, qkv=qkv, rotate=rotate, project=project, norm2=block.norm2, mlp=block.mlp,
+                      scale=head_size**-0.5)
 
 
 def sequence_metadata(visual: nn.Module, rows_per_image: Sequence[int]) -> dict[str, torch.Tensor | None]:

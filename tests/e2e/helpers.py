@@ -92,18 +92,19 @@ def chat_text(processor, media: list[dict], question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def image_plans(model, image_grid_thw, ratio, policy, exit_layer=None) -> list[ImageRetention]:
+def image_plans(model, image_grid_thw, ratio, policy, exit_layer=None, exit_context=False) -> list[ImageRetention]:
     """One ``ImageRetention`` per image of an HF batch: K = num_retained(N, ratio) of its merged grid."""
     merge = model.config.vision_config.spatial_merge_size
     plans = []
     for _, h, w in image_grid_thw.tolist():
         grid = (h // merge, w // merge)
         plans.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio), policy=policy,
-                                    exit_layer=exit_layer))
+                                    exit_layer=exit_layer, exit_context=exit_context))
     return plans
 
 
-def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=None, forced=None, best=None):
+def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=None, forced=None, best=None,
+                 exit_context=False):
     """(prompt tokens, greedy tokens, logprobs) of the HF transformers reference of one retention.
 
     ``hf`` is (model, processor) of the served checkpoint; ``scorer`` the checkpoint's trained
@@ -112,7 +113,7 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
     model, processor = hf
     text = chat_text(processor, [{"type": "image"}] * len(images), question)
     inputs = processor(text=[text], images=images, return_tensors="pt")
-    plans = image_plans(model, inputs["image_grid_thw"], ratio, policy, exit_layer)
+    plans = image_plans(model, inputs["image_grid_thw"], ratio, policy, exit_layer, exit_context)
     raw = processor.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
     batch = build_compact_batch(
         model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],

@@ -53,6 +53,22 @@ def test_early_exit_matches_hf_reference(civic_server, hf, ratio, exit_layer):
     assert served.logprobs == pytest.approx(logprobs, abs=2e-3)
 
 
+@pytest.mark.parametrize("exit_layer", [1, 2])
+def test_exit_context_matches_hf_reference(civic_server, hf, exit_layer):
+    """Exit context: the blocks after L attend to the dropped groups too (kept rows as queries)."""
+    images = [make_image(w, h, seed=5 * w + h) for w, h in THREE_IMAGES]
+    question = "What is in the picture?"
+    prompt_len, tokens, logprobs = hf_reference(hf, images, question, 1 / 3, "civic", exit_layer, exit_context=True)
+    served = chat(civic_server, images, question, ratio=1 / 3, exit_layer=exit_layer, exit_context=True,
+                  max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert served.prompt_tokens == prompt_len
+    assert served.token_ids == tokens
+    assert served.logprobs == pytest.approx(logprobs, abs=2e-3)
+    plain = chat(civic_server, images, question, ratio=1 / 3, exit_layer=exit_layer, max_tokens=MAX_TOKENS,
+                 ignore_eos=True)
+    assert plain.logprobs != pytest.approx(served.logprobs, abs=1e-4)  # the context is not silently ignored
+
+
 def test_early_exit_changes_the_encoder_output(civic_server):
     """Guards the test above against an exit layer that is silently ignored."""
     images = [make_image(448, 448, seed=5)]

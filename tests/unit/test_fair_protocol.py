@@ -80,6 +80,11 @@ def test_recipe_match_requires_the_same_recipe_and_budget(tmp_path: Path):
                        ("scorer_lr", 0.0), ("straight_through", True), ("seed", 1)):
         (student / DISTILL_MARKER).write_text(json.dumps({**done, key: value}))
         assert not A.recipe_matches(student, str(teacher), learned, 15.0), key
+    # a record from before a recipe field existed ran with that field's default
+    (student / DISTILL_MARKER).write_text(json.dumps({k: v for k, v in done.items() if k != "exit_context"}))
+    assert A.recipe_matches(student, str(teacher), learned, 15.0)
+    (student / DISTILL_MARKER).write_text(json.dumps({**done, "exit_context": True}))
+    assert not A.recipe_matches(student, str(teacher), learned, 15.0)
     # scorer settings do not matter to a student without a scorer, nor the serve ratio to a full one
     full = by_name["full-same-budget"]
     (student / DISTILL_MARKER).write_text(json.dumps({**done, "policy": "civic", "exit_layer": None, "ratios": [1.0],

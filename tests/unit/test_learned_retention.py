@@ -105,7 +105,12 @@ def test_recipe_round_trip_and_validation(tmp_path: Path):
     recipe = CivicRecipe(ratio=1 / 3, policy="learned", exit_layer=1, scorer=scorer.config)
     write_recipe(tmp_path, recipe, scorer)
     assert read_recipe(tmp_path) == recipe
-    assert recipe.as_mm_kwargs() == {"civic_ratio": 1 / 3, "civic_policy": "learned", "civic_exit_layer": 1}
+    assert recipe.as_mm_kwargs() == {"civic_ratio": 1 / 3, "civic_policy": "learned", "civic_exit_layer": 1,
+                                     "civic_exit_context": False}
+    context = CivicRecipe(ratio=1 / 3, policy="civic", exit_layer=1, exit_context=True)
+    assert recipe_of({"civic": context.to_dict()}) == context and context.settings().exit_context
+    legacy = {"ratio": 0.5, "policy": "civic", "exit_layer": 1, "scorer": None}  # written before exit_context
+    assert recipe_of({"civic": legacy}).exit_context is False
     from civic_vllm.recipe import layered_settings
 
     assert layered_settings(recipe, {"civic_ratio": 0.5}) == {**recipe.as_mm_kwargs(), "civic_ratio": 0.5}

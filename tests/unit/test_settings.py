@@ -66,6 +66,14 @@ def test_invalid_exit_layer(value):
         CivicSettings.from_mm_kwargs({"civic_exit_layer": value})
 
 
+def test_exit_context_is_a_strict_boolean():
+    assert CivicSettings.from_mm_kwargs({}).exit_context is False
+    assert CivicSettings.from_mm_kwargs({"civic_exit_context": True}).exit_context is True
+    for value in ("yes", 1, None):
+        with pytest.raises(CivicSettingsError, match="civic_exit_context must be true or false"):
+            CivicSettings.from_mm_kwargs({"civic_exit_context": value})
+
+
 def test_exit_layer_beyond_the_vision_depth():
     settings = CivicSettings.from_mm_kwargs({"civic_exit_layer": 5})
     settings.check_model(5, has_scorer=False)
