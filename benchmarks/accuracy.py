@@ -14,8 +14,11 @@ from {1/2, 1/3, 1/4, 0.15}, one thread):
                         teacher's late civic saliency), ``civic-exit1`` (training-free civic
                         selection), ``learned-prior-exit1`` (the scorer frozen at its prior: civic
                         saliency at block 1, top-k) and ``learned-st-exit1`` (the scorer trained only
-                        by the answers' loss through a straight-through gate). Validation chooses;
+                        by the answers' loss through a straight-through gate), ``civic-ctx-exit1``
+                        (training-free civic selection with exit context: the blocks after the exit
+                        layer also attend to the dropped groups). Validation chooses;
 * ``pool-exit1``, ``random-exit1``  distilled at the same exit layer, so they cost the same;
+  ``pool-ctx-exit1``, ``random-ctx-exit1`` the same with exit context;
 * ``downscale``         fine-tuned on images shrunk to each ratio's token budget.
 
 1. Students are trained into ``--students`` (two processes side by side) or reused when one with
@@ -93,6 +96,11 @@ CONTENDERS = (
     Contender("civic-ctx-exit1", "civic", ("--policy", "civic", "--exit-layer", "1", "--exit-context"), "default", 1),
     Contender("pool-exit1", "baseline", ("--policy", "pool", "--exit-layer", "1"), "pool", 1),
     Contender("random-exit1", "baseline", ("--policy", "random", "--exit-layer", "1"), "random", 1),
+    # the same exit context as civic-ctx-exit1 (served through their checkpoints' recipes, under the
+    # per-request policy, ratio and exit layer), so the context does not count as the selection's merit
+    Contender("pool-ctx-exit1", "baseline", ("--policy", "pool", "--exit-layer", "1", "--exit-context"), "pool", 1),
+    Contender("random-ctx-exit1", "baseline", ("--policy", "random", "--exit-layer", "1", "--exit-context"), "random",
+              1),
     Contender("downscale", "baseline", ("--policy", "downscale"), "downscale"),
 )
 

@@ -44,18 +44,26 @@ def _vision_block_flops(v: VisionDims, patches: int) -> int:
     return 2 * patches * (4 * hv * hv + 2 * hv * v.intermediate_size) + 4 * patches**2 * hv
 
 
-def vision_flops(v: VisionDims, patches: int, merged_in: int, exit_layer: int | None = None) -> int:
+def vision_flops(v: VisionDims, patches: int, merged_in: int, exit_layer: int | None = None,
+                 context: bool = False) -> int:
     """Vision tower on one image of ``patches`` patches whose mergers run on ``merged_in`` groups.
 
     CIVIC runs every block on all patches and the main + DeepStack mergers on the K kept
-    groups only; with an exit layer L, blocks L.. run on the kept groups' patches only.
+    groups only; with an exit layer L, blocks L.. run on the kept groups' patches only, and with
+    exit ``context`` they also project the dropped patches' keys and values (with the queries:
+    one QKV GEMM) and the kept queries attend to them.
     model_factory.prefill_flops (one image, all N groups, no exit layer) calls this.
     """
     hv, group = v.hidden_size, v.spatial_merge_size**2
     flops = 2 * patches * (3 * v.temporal_patch_size * v.patch_size**2) * hv  # patch embedding
     full_blocks = v.depth if exit_layer is None else exit_layer
+    kept = merged_in * group
     flops += full_blocks * _vision_block_flops(v, patches)
-    flops += (v.depth - full_blocks) * _vision_block_flops(v, merged_in * group)
+    later = _vision_block_flops(v, kept)
+    if context and exit_layer is not None:
+        dropped = patches - kept
+        later += 2 * dropped * 3 * hv * hv + 4 * kept * dropped * hv  # their QKV; kept queries over them
+    flops += (v.depth - full_blocks) * later
     merge_in, mergers = hv * group, 1 + len(v.deepstack_visual_indexes)
     flops += mergers * 2 * merged_in * (merge_in * merge_in + merge_in * v.out_hidden_size)
     return flops

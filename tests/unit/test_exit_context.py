@@ -73,3 +73,16 @@ def test_encoder_cost_counts_the_context_rows():
     assert image_encoder_cost(196, 66, exit_layer=1, depth=4, context=True) == 123
     assert image_encoder_cost(196, 66, exit_layer=1, depth=4) == 99
     assert image_encoder_cost(196, 196, exit_layer=1, depth=4, context=True) == 196  # nothing dropped
+
+
+def test_vision_flops_with_context_lie_between_plain_exit_and_the_full_tower():
+    from civic_vllm.cost import vision_flops
+    from civic_vllm.model_factory import PRESETS
+
+    v = PRESETS["qwen3-vl-2b"].vision
+    patches, kept = 4 * 441, 147
+    full = vision_flops(v, patches, 441)
+    plain = vision_flops(v, patches, kept, exit_layer=6)
+    context = vision_flops(v, patches, kept, exit_layer=6, context=True)
+    assert plain < context < full
+    assert vision_flops(v, patches, 441, exit_layer=6, context=True) == vision_flops(v, patches, 441, exit_layer=6)
