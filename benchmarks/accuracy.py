@@ -128,7 +128,8 @@ def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, 
     """The distill record at ``student`` if it is this contender's recipe from ``teacher`` (any budget)."""
     from dataclasses import asdict
 
-    from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, DistillRecipe, parse_recipe
+    from civic_vllm.cli.distill import parse_recipe
+    from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, DistillRecipe
 
     marker = student / DISTILL_MARKER
     if not marker.is_file():
