@@ -116,7 +116,7 @@ def compute_retention(
     from PIL import Image as PILImage
 
     from civic_vllm.budget import merged_grid, num_merged_tokens, num_retained
-    from civic_vllm.retention.plan import ImageRetention
+    from civic_vllm.retention.selection import ImageRetention
     from civic_vllm.settings import CivicSettings
 
     kwargs: dict[str, Any] = {"civic_ratio": ratio, "civic_policy": policy, "civic_min_tokens": min_tokens}

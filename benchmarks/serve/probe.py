@@ -129,7 +129,7 @@ def hf_prompt_inputs(processor: Any, images: list, text: str) -> tuple[Any, Any]
 def retention_plans(grid_thw: Any, merge: int, ratio: float, exit_layer: int | None, policy: str,
                     min_tokens: int = 1, exit_context: bool = False) -> list:
     """One ImageRetention per image of ``grid_thw`` (patches): K = num_retained(N, ratio, min_tokens)."""
-    from civic_vllm.retention.plan import ImageRetention
+    from civic_vllm.retention.selection import ImageRetention
 
     plans = []
     for _, h, w in grid_thw.tolist():

@@ -56,7 +56,7 @@ from civic_vllm.budget import num_retained
 from civic_vllm.hf_compact import build_compact_batch
 from civic_vllm.recipe import CivicRecipe, write_recipe
 from civic_vllm.retention.learned import ScorerConfig, TokenScorer, prior_score, saliency_loss
-from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention
+from civic_vllm.retention.selection import GROUP_ROWS, ImageRetention
 from civic_vllm.training import loop as loop_mod
 from civic_vllm.training import train as tr
 

@@ -20,7 +20,7 @@ from civic_vllm.cli import plan as plan_cli
 from civic_vllm.client import civic_body, decode_video, image_message
 from civic_vllm.hf_compact import VideoInputs, build_compact_batch, compact_greedy
 from civic_vllm.prometheus import metric_labels, metric_value
-from civic_vllm.retention.plan import ImageRetention, VideoRetention
+from civic_vllm.retention.selection import ImageRetention, VideoRetention
 from civic_vllm.serving import ServerConfig, VllmServer
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
