@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -134,9 +134,8 @@ def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: f
 
 def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, Any] | None:
     """The distill record at ``student`` if it is this contender's recipe from ``teacher`` (any budget)."""
-    from dataclasses import asdict
-
-    from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, DistillRecipe, parse_recipe
+    from civic_vllm.cli.distill import parse_recipe
+    from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, DistillRecipe
 
     marker = student / DISTILL_MARKER
     if not marker.is_file():

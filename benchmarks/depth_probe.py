@@ -12,7 +12,7 @@ about 2.1 B parameters for ``qwen3-vl-2b``):
 * one prefill = vision tower + mergers + LLM forward over the whole prompt, through CIVIC's HF compact
   path (``civic_vllm.hf_compact.build_compact_batch`` + ``compact_logits``, via
   ``benchmarks.serve.hf_compact_prefill``) with the LM head on the last position only, as vLLM does;
-  ``full`` runs the same path with plans that keep every token, so every configuration runs the same
+  ``full`` runs the same path with retentions that keep every token, so every configuration runs the same
   code and only the token counts differ; the HF processor runs before the clock starts;
 * configurations: ``full``, and civic r = RATIO with exit layer none (after the last block) and each of
   ``--exit-layers``, policy ``learned`` with a scorer as wide as the vision tower (seeded random,
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
     from benchmarks.load import synthetic_image
-    from benchmarks.serve import hf_compact_prefill, hf_prompt_inputs, retention_plans
+    from benchmarks.serve import hf_compact_prefill, hf_prompt_inputs, image_retentions
     from civic_vllm.model_factory import make_model, models_root
 
     started = time.monotonic()
@@ -240,23 +240,23 @@ def main(argv: list[str] | None = None) -> int:
         image = synthetic_image((args.size, args.size), seed)
         return hf_prompt_inputs(processor, [image], QUESTION)
 
-    def plans_for(config: dict, grid) -> list:
+    def retentions_for(config: dict, grid) -> list:
         if config["ratio"] is None:  # every token kept: the same code path, nothing dropped
-            return retention_plans(grid, merge, 1.0, None, POLICY)
-        return retention_plans(grid, merge, float(config["ratio"]), config["exit_layer"], POLICY)
+            return image_retentions(grid, merge, 1.0, None, POLICY)
+        return image_retentions(grid, merge, float(config["ratio"]), config["exit_layer"], POLICY)
 
     def prefill(config: dict, inputs, seed_pixels) -> float:
-        plans = plans_for(config, inputs["image_grid_thw"])
+        retentions = retentions_for(config, inputs["image_grid_thw"])
         t = time.perf_counter()
         with torch.inference_mode():
-            hf_compact_prefill(model, inputs, seed_pixels, plans, scorer=scorer, last_token_only=True)
+            hf_compact_prefill(model, inputs, seed_pixels, retentions, scorer=scorer, last_token_only=True)
         return time.perf_counter() - t
 
     # Warm-up: every configuration once, untimed (first-call allocations, lazy initialisation).
     inputs, seed_pixels = inputs_for(args.seed + args.rounds)  # a seed no measured round uses
     prompt_tokens = int(inputs["input_ids"].shape[1])
     grid_thw = inputs["image_grid_thw"][0].tolist()
-    kept = {c["label"]: sum(p.num_kept for p in plans_for(c, inputs["image_grid_thw"])) for c in configs}
+    kept = {c["label"]: sum(p.num_kept for p in retentions_for(c, inputs["image_grid_thw"])) for c in configs}
     warmup = {c["label"]: prefill(c, inputs, seed_pixels) for c in configs}
     log(f"warm-up {', '.join(f'{k} {v:.2f} s' for k, v in warmup.items())}")
 

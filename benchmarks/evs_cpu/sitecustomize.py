@@ -1,4 +1,4 @@
-"""Lets vLLM's EVS video pruning run on its CPU backend (benchmarks/video_serve.py's EVS server only).
+"""Lets vLLM's EVS video pruning run on its CPU backend (the EVS server of benchmarks/video_serve/ only).
 
 vLLM's ``CPUModelRunner.load_model`` replaces ``GPUModelRunner.load_model`` and never sets
 ``is_multimodal_pruning_enabled``, so with ``--video-pruning-rate`` the runner does not strip the

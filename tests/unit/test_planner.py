@@ -23,6 +23,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from civic_vllm import cost, planner
 from civic_vllm import model_factory as mf
 from civic_vllm.budget import num_merged_tokens, num_retained
+from civic_vllm.cli import plan as plan_cli
 from civic_vllm.planner import GiB, PlanError, PlanRequest, model_info, tokens
 
 QUESTION = "What shapes and colours are in this picture?"
@@ -45,7 +46,7 @@ def q8b() -> planner.ModelInfo:
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = planner.main(list(argv))
+    code = plan_cli.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -381,9 +382,9 @@ def test_table(capsys) -> None:
 def test_add_plan_parser_registers_the_subcommand(capsys) -> None:
     parser = argparse.ArgumentParser(prog="civic")
     commands = parser.add_subparsers(dest="command", required=True)
-    planner.add_plan_parser(commands)
+    plan_cli.add_plan_parser(commands)
     args = parser.parse_args(["plan", "--model", "qwen3-vl-2b", "--image", "448x448", "--json"])
-    assert args.handler is planner.run_plan
+    assert args.handler is plan_cli.run_plan
     assert args.handler(args) == 0
     assert json.loads(capsys.readouterr().out)["model"]["preset"] == "qwen3-vl-2b"
     args = parser.parse_args(["plan", "--model", "qwen3-vl-2b", "--image", "448x448", "--ratio", "2"])

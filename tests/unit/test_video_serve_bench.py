@@ -1,4 +1,4 @@
-"""benchmarks/video_serve.py and benchmarks/video_load.py, pure parts: videos, request bodies, token maths,
+"""benchmarks/video_serve/ and benchmarks/video_load.py, pure parts: videos, request bodies, token maths,
 ratios and the acceptance checks on a synthetic state. No server, no timing thresholds."""
 
 from __future__ import annotations
