@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.accuracy import RESULTS, ROOT, Scored, bootstrap_indices, figure, paired, ratio_label
+from benchmarks.accuracy import RESULTS, ROOT, ratio_label
+from benchmarks.bootstrap import Scored, bootstrap_indices, figure, paired
 from benchmarks.harness import evs_cpu_env
 
 DATA_ROOT = ROOT / "benchmarks" / "results" / "tmp" / "civic-shapes-video"  # gitignored

@@ -70,6 +70,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--min-tokens", type=_int_at_least(1), default=1, help="civic_min_tokens (default 1)")
     parser.add_argument("--exit-layer", type=_int_at_least(1), default=None, metavar="L",
                         help="like civic_exit_layer: blocks after the first L run on the kept groups only")
+    parser.add_argument("--exit-context", action="store_true",
+                        help="like civic_exit_context: those blocks also attend to the dropped groups (K/V only)")
     parser.add_argument("--max-tokens", type=_int_at_least(0), default=256, help="output tokens (default 256)")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     parser.add_argument("--gpu-memory", type=_arg(parse_bytes), default=80 * model_info.GiB, metavar="SIZE",
@@ -117,7 +119,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         images=images, videos=list(args.video), video_ratio=args.video_ratio,
         ratios=parse_ratios(args.ratio or ["1/3"]), text_tokens=args.text_tokens,
         question=args.question, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-        exit_layer=args.exit_layer, dtype=args.dtype, kv_dtype=args.kv_dtype, device=args.device,
+        exit_layer=args.exit_layer, exit_context=args.exit_context, dtype=args.dtype, kv_dtype=args.kv_dtype, device=args.device,
         block_size=args.block_size, gpu_memory=args.gpu_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, reserve=args.reserve,
         kv_cache_memory=args.kv_cache_memory, tensor_parallel_size=args.tensor_parallel_size,

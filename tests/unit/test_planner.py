@@ -265,6 +265,14 @@ def test_civic_flops_and_exit_layer(q8b) -> None:
     v = q8b.dims.vision
     skipped = (depth - 8) * (cost._vision_block_flops(v, 7056) - cost._vision_block_flops(v, 4 * 588))
     assert third.vision_flops - early.civic[1].vision_flops == skipped
+    # exit context: the later blocks also project the 7056 - 2352 dropped patches and attend to them
+    context = planner.make_plan(q8b, PlanRequest(**{**req.__dict__, "exit_layer": 8, "exit_context": True}))
+    kept, dropped = 4 * 588, 7056 - 4 * 588
+    extra = (depth - 8) * (2 * dropped * 3 * v.hidden_size**2 + 4 * kept * dropped * v.hidden_size)
+    assert context.civic[1].vision_flops - early.civic[1].vision_flops == extra
+    assert early.civic[1].vision_flops < context.civic[1].vision_flops < third.vision_flops
+    with pytest.raises(planner.PlanError, match="--exit-context needs --exit-layer"):
+        planner.make_plan(q8b, PlanRequest(**{**req.__dict__, "exit_context": True}))
 
 
 # --- model lookup -----------------------------------------------------------------------
