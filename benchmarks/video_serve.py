@@ -24,10 +24,12 @@ and 8. Measuring (:func:`measure`) writes ``state.json`` before any analysis; :f
 the report (ratios civic/vanilla, civic/EVS, EVS/vanilla, subsample/vanilla and the acceptance checks) and
 :func:`write_report` writes the JSON, PNG and markdown (``--from-state`` rebuilds them without measuring).
 
-vLLM's CPU model runner never enables its multimodal-pruning path, so EVS fails on CPU; the EVS server
-runs with ``benchmarks/evs_cpu/sitecustomize.py`` on its PYTHONPATH, which sets the flag the way the GPU
-runner does (see that file). Exit status 0 when the tooling worked (whatever PASS/FAIL says), 1 when it
-could not measure. Timings mean something only on an otherwise idle machine; the load average is recorded.
+vLLM 0.32's EVS fails on its CPU backend (the runner never enables its multimodal-pruning path) and, with
+transformers >= 5.10, on any backend (its M-RoPE recomputation misreads the prompt's outer vision-start marker);
+the EVS server runs with ``benchmarks/evs_cpu/sitecustomize.py`` on its PYTHONPATH, which fixes both (see
+that file). ``--civic-ratio`` fixes civic's ratio (e.g. 1/3 for the issue's KV check on a long video).
+Exit status 0 when the tooling worked (whatever PASS/FAIL says), 1 when it could not measure.
+Timings mean something only on an otherwise idle machine; the load average is recorded.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ from civic_vllm.serving import ServerConfig, ServerError, vllm_executable
 
 MERGED_PX = 32  # one merged token: patch 16 x spatial merge 2
 TEMPORAL_PATCH = 2  # frames per frame group
-TEXT_ALLOWANCE = 64  # prompt tokens besides the video placeholders, for sizing the pool (timestamps, template)
+TEXT_ALLOWANCE = 64  # prompt tokens besides the video placeholders and timestamps, for sizing the pool (template)
+GROUP_TEXT_ALLOWANCE = 10  # per frame group: its timestamp "<15.5 seconds>" (6-8 tokens) + vision start and end
 COUNT_REQUESTS = 2  # token-count requests per contender
 PLACEHOLDER_GOAL = 0.36  # issue 19: video placeholders and KV blocks at r = 1/3 <= 0.36x vanilla
 CIVIC_COUNTERS = ("civic:video_tokens_total", "civic:video_tokens_retained_total", "civic:videos_total")
@@ -108,6 +111,10 @@ class VideoSpec:
     def video_tokens(self, stride: int = 1) -> int:
         """Merged video tokens vanilla Qwen3-VL gives the sent frames (N)."""
         return self.groups(stride) * self.tokens_per_group
+
+    def prompt_bound(self) -> int:
+        """Vanilla's prompt tokens at most (for max_model_len and the pool): video, timestamps, template."""
+        return self.video_tokens() + TEXT_ALLOWANCE + GROUP_TEXT_ALLOWANCE * self.groups()
 
 
 @dataclass(frozen=True)
@@ -315,7 +322,7 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
             log(f"  EVS failed: {state['evs']['error']}; civic's ratio from vLLM's EVS count formula, EVS not timed")
             run.servers.pop("evs").stop()
             evs_count = state["evs"]["kept_by_formula"]
-        ratio = matching_ratio(evs_count, spec.tokens_per_group, spec.groups())
+        ratio = run.args.civic_ratio or matching_ratio(evs_count, spec.tokens_per_group, spec.groups())
         civic = Contender("civic", "civic", ratio=ratio)
         state["counts"] += count_tokens(run, spec, civic, video_token_id)
         if ratio != Fraction(1, 3):  # the issue's placeholder check is at r = 1/3
@@ -615,15 +622,16 @@ def markdown(state: dict, report: dict) -> str:
 
 
 NOTES = [
-    "EVS on CPU: vLLM's CPUModelRunner.load_model never sets is_multimodal_pruning_enabled, so the first EVS "
-    "video request fails with `split_with_sizes expects split_sizes to sum exactly to 4101 (input tensor's size at "
-    "dimension -1), but got split_sizes=[1024, 3072]` (EVS's 5 position channels reach the DeepStack split). The "
-    "EVS server runs with benchmarks/evs_cpu/sitecustomize.py, which sets the flag as GPUModelRunner.load_model does; "
-    "where EVS still fails, the error it logged is under `evs` and the report compares civic with EVS's token count "
-    "from vLLM's own formula only (EVS is then not timed).",
+    "EVS on CPU: the EVS server runs with benchmarks/evs_cpu/sitecustomize.py on its PYTHONPATH, which fixes two "
+    "faults of vLLM 0.32 + transformers 5.19: CPUModelRunner.load_model never sets is_multimodal_pruning_enabled "
+    "(`split_with_sizes expects split_sizes to sum exactly to 4101 ...`), and EVS's M-RoPE recomputation "
+    "(vllm/multimodal/video_prune/evs.py:323) mistakes the outer <|vision_start|> that transformers >= 5.10 keeps "
+    "before a video's first timestamp for the first frame's (`The expanded size of the tensor (0) must match the "
+    "existing size ...`; not CPU specific). Where EVS still fails, the error it logged is under `evs` and the report "
+    "compares civic with EVS's token count from vLLM's own formula only (EVS is then not timed).",
     "EVS keeps max(N_t, int(N (1 - q))) tokens (the first frame group whole) and, unlike civic, keeps Qwen3-VL's "
     "M-RoPE positions of dropped tokens (4x position storage); civic's ratio is chosen from EVS's measured count "
-    "(from vLLM's formula where the EVS server fails).",
+    "(from vLLM's formula where the EVS server fails) unless --civic-ratio fixes it (see `command`).",
     "random-mm writes its videos at 30 fps and Qwen3-VL samples 2 frames a second (at least 4 frames), so its "
     "requests carry fewer video tokens than the locust workload (see input tok/request); the subsample row sends "
     "the bucket's frames / stride.",
@@ -663,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_served_model_args(parser, "bench", "short bounds (also: QUICK=1 in the environment)")
     parser.add_argument("--video", type=parse_video, default=(256, 256, 12), help="WxHxFRAMES (default 256x256x12)")
     parser.add_argument("--pruning-rate", type=Fraction, default=Fraction(2, 3), help="EVS's --video-pruning-rate")
+    parser.add_argument("--civic-ratio", type=Fraction, default=None,
+                        help="civic's civic_video_ratio (default: the largest that keeps no more tokens than EVS)")
     parser.add_argument("--stride", type=int, default=3, help="subsampling baseline: every N-th frame (3)")
     parser.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="locust user counts (default 1,8)")
@@ -672,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-cpus", default="reserved", help="pin locust: 'reserved', 'none' or a list '1'")
     parser.add_argument("--no-random-mm", action="store_true", help="skip vllm bench serve --dataset-name random-mm")
     parser.add_argument("--out", type=Path, default=None, help="JSON path; .png and .md beside it")
+    parser.add_argument("--idle-wait", type=float, default=300.0,
+                        help="seconds to wait for an idle machine first (the load average is recorded either way)")
     parser.add_argument("--from-state", type=Path, default=None, help="rebuild the report from a run's state.json")
     return parser
 
@@ -686,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(state, out_json)
         return 0
     started = time.monotonic()
-    load_start = wait_for_quiet_machine()
+    load_start = wait_for_quiet_machine(args.idle_wait)
     bounds = QUICK if args.quick else FULL
     overrides = {k: v for k, v in {"concurrency": args.concurrency, "duration_s": args.duration,
                                    "probe_rounds": args.probe_rounds}.items() if v is not None}
@@ -699,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     run = VideoRun(args=args, bounds=bounds, model=model, dtype=args.dtype, specs=[spec], configs=[], probe_configs=[],
                    out_json=out_json, out_dir=raw_dir, raw_dir=raw_dir, max_tokens=args.max_tokens,
                    seeds=itertools.count(int(time.time()) % 100000))
-    longest = spec.video_tokens() + TEXT_ALLOWANCE
+    longest = spec.prompt_bound()
     pool = plan_pool(Geometry.from_checkpoint(model, args.dtype), longest, longest, args.max_tokens)
     run.max_model_len, run.pool_bytes = pool["max_model_len"], pool["pool_bytes"]
     log(f"model {model} ({args.dtype}); {'QUICK' if args.quick else 'full'} run; {spec.name}; pool {pool}; "
