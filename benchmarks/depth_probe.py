@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exit-layers", type=exit_layers_arg, default=(6, 12),
                         help="civic exit layers compared next to 'after the last block' (default 6,12; 'none')")
     parser.add_argument("--exit-context", action="store_true",
-                        help="also measure each exit layer with civic_exit_context (later blocks read the dropped groups)")
+                        help="also measure each exit layer with civic_exit_context (later blocks read the "
+                             "dropped groups)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3; CIs need 3 or more)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop after the round in which this many seconds (from the start) have passed")
@@ -165,7 +166,8 @@ def summarise(configs: list[dict], rounds: list[dict]) -> dict[str, dict]:
         speedup = statistics.median(full) / median if times and median else None
         out[config["label"]] = {
             "ratio": None if config["ratio"] is None else str(config["ratio"]), "exit_layer": config["exit_layer"],
-            "exit_context": config["context"], "n": len(times), "median_s": median, "min_s": min(times, default=None), "max_s": max(times, default=None),
+            "exit_context": config["context"], "n": len(times), "median_s": median,
+            "min_s": min(times, default=None), "max_s": max(times, default=None),
             "speedup_vs_full": speedup,
             "speedup_ci95": None if config["label"] == "full" else bootstrap_ratio_ci(full, times),
         }

@@ -18,7 +18,7 @@ from benchmarks.harness import Geometry, add_served_model_args, log
 from benchmarks.serve.cli import wait_for_quiet_machine
 from benchmarks.serve.common import RESULTS, Bounds, relroot
 from benchmarks.serve.run import plan_pool
-from benchmarks.video_serve.common import FULL, MERGED_PX, QUICK, TEMPORAL_PATCH, TEXT_ALLOWANCE, VideoRun, VideoSpec
+from benchmarks.video_serve.common import FULL, MERGED_PX, QUICK, TEMPORAL_PATCH, VideoRun, VideoSpec
 from benchmarks.video_serve.measure import add_whole_run, measure
 from benchmarks.video_serve.report import NOTES, write_report
 from civic_vllm.model_factory import make_model, models_root
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_served_model_args(parser, "bench", "short bounds (also: QUICK=1 in the environment)")
     parser.add_argument("--video", type=parse_video, default=(256, 256, 12), help="WxHxFRAMES (default 256x256x12)")
     parser.add_argument("--pruning-rate", type=Fraction, default=Fraction(2, 3), help="EVS's --video-pruning-rate")
+    parser.add_argument("--civic-ratio", type=Fraction, default=None,
+                        help="civic's civic_video_ratio (default: the largest that keeps no more tokens than EVS)")
     parser.add_argument("--stride", type=int, default=3, help="subsampling baseline: every N-th frame (3)")
     parser.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="locust user counts (default 1,8)")
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-cpus", default="reserved", help="pin locust: 'reserved', 'none' or a list '1'")
     parser.add_argument("--no-random-mm", action="store_true", help="skip vllm bench serve --dataset-name random-mm")
     parser.add_argument("--out", type=Path, default=None, help="JSON path; .png and .md beside it")
+    parser.add_argument("--idle-wait", type=float, default=300.0,
+                        help="seconds to wait for an idle machine first (the load average is recorded either way)")
     parser.add_argument("--from-state", type=Path, default=None, help="rebuild the report from a run's state.json")
     return parser
 
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(state, out_json)
         return 0
     started = time.monotonic()
-    load_start = wait_for_quiet_machine()
+    load_start = wait_for_quiet_machine(args.idle_wait)
     bounds = QUICK if args.quick else FULL
     overrides = {k: v for k, v in {"concurrency": args.concurrency, "duration_s": args.duration,
                                    "probe_rounds": args.probe_rounds}.items() if v is not None}
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     run = VideoRun(args=args, bounds=bounds, model=model, dtype=args.dtype, specs=[spec], configs=[], probe_configs=[],
                    out_json=out_json, out_dir=raw_dir, raw_dir=raw_dir, max_tokens=args.max_tokens,
                    seeds=itertools.count(int(time.time()) % 100000))
-    longest = spec.video_tokens() + TEXT_ALLOWANCE
+    longest = spec.prompt_bound()
     pool = plan_pool(Geometry.from_checkpoint(model, args.dtype), longest, longest, args.max_tokens)
     run.max_model_len, run.pool_bytes = pool["max_model_len"], pool["pool_bytes"]
     log(f"model {model} ({args.dtype}); {'QUICK' if args.quick else 'full'} run; {spec.name}; pool {pool}; "

@@ -13,7 +13,8 @@ from benchmarks.video_load import VideoWorkload
 
 MERGED_PX = 32  # one merged token: patch 16 x spatial merge 2
 TEMPORAL_PATCH = 2  # frames per frame group
-TEXT_ALLOWANCE = 64  # prompt tokens besides the video placeholders, for sizing the pool (timestamps, template)
+TEXT_ALLOWANCE = 64  # prompt tokens besides the video placeholders and timestamps, for sizing the pool (template)
+GROUP_TEXT_ALLOWANCE = 10  # per frame group: its timestamp "<15.5 seconds>" (6-8 tokens) + vision start and end
 COUNT_REQUESTS = 2  # token-count requests per contender
 PLACEHOLDER_GOAL = 0.36  # issue 19: video placeholders and KV blocks at r = 1/3 <= 0.36x vanilla
 CIVIC_COUNTERS = ("civic:video_tokens_total", "civic:video_tokens_retained_total", "civic:videos_total")
@@ -49,6 +50,10 @@ class VideoSpec:
     def video_tokens(self, stride: int = 1) -> int:
         """Merged video tokens vanilla Qwen3-VL gives the sent frames (N)."""
         return self.groups(stride) * self.tokens_per_group
+
+    def prompt_bound(self) -> int:
+        """Vanilla's prompt tokens at most (for max_model_len and the pool): video, timestamps, template."""
+        return self.video_tokens() + TEXT_ALLOWANCE + GROUP_TEXT_ALLOWANCE * self.groups()
 
 
 @dataclass(frozen=True)

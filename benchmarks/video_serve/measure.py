@@ -105,7 +105,7 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
             log(f"  EVS failed: {state['evs']['error']}; civic's ratio from vLLM's EVS count formula, EVS not timed")
             run.servers.pop("evs").stop()
             evs_count = state["evs"]["kept_by_formula"]
-        ratio = matching_ratio(evs_count, spec.tokens_per_group, spec.groups())
+        ratio = run.args.civic_ratio or matching_ratio(evs_count, spec.tokens_per_group, spec.groups())
         civic = Contender("civic", "civic", ratio=ratio)
         state["counts"] += count_tokens(run, spec, civic, video_token_id)
         if ratio != Fraction(1, 3):  # the placeholder check is at r = 1/3

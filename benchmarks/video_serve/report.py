@@ -125,15 +125,16 @@ def markdown(state: dict, report: dict) -> str:
 
 
 NOTES = [
-    "EVS on CPU: vLLM's CPUModelRunner.load_model never sets is_multimodal_pruning_enabled, so the first EVS "
-    "video request fails with `split_with_sizes expects split_sizes to sum exactly to 4101 (input tensor's size at "
-    "dimension -1), but got split_sizes=[1024, 3072]` (EVS's 5 position channels reach the DeepStack split). The "
-    "EVS server runs with benchmarks/evs_cpu/sitecustomize.py, which sets the flag as GPUModelRunner.load_model does; "
-    "where EVS still fails, the error it logged is under `evs` and the report compares civic with EVS's token count "
-    "from vLLM's own formula only (EVS is then not timed).",
+    "EVS on CPU: the EVS server runs with benchmarks/evs_cpu/sitecustomize.py on its PYTHONPATH, which fixes two "
+    "faults of vLLM 0.32 + transformers 5.19: CPUModelRunner.load_model never sets is_multimodal_pruning_enabled "
+    "(`split_with_sizes expects split_sizes to sum exactly to 4101 ...`), and EVS's M-RoPE recomputation "
+    "(vllm/multimodal/video_prune/evs.py:323) mistakes the outer <|vision_start|> that transformers >= 5.10 keeps "
+    "before a video's first timestamp for the first frame's (`The expanded size of the tensor (0) must match the "
+    "existing size ...`; not CPU specific). Where EVS still fails, the error it logged is under `evs` and the report "
+    "compares civic with EVS's token count from vLLM's own formula only (EVS is then not timed).",
     "EVS keeps max(N_t, int(N (1 - q))) tokens (the first frame group whole) and, unlike civic, keeps Qwen3-VL's "
     "M-RoPE positions of dropped tokens (4x position storage); civic's ratio is chosen from EVS's measured count "
-    "(from vLLM's formula where the EVS server fails).",
+    "(from vLLM's formula where the EVS server fails) unless --civic-ratio fixes it (see `command`).",
     "random-mm writes its videos at 30 fps and Qwen3-VL samples 2 frames a second (at least 4 frames), so its "
     "requests carry fewer video tokens than the locust workload (see input tok/request); the subsample row sends "
     "the bucket's frames / stride.",
