@@ -91,6 +91,6 @@ bench-video: install
 	QUICK="$(QUICK)" $(PY) -m benchmarks.video_serve $(VIDEO_ARGS)
 
 # Rewrites every generated table in README.md and docs/*.md from benchmarks/results/*.json (the prose
-# around them stays). tests/unit/test_docs.py fails when they drift; `python tools/docs_gen.py --check`.
+# around them stays). tests/unit/test_docs.py fails when they drift; `python -m tools.docs_gen --check`.
 docs:
-	$(GPU_PYTHON) tools/docs_gen.py
+	$(GPU_PYTHON) -m tools.docs_gen

@@ -47,12 +47,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.bootstrap import BOOTSTRAP, Scored, bootstrap_indices, figure, paired
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -65,7 +67,6 @@ KEEP_FRACTION = 0.99
 MARGIN = 0.05
 METRICS = ("overall", "small", "ground")
 MARGIN_METRICS = ("overall", "small")
-BOOTSTRAP = 2000
 # The recipe every contender shares; each adds its own retention arguments.
 COMMON_DISTILL = ("--params", "all", "--lr", "5e-5", "--ce-weight", "0.5", "--threads", "1")
 
@@ -134,9 +135,8 @@ def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: f
 
 def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, Any] | None:
     """The distill record at ``student`` if it is this contender's recipe from ``teacher`` (any budget)."""
-    from dataclasses import asdict
-
-    from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, DistillRecipe, parse_recipe
+    from civic_vllm.cli.distill import parse_recipe
+    from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, DistillRecipe
 
     marker = student / DISTILL_MARKER
     if not marker.is_file():
@@ -190,53 +190,8 @@ def ensure_students(students: Path, teacher: str, minutes: float, contenders: Se
 
 
 # --------------------------------------------------------------------------------------
-# Scoring with intervals
+# Goal checks and the validation choice (intervals: benchmarks.bootstrap)
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Scored:
-    """Per-question correctness of one model on one split, with what each metric counts."""
-
-    correct: np.ndarray  # [n] bool
-    masks: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> [n] bool (which questions count)
-
-    @classmethod
-    def from_predictions(cls, samples, predictions) -> Scored:
-        correct = np.array([p["correct"] for p in predictions], dtype=bool)
-        masks = {"overall": np.ones(len(samples), dtype=bool),
-                 "small": np.array([s.size_split == "small" for s in samples]),
-                 "ground": np.array([s.record["task"] == "ground" for s in samples])}
-        return cls(correct, masks)
-
-    def value(self, metric: str) -> float:
-        return float(self.correct[self.masks[metric]].mean())
-
-
-def bootstrap_indices(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
-
-
-def _resampled(scored: Scored, metric: str, idx: np.ndarray) -> np.ndarray:
-    mask = scored.masks[metric][idx]
-    return (scored.correct[idx] & mask).sum(1) / np.maximum(mask.sum(1), 1)
-
-
-def interval(values: np.ndarray) -> list[float]:
-    return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]
-
-
-def figure(scored: Scored, metric: str, idx: np.ndarray) -> dict[str, Any]:
-    return {"value": round(scored.value(metric), 4), "ci95": interval(_resampled(scored, metric, idx)),
-            "n": int(scored.masks[metric].sum())}
-
-
-def paired(a: Scored, b: Scored, metric: str, idx: np.ndarray) -> dict[str, Any]:
-    """a / b and a - b with paired 95% intervals (the same resampled questions for both)."""
-    ra, rb = _resampled(a, metric, idx), _resampled(b, metric, idx)
-    va, vb = a.value(metric), b.value(metric)
-    return {"share": round(va / vb, 4) if vb else None, "share_ci95": interval(ra / np.maximum(rb, 1e-9)),
-            "difference": round(va - vb, 4), "difference_ci95": interval(ra - rb)}
 
 
 def checks(civic: Scored, reference: Scored, baselines: dict[str, Scored], idx: np.ndarray) -> list[dict[str, Any]]:

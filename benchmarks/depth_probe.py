@@ -12,7 +12,7 @@ about 2.1 B parameters for ``qwen3-vl-2b``):
 * one prefill = vision tower + mergers + LLM forward over the whole prompt, through CIVIC's HF compact
   path (``civic_vllm.hf_compact.build_compact_batch`` + ``compact_logits``, via
   ``benchmarks.serve.hf_compact_prefill``) with the LM head on the last position only, as vLLM does;
-  ``full`` runs the same path with plans that keep every token, so every configuration runs the same
+  ``full`` runs the same path with retentions that keep every token, so every configuration runs the same
   code and only the token counts differ; the HF processor runs before the clock starts;
 * configurations: ``full``, and civic r = RATIO with exit layer none (after the last block) and each of
   ``--exit-layers``, policy ``learned`` with a scorer as wide as the vision tower (seeded random,
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratio", type=Fraction, default=Fraction(1, 3), help="CIVIC ratio (default 1/3)")
     parser.add_argument("--exit-layers", type=exit_layers_arg, default=(6, 12),
                         help="civic exit layers compared next to 'after the last block' (default 6,12; 'none')")
+    parser.add_argument("--exit-context", action="store_true",
+                        help="also measure each exit layer with civic_exit_context (later blocks read the "
+                             "dropped groups)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3; CIs need 3 or more)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop after the round in which this many seconds (from the start) have passed")
@@ -80,14 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configurations(ratio: Fraction, exit_layers: tuple[int, ...], depth: int) -> list[dict]:
-    """``full`` then civic at ``ratio`` after the last block and at each exit layer below the depth."""
-    configs = [{"label": "full", "ratio": None, "exit_layer": None}]
-    configs.append({"label": f"civic r={ratio} exit none", "ratio": ratio, "exit_layer": None})
+def configurations(ratio: Fraction, exit_layers: tuple[int, ...], depth: int, context: bool = False) -> list[dict]:
+    """``full`` then civic at ``ratio`` after the last block and at each exit layer below the depth
+    (with ``context``, each exit layer also with civic_exit_context)."""
+    configs = [{"label": "full", "ratio": None, "exit_layer": None, "context": False}]
+    configs.append({"label": f"civic r={ratio} exit none", "ratio": ratio, "exit_layer": None, "context": False})
     for layer in dict.fromkeys(exit_layers):
         if layer > depth:
             raise SystemExit(f"depth_probe: exit layer {layer} exceeds the vision depth {depth}")
-        configs.append({"label": f"civic r={ratio} exit {layer}", "ratio": ratio, "exit_layer": layer})
+        configs.append({"label": f"civic r={ratio} exit {layer}", "ratio": ratio, "exit_layer": layer,
+                        "context": False})
+        if context:
+            configs.append({"label": f"civic r={ratio} exit {layer} + context", "ratio": ratio, "exit_layer": layer,
+                            "context": True})
     return configs
 
 
@@ -103,13 +111,13 @@ def random_scorer(vision_hidden: int, seed: int):
         return load_scorer(tmp, recipe), recipe.scorer.to_dict()
 
 
-def planner_limits(model_dir: Path, size: int, ratio: Fraction, exit_layer: int | None) -> dict:
-    """``civic plan``'s analytic prefill FLOPs for this model, image, question and exit layer."""
+def planner_limits(model_dir: Path, size: int, ratio: Fraction, exit_layer: int | None, context: bool = False) -> dict:
+    """``civic plan``'s analytic prefill FLOPs for this model, image, question, exit layer and context."""
     from civic_vllm.planner import PlanRequest, load_model, make_plan
 
     plan = make_plan(load_model(str(model_dir)),
                      PlanRequest(images=[(size, size)], ratios=[(str(ratio), float(ratio))], question=QUESTION,
-                                 exit_layer=exit_layer, max_tokens=1, device="cpu"))
+                                 exit_layer=exit_layer, exit_context=context, max_tokens=1, device="cpu"))
     full, civic = plan.vanilla, plan.civic[0]
     return {
         "full": {"vision_flops": full.vision_flops, "llm_flops": full.llm_flops, "prefill_flops": full.prefill_flops,
@@ -158,7 +166,8 @@ def summarise(configs: list[dict], rounds: list[dict]) -> dict[str, dict]:
         speedup = statistics.median(full) / median if times and median else None
         out[config["label"]] = {
             "ratio": None if config["ratio"] is None else str(config["ratio"]), "exit_layer": config["exit_layer"],
-            "n": len(times), "median_s": median, "min_s": min(times, default=None), "max_s": max(times, default=None),
+            "exit_context": config["context"], "n": len(times), "median_s": median,
+            "min_s": min(times, default=None), "max_s": max(times, default=None),
             "speedup_vs_full": speedup,
             "speedup_ci95": None if config["label"] == "full" else bootstrap_ratio_ci(full, times),
         }
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
     from benchmarks.load import synthetic_image
-    from benchmarks.serve import hf_compact_prefill, hf_prompt_inputs, retention_plans
+    from benchmarks.serve import hf_compact_prefill, hf_prompt_inputs, image_retentions
     from civic_vllm.model_factory import make_model, models_root
 
     started = time.monotonic()
@@ -229,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     processor = AutoProcessor.from_pretrained(str(model_dir))
     vision = model.config.vision_config
     depth, merge = vision.depth, vision.spatial_merge_size
-    configs = configurations(args.ratio, args.exit_layers, depth)
+    configs = configurations(args.ratio, args.exit_layers, depth, args.exit_context)
     scorer, scorer_shape = random_scorer(vision.hidden_size, SCORER_SEED)
-    limits = {c["label"]: planner_limits(model_dir, args.size, args.ratio, c["exit_layer"])
+    limits = {c["label"]: planner_limits(model_dir, args.size, args.ratio, c["exit_layer"], c["context"])
               for c in configs if c["ratio"] is not None}
     params = sum(p.numel() for p in model.parameters())
     log(f"{params / 1e9:.2f} B parameters, vision depth {depth}; configurations {[c['label'] for c in configs]}")
@@ -240,23 +249,24 @@ def main(argv: list[str] | None = None) -> int:
         image = synthetic_image((args.size, args.size), seed)
         return hf_prompt_inputs(processor, [image], QUESTION)
 
-    def plans_for(config: dict, grid) -> list:
+    def retentions_for(config: dict, grid) -> list:
         if config["ratio"] is None:  # every token kept: the same code path, nothing dropped
-            return retention_plans(grid, merge, 1.0, None, POLICY)
-        return retention_plans(grid, merge, float(config["ratio"]), config["exit_layer"], POLICY)
+            return image_retentions(grid, merge, 1.0, None, POLICY)
+        return image_retentions(grid, merge, float(config["ratio"]), config["exit_layer"], POLICY,
+                                exit_context=config["context"])
 
     def prefill(config: dict, inputs, seed_pixels) -> float:
-        plans = plans_for(config, inputs["image_grid_thw"])
+        retentions = retentions_for(config, inputs["image_grid_thw"])
         t = time.perf_counter()
         with torch.inference_mode():
-            hf_compact_prefill(model, inputs, seed_pixels, plans, scorer=scorer, last_token_only=True)
+            hf_compact_prefill(model, inputs, seed_pixels, retentions, scorer=scorer, last_token_only=True)
         return time.perf_counter() - t
 
     # Warm-up: every configuration once, untimed (first-call allocations, lazy initialisation).
     inputs, seed_pixels = inputs_for(args.seed + args.rounds)  # a seed no measured round uses
     prompt_tokens = int(inputs["input_ids"].shape[1])
     grid_thw = inputs["image_grid_thw"][0].tolist()
-    kept = {c["label"]: sum(p.num_kept for p in plans_for(c, inputs["image_grid_thw"])) for c in configs}
+    kept = {c["label"]: sum(p.num_kept for p in retentions_for(c, inputs["image_grid_thw"])) for c in configs}
     warmup = {c["label"]: prefill(c, inputs, seed_pixels) for c in configs}
     log(f"warm-up {', '.join(f'{k} {v:.2f} s' for k, v in warmup.items())}")
 

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from benchmarks.accuracy import DATA_ROOT, DATA_SEED, RESULTS, install_student, ratio_label
-from civic_vllm.training.distill import CURVE_FILE, DISTILL_MARKER, DistillRecipe, ratio_list
+from civic_vllm.cli.common import ratio_list
+from civic_vllm.training.distill import CURVE_FILE, DISTILL_MARKER, DistillRecipe
 
 CHOICES = ("merger", "vision", "all")
 RATIOS = (1 / 3, 0.15)

@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.accuracy import RESULTS, ROOT, Scored, bootstrap_indices, figure, paired, ratio_label
+from benchmarks.accuracy import RESULTS, ROOT, ratio_label
+from benchmarks.bootstrap import Scored, bootstrap_indices, figure, paired
 from benchmarks.harness import evs_cpu_env
 
 DATA_ROOT = ROOT / "benchmarks" / "results" / "tmp" / "civic-shapes-video"  # gitignored
@@ -225,12 +226,13 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from civic_vllm.evaluation import _ratio, load_samples
+    from civic_vllm.cli.common import one_ratio
+    from civic_vllm.evaluation import load_samples
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.video_accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--n-test", type=int, default=640, help="test videos (default 640, 160 per task)")
-    parser.add_argument("--ratio", type=_ratio, default=1 / 3, help="kept fraction of video tokens (default 1/3)")
+    parser.add_argument("--ratio", type=one_ratio, default=1 / 3, help="kept fraction of video tokens (default 1/3)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "video_accuracy.json"))
     parser.add_argument("--no-cpu-evs-fix", action="store_true",

@@ -1,7 +1,7 @@
 """The video serving benchmark's workload: fresh random videos, frame subsampling, request bodies.
 
 Shared by the video locustfile (``benchmarks/locust/video_locustfile.py``) and the driver
-(``benchmarks/video_serve.py``: warm-up, token counts and the paired TTFT probe), so both send exactly the
+(``benchmarks/video_serve/``: warm-up, token counts and the paired TTFT probe), so both send exactly the
 same requests. Nothing here imports locust or gevent.
 
 Every request carries a video generated for it alone (seeded by the run seed and the request number):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from civic_vllm.exit_context import BlockParts, DroppedContext, block_with_context, dropped_groups
 from civic_vllm.retention.learned import TokenScorer, keep_logits
-from civic_vllm.retention.plan import (
+from civic_vllm.retention.selection import (
     GROUP_ROWS,
     ImageRetention,
     VideoRetention,

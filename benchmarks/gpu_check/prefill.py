@@ -80,23 +80,23 @@ def part_prefill(device, budget: Budget, args) -> dict:
                                                      depth_probe.QUESTION)
         return inputs.to(device), seed_pixels
 
-    def plans_for(config_: dict, grid) -> list:
+    def retentions_for(config_: dict, grid) -> list:
         ratio = 1.0 if config_["ratio"] is None else float(config_["ratio"])
-        return serve.retention_plans(grid, merge, ratio, config_["exit_layer"], policy)
+        return serve.image_retentions(grid, merge, ratio, config_["exit_layer"], policy)
 
     def prefill(config_: dict, inputs, seed_pixels) -> float:
-        plans = plans_for(config_, inputs["image_grid_thw"].cpu())
+        retentions = retentions_for(config_, inputs["image_grid_thw"].cpu())
 
         def once():
             # factory calls inside hf_compact (torch.arange, torch.tensor) land on the model's device
             with torch.inference_mode(), torch.device(device):
-                serve.hf_compact_prefill(model, inputs, seed_pixels, plans, scorer=scorer, last_token_only=True)
+                serve.hf_compact_prefill(model, inputs, seed_pixels, retentions, scorer=scorer, last_token_only=True)
 
         return time_one(once)
 
     inputs, seed_pixels = inputs_for(args.seed + rounds)  # warm-up image: a seed no round uses
     grid = inputs["image_grid_thw"].cpu()
-    kept = {c["label"]: sum(p.num_kept for p in plans_for(c, grid)) for c in configs}
+    kept = {c["label"]: sum(p.num_kept for p in retentions_for(c, grid)) for c in configs}
     t = time.monotonic()
     warmup = {c["label"]: prefill(c, inputs, seed_pixels) for c in configs}
     round_estimate = time.monotonic() - t

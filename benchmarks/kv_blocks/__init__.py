@@ -22,6 +22,6 @@ The package: common (bounds, workloads), inputs, measure (one server), report an
 
 from __future__ import annotations
 
-from benchmarks.kv_blocks.cli import build_plan, main
+from benchmarks.kv_blocks.cli import build_setup, main
 
-__all__ = ["build_plan", "main"]
+__all__ = ["build_setup", "main"]

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.kv_blocks``: plan the pool, run vanilla and civic, write JSON and PNG."""
+"""``python -m benchmarks.kv_blocks``: size the pool, run vanilla and civic, write JSON and PNG."""
 
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ from benchmarks.kv_blocks.common import (
     VANILLA_REQUESTS_IN_POOL,
 )
 from benchmarks.kv_blocks.inputs import make_workloads, template_tokens
-from benchmarks.kv_blocks.measure import Plan, run_server
+from benchmarks.kv_blocks.measure import Setup, run_server
 from benchmarks.kv_blocks.report import acceptance, add_ratios, plot, print_acceptance, print_table
 from civic_vllm.cost import kv_blocks
 from civic_vllm.model_factory import make_model, models_root
 
 
-def build_plan(args: argparse.Namespace) -> Plan:
+def build_setup(args: argparse.Namespace) -> Setup:
     from transformers import AutoTokenizer
 
     model = Path(args.model).resolve() if args.model else make_model(args.preset, models_root() / args.preset)
@@ -46,26 +46,26 @@ def build_plan(args: argparse.Namespace) -> Plan:
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     workloads = make_workloads(tokenizer)
     text_tokens = {w.name: template_tokens(tokenizer, w.text) for w in workloads}
-    plan = Plan(
+    setup = Setup(
         model=model, dtype=args.dtype, geometry=geometry, workloads=workloads,
         ratios=RATIOS_QUICK if args.quick else RATIOS_FULL, text_tokens=text_tokens,
         max_model_len=0, max_num_batched_tokens=0, pool_bytes=0, hold_tokens={},
         bounds=QUICK if args.quick else FULL,
     )
-    longest = max(plan.expected_prompt(w, None) for w in workloads)
+    longest = max(setup.expected_prompt(w, None) for w in workloads)
     # Just above the longest prompt + output (a multiple of 256), so the pool (which must hold one
     # max_model_len request) can be small enough that vanilla holds only a few requests.
-    plan.max_model_len = 256 * math.ceil((longest + PROBE_TOKENS + 64) / 256)
-    plan.max_num_batched_tokens = plan.max_model_len  # whole prompts per step: admission = all blocks
+    setup.max_model_len = 256 * math.ceil((longest + PROBE_TOKENS + 64) / 256)
+    setup.max_num_batched_tokens = setup.max_model_len  # whole prompts per step: admission = all blocks
     image = next(w for w in workloads if w.name == "image-dominated")
-    vanilla_blocks = kv_blocks(plan.expected_prompt(image, None) + PROBE_TOKENS, CPU_BLOCK_SIZE)
-    usable = max(VANILLA_REQUESTS_IN_POOL * vanilla_blocks, math.ceil(plan.max_model_len / CPU_BLOCK_SIZE))
-    plan.pool_bytes = (usable + 1) * geometry.block_bytes(CPU_BLOCK_SIZE)  # +1: vLLM's null block
+    vanilla_blocks = kv_blocks(setup.expected_prompt(image, None) + PROBE_TOKENS, CPU_BLOCK_SIZE)
+    usable = max(VANILLA_REQUESTS_IN_POOL * vanilla_blocks, math.ceil(setup.max_model_len / CPU_BLOCK_SIZE))
+    setup.pool_bytes = (usable + 1) * geometry.block_bytes(CPU_BLOCK_SIZE)  # +1: vLLM's null block
     # Residency requests decode long enough to overlap, within max_model_len for every config.
-    plan.hold_tokens = {
-        w.name: min(plan.bounds.hold_cap, plan.max_model_len - plan.expected_prompt(w, None) - 8) for w in workloads
+    setup.hold_tokens = {
+        w.name: min(setup.bounds.hold_cap, setup.max_model_len - setup.expected_prompt(w, None) - 8) for w in workloads
     }
-    return plan
+    return setup
 
 
 
@@ -79,18 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.monotonic()
-    plan = build_plan(args)
-    log(f"model {plan.model} ({args.preset if not args.model else 'custom'}), {args.dtype}; pool "
-        f"{plan.pool_bytes} bytes, max_model_len {plan.max_model_len}, text tokens {plan.text_tokens}")
-    total = 2 + 2 * len(plan.workloads) * (1 + len(plan.ratios))
+    setup = build_setup(args)
+    log(f"model {setup.model} ({args.preset if not args.model else 'custom'}), {args.dtype}; pool "
+        f"{setup.pool_bytes} bytes, max_model_len {setup.max_model_len}, text tokens {setup.text_tokens}")
+    total = 2 + 2 * len(setup.workloads) * (1 + len(setup.ratios))
     step = (f"[{i}/{total}]" for i in range(1, total + 1))
-    run_server(plan, civic=False, step=step)  # one server at a time: vanilla, then civic
-    run_server(plan, civic=True, step=step)
+    run_server(setup, civic=False, step=step)  # one server at a time: vanilla, then civic
+    run_server(setup, civic=True, step=step)
 
-    ratios = add_ratios(plan.results)
-    acc = acceptance(plan.results)
-    pool = plan.servers["civic"]["pool"]
-    if pool["num_blocks"] != plan.servers["vanilla"]["pool"]["num_blocks"]:
+    ratios = add_ratios(setup.results)
+    acc = acceptance(setup.results)
+    pool = setup.servers["civic"]["pool"]
+    if pool["num_blocks"] != setup.servers["vanilla"]["pool"]["num_blocks"]:
         raise BenchError("vanilla and civic servers got different KV pools")
     report = {
         "benchmark": "kv_blocks",
@@ -99,16 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": None,
         **environment_info(),
         "model": {
-            "preset": None if args.model else args.preset, "path": str(plan.model), "dtype": plan.dtype,
-            "geometry": asdict(plan.geometry),
-            "kv_bytes_per_block": plan.geometry.block_bytes(pool["block_size"]),
+            "preset": None if args.model else args.preset, "path": str(setup.model), "dtype": setup.dtype,
+            "geometry": asdict(setup.geometry),
+            "kv_bytes_per_block": setup.geometry.block_bytes(pool["block_size"]),
         },
-        "pool": {"bytes": plan.pool_bytes, **{k: v for k, v in pool.items() if k != "cache_config_info"},
+        "pool": {"bytes": setup.pool_bytes, **{k: v for k, v in pool.items() if k != "cache_config_info"},
                  "sized_for_vanilla_image_requests": VANILLA_REQUESTS_IN_POOL},
         "server": {
-            "max_model_len": plan.max_model_len, "max_num_batched_tokens": plan.max_num_batched_tokens,
+            "max_model_len": setup.max_model_len, "max_num_batched_tokens": setup.max_num_batched_tokens,
             "prefix_caching": False, "watermark": "vLLM default (0)",
-            "cache_config_info": pool["cache_config_info"], "runs": plan.servers,
+            "cache_config_info": pool["cache_config_info"], "runs": setup.servers,
         },
         "method": {
             "blocks_per_request": f"one streaming request (ignore_eos) held in decode; {M_USAGE} x usable "
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{PROBE_TOKENS} tokens (same_blocks_token_window)",
             "resident_requests": f"one non-streaming chat request with n sequences (ignore_eos, prefix caching "
                                  f"off, so no block is shared) queues them all at once; peak {M_RUNNING} "
-                                 f"while {M_WAITING} > 0, sampled every {plan.bounds.poll_s}s until it has "
-                                 f"not grown for {plan.bounds.settle_s}s; the max over "
-                                 f"{plan.bounds.residency_runs} run(s)",
+                                 f"while {M_WAITING} > 0, sampled every {setup.bounds.poll_s}s until it has "
+                                 f"not grown for {setup.bounds.settle_s}s; the max over "
+                                 f"{setup.bounds.residency_runs} run(s)",
             "analytic": "blocks = ceil((prompt + output) / block_size) with output = "
                         f"{PROBE_TOKENS}; resident = floor(usable_blocks / blocks); "
                         "resident_at_admission = floor(usable_blocks / ceil(prompt / block_size)), "
@@ -139,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             "residents is taken at admission, so when prompt and prompt+output fall in different "
             "block counts it can reach resident_requests_expected_at_admission for a few steps.",
         ],
-        "bounds": asdict(plan.bounds),
-        "workloads": [{**asdict(w), "text_tokens_in_prompt": plan.text_tokens[w.name],
-                       "visual_tokens_N": plan.geometry.visual_tokens(w.side),
-                       "hold_max_tokens": plan.hold_tokens[w.name]} for w in plan.workloads],
-        "measurements": plan.results,
+        "bounds": asdict(setup.bounds),
+        "workloads": [{**asdict(w), "text_tokens_in_prompt": setup.text_tokens[w.name],
+                       "visual_tokens_N": setup.geometry.visual_tokens(w.side),
+                       "hold_max_tokens": setup.hold_tokens[w.name]} for w in setup.workloads],
+        "measurements": setup.results,
         "ratios_vs_vanilla": ratios,
         "acceptance": acc,
     }
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     png = args.out.with_suffix(".png")
-    plot(plan.results, png, pool)
+    plot(setup.results, png, pool)
     print()
-    print_table(plan.results)
+    print_table(setup.results)
     print_acceptance(acc)
     log(f"wrote {args.out} and {png} in {report['duration_s']:.0f}s")
     return 0

@@ -216,8 +216,8 @@ async def measure_residency(server: VllmServer, body: dict, fired: int, bounds: 
 
 
 @dataclass
-class Plan:
-    """Everything fixed before any server starts, so vanilla and civic see the same setup."""
+class Setup:
+    """The setup: everything fixed before any server starts, so vanilla and civic see the same one."""
 
     model: Path
     dtype: str
@@ -265,44 +265,44 @@ def resident_at_admission(prompt: int, block_size: int, usable_blocks: int) -> i
     return usable_blocks // kv_blocks(prompt, block_size)
 
 
-def run_server(plan: Plan, civic: bool, step: Iterator[str]) -> None:
+def run_server(setup: Setup, civic: bool, step: Iterator[str]) -> None:
     """Start one server, measure all its configurations, stop it."""
     kind = "civic" if civic else "vanilla"
-    config = plan.server_config(civic)
+    config = setup.server_config(civic)
     log(f"{next(step)} starting {kind} server: {' '.join(config.command()[1:])}")
     t0 = time.monotonic()
-    with VllmServer(config, startup_timeout=plan.bounds.startup_timeout_s) as server:
+    with VllmServer(config, startup_timeout=setup.bounds.startup_timeout_s) as server:
         try:
             pool = pool_geometry(server)
-            plan.servers[kind] = {
+            setup.servers[kind] = {
                 "command": config.command(), "startup_s": round(time.monotonic() - t0, 1),
                 "log": str(server.log_path), "pool": pool,
                 "omp_log": [line.strip() for line in server.log_text().splitlines() if "OMP" in line][:8],
             }
             log(f"{kind} server up in {time.monotonic() - t0:.0f}s: {pool['num_blocks']} blocks of "
                 f"{pool['block_size']} tokens ({pool['source']})")
-            ratios: tuple[Fraction | None, ...] = plan.ratios if civic else (None,)
+            ratios: tuple[Fraction | None, ...] = setup.ratios if civic else (None,)
             for ratio in ratios:
-                for workload in plan.workloads:
-                    plan.results.append(measure_config(plan, server, pool, workload, ratio, step))
+                for workload in setup.workloads:
+                    setup.results.append(measure_config(setup, server, pool, workload, ratio, step))
         except Exception:
             print(f"--- {kind} server log tail ---\n{server.log_tail()}", file=sys.stderr)
             raise
 
 
-def measure_config(plan: Plan, server: VllmServer, pool: dict, workload: Workload,
+def measure_config(setup: Setup, server: VllmServer, pool: dict, workload: Workload,
                    ratio: Fraction | None, step: Iterator[str]) -> dict:
     label = f"{workload.name} {ratio_label(ratio)}"
     block_size, usable = pool["block_size"], pool["usable_blocks"]
     model = server.config.model
-    hold = plan.hold_tokens[workload.name]
+    hold = setup.hold_tokens[workload.name]
 
     log(f"{next(step)} {label}: blocks of one request held in decode")
     for attempt in range(1, PROBE_ATTEMPTS + 1):
         # A retry reuses the image, which vLLM has processed and cached by then: its first
         # tokens then come sooner after the request and the first samples land near them.
-        wait_idle(server, plan.bounds)
-        probe = asyncio.run(probe_blocks(server, chat_body(model, workload, 0, ratio, hold), pool, plan.bounds))
+        wait_idle(server, setup.bounds)
+        probe = asyncio.run(probe_blocks(server, chat_body(model, workload, 0, ratio, hold), pool, setup.bounds))
         probe["attempt"] = attempt
         if probe["sample_in_window"]:
             break
@@ -312,22 +312,22 @@ def measure_config(plan: Plan, server: VllmServer, pool: dict, workload: Workloa
     if prompt is None:
         raise BenchError(f"{label}: the stream reported no usage (continuous_usage_stats unsupported?)")
     blocks_expected, resident_expected = analytic(prompt, block_size, usable)
-    _, vanilla_resident = analytic(plan.expected_prompt(workload, None), block_size, usable)
+    _, vanilla_resident = analytic(setup.expected_prompt(workload, None), block_size, usable)
 
-    wait_idle(server, plan.bounds)
-    fire = min(plan.bounds.max_fire, max(FIRE_FACTOR * vanilla_resident, math.ceil(1.5 * resident_expected) + 2))
+    wait_idle(server, setup.bounds)
+    fire = min(setup.bounds.max_fire, max(FIRE_FACTOR * vanilla_resident, math.ceil(1.5 * resident_expected) + 2))
     log(f"{next(step)} {label}: {fire} sequences queued at once (expect {resident_expected} resident)")
     body = chat_body(model, workload, 1, ratio, hold, n=fire, stream=False)
     runs = []
-    for _ in range(plan.bounds.residency_runs):
-        wait_idle(server, plan.bounds)
-        runs.append(asyncio.run(measure_residency(server, body, fire, plan.bounds)))
-        runs[-1]["drain_s"] = round(wait_idle(server, plan.bounds), 2)
+    for _ in range(setup.bounds.residency_runs):
+        wait_idle(server, setup.bounds)
+        runs.append(asyncio.run(measure_residency(server, body, fire, setup.bounds)))
+        runs[-1]["drain_s"] = round(wait_idle(server, setup.bounds), 2)
     peaks = [r["resident_measured"] for r in runs if r["resident_measured"] is not None]
     residency = {"resident_measured": max(peaks) if peaks else None,
                  "peaks_per_run": [r["resident_measured"] for r in runs], "runs": runs}
 
-    n_visual = plan.geometry.visual_tokens(workload.side)
+    n_visual = setup.geometry.visual_tokens(workload.side)
     row = {
         "workload": workload.name,
         "config": ratio_label(ratio),
@@ -338,7 +338,7 @@ def measure_config(plan: Plan, server: VllmServer, pool: dict, workload: Workloa
         "visual_tokens_N": n_visual,
         "visual_tokens_K": None if ratio is None else num_retained(n_visual, float(ratio)),
         "prompt_tokens": prompt,
-        "prompt_tokens_expected": plan.expected_prompt(workload, ratio),
+        "prompt_tokens_expected": setup.expected_prompt(workload, ratio),
         "output_tokens": PROBE_TOKENS,
         "blocks_per_request": probe["blocks_measured"],
         "blocks_per_request_expected": blocks_expected,

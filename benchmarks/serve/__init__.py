@@ -51,7 +51,7 @@ from benchmarks.harness import BenchError
 from benchmarks.serve.analysis import config_checks
 from benchmarks.serve.cli import build_parser, exit_layers_arg, main
 from benchmarks.serve.common import ACCEPT_WORKLOAD, WORKLOADS, Config, Run, WorkloadSpec
-from benchmarks.serve.probe import bootstrap_ratio_ci, hf_compact_prefill, hf_prompt_inputs, retention_plans
+from benchmarks.serve.probe import bootstrap_ratio_ci, hf_compact_prefill, hf_prompt_inputs, image_retentions
 from benchmarks.serve.run import RECIPE_COPY_SUFFIX, build_run, load_state, save_state
 
 __all__ = [
@@ -71,6 +71,6 @@ __all__ = [
     "hf_prompt_inputs",
     "load_state",
     "main",
-    "retention_plans",
+    "image_retentions",
     "save_state",
 ]

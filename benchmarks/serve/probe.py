@@ -126,30 +126,30 @@ def hf_prompt_inputs(processor: Any, images: list, text: str) -> tuple[Any, Any]
     return inputs, raw["pixel_values"].round().to(torch.uint8)
 
 
-def retention_plans(grid_thw: Any, merge: int, ratio: float, exit_layer: int | None, policy: str,
-                    min_tokens: int = 1, exit_context: bool = False) -> list:
+def image_retentions(grid_thw: Any, merge: int, ratio: float, exit_layer: int | None, policy: str,
+                     min_tokens: int = 1, exit_context: bool = False) -> list:
     """One ImageRetention per image of ``grid_thw`` (patches): K = num_retained(N, ratio, min_tokens)."""
-    from civic_vllm.retention.plan import ImageRetention
+    from civic_vllm.retention.selection import ImageRetention
 
-    plans = []
+    retentions = []
     for _, h, w in grid_thw.tolist():
         n = (h // merge) * (w // merge)
-        plans.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio, min_tokens),
-                                    policy=policy, exit_layer=exit_layer, exit_context=exit_context))
-    return plans
+        retentions.append(ImageRetention(grid_hw=(h // merge, w // merge), num_kept=num_retained(n, ratio, min_tokens),
+                                         policy=policy, exit_layer=exit_layer, exit_context=exit_context))
+    return retentions
 
 
-def hf_compact_prefill(model: Any, inputs: Any, seed_pixels: Any, plans: list, scorer: Any = None,
+def hf_compact_prefill(model: Any, inputs: Any, seed_pixels: Any, retentions: list, scorer: Any = None,
                        last_token_only: bool = False) -> Any:
     """One HF prefill through CIVIC's compact path (civic_vllm.hf_compact): vision tower with retention at
-    each plan's exit layer, mergers, LLM over the compact prompt. ``last_token_only``: the LM head on the
+    each retention's exit layer, mergers, LLM over the compact prompt. ``last_token_only``: the LM head on the
     last position only, as vLLM's prefill does (compact_logits applies it to every position)."""
     from types import SimpleNamespace
 
     from civic_vllm.hf_compact import build_compact_batch, compact_logits
 
     batch = build_compact_batch(model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
-                                inputs["mm_token_type_ids"], plans, seed_pixels=seed_pixels, scorer=scorer)
+                                inputs["mm_token_type_ids"], retentions, seed_pixels=seed_pixels, scorer=scorer)
     if last_token_only:
         head = model.lm_head
         model = SimpleNamespace(model=model.model, lm_head=lambda hidden: head(hidden[:, -1:]))
@@ -206,9 +206,10 @@ def vision_probe_main(spec_json: str) -> int:
             scorer = recipe_scorer(spec["model"]) if policy == "learned" else None
             min_tokens = 1 if recipe_policy else settings.get("min_tokens", 1)
             context = bool(recipe_policy) and read_recipe(spec["model"]).exit_context  # the default's context
-            plans = retention_plans(grid, merge, ratio, exit_layer, policy, min_tokens, context)
+            retentions = image_retentions(grid, merge, ratio, exit_layer, policy, min_tokens, context)
             result[compact_key(ratio, exit_layer, recipe_policy is not None)] = timed(
-                lambda plans=plans, scorer=scorer: hf_compact_prefill(model, inputs, seed_pixels, plans, scorer),
+                lambda retentions=retentions, scorer=scorer: hf_compact_prefill(model, inputs, seed_pixels,
+                                                                                retentions, scorer),
                 spec["reps"])
     print("VISION_PROBE " + json.dumps(result), flush=True)
     return 0

@@ -17,7 +17,6 @@ Conventions (the spec leaves these open; scorers and trainers rely on them):
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -32,7 +31,7 @@ __all__ = [
     "COLORS", "SHAPES", "IMAGE_SIZES", "TASKS", "SINGLE_TASKS", "MULTI_TASKS", "QUESTIONS",
     "SMALL_MAX", "SIZE_MIN", "SIZE_MAX", "Obj", "Scene", "QA",
     "sample_scene", "scene_questions", "generate_sample", "write_dataset", "to_qwen_box",
-    "parse_box", "box_iou", "is_correct", "add_data_parser",
+    "parse_box", "box_iou", "is_correct",
 ]
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -433,37 +432,3 @@ def is_correct(rec: dict[str, Any], output: str) -> bool:
         box = parse_box(output)
         return box is not None and box_iou(box, rec["box"]) >= 0.5
     return output.strip().lower() == str(rec["answer"]).strip().lower()
-
-
-# --------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------
-
-
-def _synth(args: argparse.Namespace) -> int:
-    if args.video:
-        from civic_vllm.data.shapes_video import write_video_dataset
-
-        paths = write_video_dataset(args.out, args.n, args.seed, args.splits, progress=True)
-    else:
-        paths = write_dataset(args.out, args.n, args.seed, args.splits)
-    for split, path in paths.items():
-        print(f"{split}: {sum(1 for _ in path.open())} samples -> {path}")
-    return 0
-
-
-def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``civic data synth --n N --seed S --out DIR [--video]`` (handler in ``args.handler``)."""
-    data = subparsers.add_parser("data", help="synthetic data sets")
-    sub = data.add_subparsers(dest="data_command", required=True)
-    synth = sub.add_parser("synth", help="write a civic-shapes data set (train/val/test 80/10/10)")
-    synth.add_argument("--n", type=int, required=True, help="samples over all splits")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--out", required=True, help="output directory")
-    synth.add_argument("--splits", nargs="+", choices=tuple(SPLITS), default=None,
-                       help="write only these splits (same content and ids as in the full set)")
-    synth.add_argument("--video", action="store_true",
-                       help="civic-shapes-video: mp4 videos of moving / appearing / colour-changing shapes "
-                            "(tasks direction, appears, video_count, last_color) instead of images")
-    synth.set_defaults(handler=_synth)
-    return data

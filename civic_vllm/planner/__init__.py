@@ -26,24 +26,15 @@ tests/e2e/test_planner_server.py checks prompt tokens and KV blocks against a li
 ``vllm serve --model-impl civic``. Importing this module does not import vLLM.
 
 The package is cut along its seams: model_info (what a checkpoint is), tokens (prompt tokens),
-plan (the numbers), render (the table) and cli (``civic plan``); the arithmetic of FLOPs and
-KV lives in :mod:`civic_vllm.cost`.
+plan (the numbers), render (the table) and parse (the values a user types); the command line is
+:mod:`civic_vllm.cli.plan`, and the arithmetic of FLOPs and KV lives in :mod:`civic_vllm.cost`.
 """
 
 from __future__ import annotations
 
 from civic_vllm.cost import DTYPE_BYTES, KvLayout, kv_blocks, kv_layout, kv_tokens, layers_and_kv_heads_per_gpu
-from civic_vllm.planner.cli import (
-    add_plan_parser,
-    main,
-    parse_bytes,
-    parse_image_size,
-    parse_ratios,
-    parse_video_size,
-    request_from_args,
-    run_plan,
-)
 from civic_vllm.planner.model_info import DEFAULT_RESERVE_BYTES, GiB, ModelInfo, PlanError, load_model
+from civic_vllm.planner.parse import parse_bytes, parse_image_size, parse_ratios, parse_video_size
 from civic_vllm.planner.plan import PlanRequest, PlanResult, make_plan
 from civic_vllm.planner.render import render_table
 from civic_vllm.planner.tokens import estimated_template_tokens, resized_image, resized_video, video_timestamps
@@ -57,23 +48,19 @@ __all__ = [
     "PlanError",
     "PlanRequest",
     "PlanResult",
-    "add_plan_parser",
     "estimated_template_tokens",
     "kv_blocks",
     "kv_layout",
     "kv_tokens",
     "layers_and_kv_heads_per_gpu",
     "load_model",
-    "main",
     "make_plan",
     "parse_bytes",
     "parse_image_size",
     "parse_ratios",
     "parse_video_size",
     "render_table",
-    "request_from_args",
     "resized_image",
     "resized_video",
-    "run_plan",
     "video_timestamps",
 ]

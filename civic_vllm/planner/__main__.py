@@ -3,7 +3,7 @@
 import os
 import sys
 
-from civic_vllm.planner.cli import main
+from civic_vllm.cli.plan import main
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.exit(main())

@@ -54,6 +54,7 @@ class PlanRequest:
     max_tokens: int = 256  # output tokens per request
     min_tokens: int = 1  # civic_min_tokens
     exit_layer: int | None = None
+    exit_context: bool = False  # civic_exit_context: the blocks after the exit layer also read the dropped groups
     dtype: str = "auto"
     kv_dtype: str = "auto"
     device: str = "gpu"
@@ -174,6 +175,8 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
     ratios = [(label, validate_ratio(r)) for label, r in req.ratios] if req.ratios else []
     if req.exit_layer is not None and not 1 <= req.exit_layer <= v.depth:
         raise PlanError(f"--exit-layer must be in 1..{v.depth} (vision blocks of {model.name}), got {req.exit_layer}")
+    if req.exit_context and req.exit_layer is None:
+        raise PlanError("--exit-context needs --exit-layer (the context feeds the blocks after the exit layer)")
     for name, value, low in (("--max-tokens", req.max_tokens, 0), ("--min-tokens", req.min_tokens, 1),
                              ("--text-tokens", req.text_tokens or 0, 0)):
         if value < low:
@@ -251,7 +254,7 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         prompt = template_and_question + sum(kept) + sum(kept_videos)
         held = kv_tokens(prompt, req.max_tokens)
         blocks = layout.blocks(held)
-        vision = sum(vision_flops(v, im.patches, k, exit_layer) for im, k in zip(images, kept))
+        vision = sum(vision_flops(v, im.patches, k, exit_layer, req.exit_context) for im, k in zip(images, kept))
         # A video's frame groups attend within themselves; its mergers run on every token.
         vision += sum(video.grid_thw[0] * vision_flops(v, video.patches // video.grid_thw[0], video.tokens_per_group)
                       for video in videos)
@@ -280,7 +283,9 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         }
     if req.exit_layer is not None:
         notes.append(f"exit layer {req.exit_layer}: vision blocks {req.exit_layer + 1}..{v.depth} (1-based) run on "
-                     "kept groups only, as the server does with civic_exit_layer")
+                     "kept groups only, as the server does with civic_exit_layer"
+                     + ("; with civic_exit_context their attention also reads the dropped groups' keys and values"
+                        if req.exit_context else ""))
 
     return PlanResult(
         model={

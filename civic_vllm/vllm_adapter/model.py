@@ -95,7 +95,7 @@ from civic_vllm.positions import (
 from civic_vllm.recipe import layered_settings, load_scorer, recipe_of
 from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.learned import TokenScorer
-from civic_vllm.retention.plan import ImageRetention, VideoRetention, select_video_tokens
+from civic_vllm.retention.selection import ImageRetention, VideoRetention, select_video_tokens
 from civic_vllm.settings import (
     EXIT_CONTEXT_KEY,
     EXIT_LAYER_KEY,
@@ -181,7 +181,7 @@ class CivicQwen3VLMixin:
 
         The stock vision pass runs on every frame group (``_process_video_input``); retention then
         picks ``num_kept_per_group`` rows of each group on its output (see
-        civic_vllm.retention.plan.select_video_tokens). Without the processor's counts
+        civic_vllm.retention.selection.select_video_tokens). Without the processor's counts
         (precomputed embeddings) every row is kept.
         """
         merge = self.visual.spatial_merge_size

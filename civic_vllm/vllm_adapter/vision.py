@@ -30,7 +30,7 @@ from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderA
 from civic_vllm.exit_context import BlockParts, DroppedContext, block_with_context, dropped_groups
 from civic_vllm.kernels import gather_merge_project, gather_rows
 from civic_vllm.retention.learned import TokenScorer
-from civic_vllm.retention.plan import GROUP_ROWS, ImageRetention, patch_counts, select_after_block
+from civic_vllm.retention.selection import GROUP_ROWS, ImageRetention, patch_counts, select_after_block
 
 SEQUENCE_KEYS = ("cu_seqlens", "max_seqlen", "sequence_lengths")
 

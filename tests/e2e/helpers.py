@@ -15,12 +15,12 @@ import requests
 import torch
 from PIL import Image
 
-from civic_vllm import planner
 from civic_vllm.budget import num_retained
+from civic_vllm.cli import plan as plan_cli
 from civic_vllm.client import civic_body, decode_video, image_message
 from civic_vllm.hf_compact import VideoInputs, build_compact_batch, compact_greedy
 from civic_vllm.prometheus import metric_labels, metric_value
-from civic_vllm.retention.plan import ImageRetention, VideoRetention
+from civic_vllm.retention.selection import ImageRetention, VideoRetention
 from civic_vllm.serving import ServerConfig, VllmServer
 
 MAX_TOKENS = 8  # greedy tokens compared with the HF reference
@@ -224,7 +224,7 @@ def run_planner(argv: list[str]) -> dict:
     """``civic plan ARGV --json`` in-process, as an operator would run it for this server."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = planner.main([*argv, "--json"])
+        code = plan_cli.main([*argv, "--json"])
     assert code == 0, err.getvalue()
     return json.loads(out.getvalue())
 

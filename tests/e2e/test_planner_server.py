@@ -27,6 +27,7 @@ import pytest
 from helpers import blocks_across_a_boundary, cache_config, chat, make_image
 
 from civic_vllm import planner
+from civic_vllm.cli import plan as plan_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -105,8 +106,8 @@ def test_kv_blocks_of_a_request_held_in_decode(civic_server, pool, sizes, ratio)
     sent again (at most 3 times) until it has them.
     """
     model = planner.load_model(civic_server.config.model)
-    parser = planner.add_plan_parser(argparse.ArgumentParser().add_subparsers())
-    base = planner.request_from_args(parser.parse_args(planner_argv(civic_server.config.model, sizes, ratio)))
+    parser = plan_cli.add_plan_parser(argparse.ArgumentParser().add_subparsers())
+    base = plan_cli.request_from_args(parser.parse_args(planner_argv(civic_server.config.model, sizes, ratio)))
 
     @functools.cache
     def planned_blocks(output_tokens: int) -> int:

@@ -12,7 +12,8 @@ from benchmarks import depth_probe
 def test_depth_probe_writes_its_report(tmp_path, monkeypatch):
     monkeypatch.setenv("CIVIC_MODELS_DIR", str(tmp_path / "models"))  # the tiny preset is built here
     out = tmp_path / "results" / "depth_probe.json"
-    argv = ["--preset", "tiny", "--size", "128", "--rounds", "1", "--exit-layers", "1,2", "--out", str(out)]
+    argv = ["--preset", "tiny", "--size", "128", "--rounds", "1", "--exit-layers", "1,2", "--exit-context",
+            "--out", str(out)]
     assert depth_probe.main(argv) == 0
     report = json.loads(out.read_text())
     assert out.with_suffix(".png").is_file() and report["plot"]
@@ -23,7 +24,8 @@ def test_depth_probe_writes_its_report(tmp_path, monkeypatch):
     assert report["settings"]["threads"] == 2 and report["settings"]["dtype"] == "float32"
     assert report["settings"]["policy"] == "learned" and report["settings"]["scorer"]["in_dim"] == 128
     assert report["model"]["vision_depth"] == 4
-    labels = ["full", "civic r=1/3 exit none", "civic r=1/3 exit 1", "civic r=1/3 exit 2"]
+    labels = ["full", "civic r=1/3 exit none", "civic r=1/3 exit 1", "civic r=1/3 exit 1 + context",
+              "civic r=1/3 exit 2", "civic r=1/3 exit 2 + context"]
     assert [c["label"] for c in report["configs"]] == labels
     assert report["rounds_done"] == 1 and report["stopped_early"] is None
     (rnd,) = report["rounds"]
@@ -47,6 +49,12 @@ def test_depth_probe_writes_its_report(tmp_path, monkeypatch):
     assert (report["planner_limits"]["civic r=1/3 exit 1"]["vision_flops_ratio"]
             > report["planner_limits"]["civic r=1/3 exit 2"]["vision_flops_ratio"]
             > report["planner_limits"]["civic r=1/3 exit none"]["vision_flops_ratio"])
+    # the context's K/V rows cost vision FLOPs, less than running the later blocks on every patch
+    for layer in (1, 2):
+        plain, context = (report["planner_limits"][f"civic r=1/3 exit {layer}{tag}"]["civic"]["vision_flops"]
+                          for tag in ("", " + context"))
+        assert plain < context < report["planner_limits"]["civic r=1/3 exit none"]["civic"]["vision_flops"]
+        assert report["results"][f"civic r=1/3 exit {layer} + context"]["exit_context"] is True
 
 
 def test_budget_stops_after_a_round(tmp_path, monkeypatch):

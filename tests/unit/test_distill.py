@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from civic_vllm.cli import distill as distill_cli
+from civic_vllm.cli import train as train_cli
 from civic_vllm.data import shapes
 from civic_vllm.recipe import CivicRecipe
 from civic_vllm.training import distill as D
@@ -218,7 +220,8 @@ def test_distill_params_candidates() -> None:
 
 
 def test_module_entry_points_parse_like_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    for main, prog in ((D.main, "civic_vllm.training.distill"), (T.main, "civic_vllm.training.train")):
+    for main, prog in ((distill_cli.main, "civic_vllm.training.distill"),
+                       (train_cli.main, "civic_vllm.training.train")):
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         assert exit_info.value.code == 0 and f"python -m {prog}" in capsys.readouterr().out

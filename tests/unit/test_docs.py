@@ -1,6 +1,6 @@
 """README.md and docs/ stay short, linked and in step with benchmarks/results/*.json (issue 22)."""
 
-import importlib.util
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# tools/ is not a package on the install's path: load the generator from its file.
-_spec = importlib.util.spec_from_file_location("docs_gen", ROOT / "tools" / "docs_gen.py")
-docs_gen = importlib.util.module_from_spec(_spec)
-sys.modules["docs_gen"] = docs_gen
-_spec.loader.exec_module(docs_gen)
+# tools/ is not on the install's path: import the generator from the checkout (python -m tools.docs_gen).
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+docs_gen = importlib.import_module("tools.docs_gen")
 DOCS = docs_gen.doc_files()
 LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
 

@@ -59,7 +59,8 @@ def test_checks_and_choice():
 def test_recipe_match_requires_the_same_recipe_and_budget(tmp_path: Path):
     from dataclasses import asdict
 
-    from civic_vllm.training.distill import DISTILL_MARKER, parse_recipe
+    from civic_vllm.cli.distill import parse_recipe
+    from civic_vllm.training.distill import DISTILL_MARKER
 
     teacher = tmp_path / "teacher"
     by_name = {c.name: c for c in A.CONTENDERS}

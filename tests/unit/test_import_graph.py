@@ -2,7 +2,7 @@
 
 * vLLM internals are touched only in civic_vllm/vllm_adapter (and the plugin entry point that
   loads it); the core (budget, cost, positions, settings, retention, ...) never imports vLLM.
-* Tools (planner, evaluation, viz, training, benchmarks) never import the demo script or the
+* Tools (planner, evaluation, viz, training, cli, benchmarks) never import the demo script or the
   vLLM adapter: data flows from the core to them, not backwards.
 """
 
@@ -20,7 +20,7 @@ ADAPTER = "civic_vllm.vllm_adapter"
 # client.decode_video decodes a video with vLLM's own media IO, so training sees the frames the
 # server sees (a function-level import of a public vLLM module, no private API).
 VLLM_ALLOWED = {"civic_vllm", "civic_vllm.client"}
-TOOLS = ["civic_vllm.planner", "civic_vllm.evaluation", "civic_vllm.viz", "civic_vllm.training"]
+TOOLS = ["civic_vllm.planner", "civic_vllm.evaluation", "civic_vllm.viz", "civic_vllm.training", "civic_vllm.cli"]
 # gpu_check measures the adapter's compact vision pass itself, by design.
 BENCHMARKS_ALLOWED_ADAPTER = "benchmarks.gpu_check"
 

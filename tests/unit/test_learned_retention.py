@@ -20,7 +20,7 @@ from civic_vllm.retention.learned import (
     prior_score,
     saliency_loss,
 )
-from civic_vllm.retention.plan import ImageRetention, select_image_tokens
+from civic_vllm.retention.selection import ImageRetention, select_image_tokens
 from civic_vllm.settings import CivicSettingsError
 
 

@@ -23,6 +23,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from civic_vllm import cost, planner
 from civic_vllm import model_factory as mf
 from civic_vllm.budget import num_merged_tokens, num_retained
+from civic_vllm.cli import plan as plan_cli
 from civic_vllm.planner import GiB, PlanError, PlanRequest, model_info, tokens
 
 QUESTION = "What shapes and colours are in this picture?"
@@ -45,7 +46,7 @@ def q8b() -> planner.ModelInfo:
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = planner.main(list(argv))
+    code = plan_cli.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -264,6 +265,14 @@ def test_civic_flops_and_exit_layer(q8b) -> None:
     v = q8b.dims.vision
     skipped = (depth - 8) * (cost._vision_block_flops(v, 7056) - cost._vision_block_flops(v, 4 * 588))
     assert third.vision_flops - early.civic[1].vision_flops == skipped
+    # exit context: the later blocks also project the 7056 - 2352 dropped patches and attend to them
+    context = planner.make_plan(q8b, PlanRequest(**{**req.__dict__, "exit_layer": 8, "exit_context": True}))
+    kept, dropped = 4 * 588, 7056 - 4 * 588
+    extra = (depth - 8) * (2 * dropped * 3 * v.hidden_size**2 + 4 * kept * dropped * v.hidden_size)
+    assert context.civic[1].vision_flops - early.civic[1].vision_flops == extra
+    assert early.civic[1].vision_flops < context.civic[1].vision_flops < third.vision_flops
+    with pytest.raises(planner.PlanError, match="--exit-context needs --exit-layer"):
+        planner.make_plan(q8b, PlanRequest(**{**req.__dict__, "exit_context": True}))
 
 
 # --- model lookup -----------------------------------------------------------------------
@@ -381,9 +390,9 @@ def test_table(capsys) -> None:
 def test_add_plan_parser_registers_the_subcommand(capsys) -> None:
     parser = argparse.ArgumentParser(prog="civic")
     commands = parser.add_subparsers(dest="command", required=True)
-    planner.add_plan_parser(commands)
+    plan_cli.add_plan_parser(commands)
     args = parser.parse_args(["plan", "--model", "qwen3-vl-2b", "--image", "448x448", "--json"])
-    assert args.handler is planner.run_plan
+    assert args.handler is plan_cli.run_plan
     assert args.handler(args) == 0
     assert json.loads(capsys.readouterr().out)["model"]["preset"] == "qwen3-vl-2b"
     args = parser.parse_args(["plan", "--model", "qwen3-vl-2b", "--image", "448x448", "--ratio", "2"])

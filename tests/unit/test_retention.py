@@ -68,7 +68,7 @@ def test_registry() -> None:
 
 
 def test_registry_matches_settings() -> None:
-    from civic_vllm.retention.plan import LEARNED_POLICY
+    from civic_vllm.retention.selection import LEARNED_POLICY
     from civic_vllm.settings import POLICY_CHOICES
 
     # Every setting names a stateless policy, except the learned one (it needs the checkpoint's scorer).

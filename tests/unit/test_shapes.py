@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from civic_vllm.cli.data import add_data_parser
 from civic_vllm.data import shapes as S
 
 SPEC_COLORS = {
@@ -258,7 +259,7 @@ def test_scoring(rec: dict, output: str, ok: bool) -> None:
 
 def test_cli_synth(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
-    S.add_data_parser(parser.add_subparsers(dest="command"))
+    add_data_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["data", "synth", "--n", "12", "--seed", "1", "--out", str(tmp_path)])
     assert args.handler(args) == 0
     assert sum(1 for _ in (tmp_path / "test.jsonl").open()) == 1

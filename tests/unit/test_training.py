@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from civic_vllm.cli.train import add_train_parser
 from civic_vllm.data import shapes
 from civic_vllm.training import train as T
 
@@ -141,7 +142,7 @@ def test_export_loads_in_hf(run_dir: Path) -> None:
 
 def test_cli_parser(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
-    T.add_train_parser(parser.add_subparsers(dest="command"))
+    add_train_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--out", str(tmp_path), "--minutes", "2", "--resume", "--threads", "1",
                               "--lr", "5e-4", "--task-weight", "ground=2", "--size-curriculum", "0.1:65536,0.3:143360",
                               "--dense-weight", "0.25", "--init-from", "models/x"])

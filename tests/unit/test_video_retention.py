@@ -9,7 +9,7 @@ import torch
 from civic_vllm.budget import frame_groups, num_retained, num_retained_per_group
 from civic_vllm.positions import ImageSpan, frame_group_spans
 from civic_vllm.retention import CivicPolicy
-from civic_vllm.retention.plan import VideoRetention, select_video_tokens
+from civic_vllm.retention.selection import VideoRetention, select_video_tokens
 from civic_vllm.retention.video import TemporalCivicPolicy
 from civic_vllm.settings import CivicSettings, CivicSettingsError
 

@@ -1,4 +1,4 @@
-"""benchmarks/video_serve.py and benchmarks/video_load.py, pure parts: videos, request bodies, token maths,
+"""benchmarks/video_serve/ and benchmarks/video_load.py, pure parts: videos, request bodies, token maths,
 ratios and the acceptance checks on a synthetic state. No server, no timing thresholds."""
 
 from __future__ import annotations
@@ -90,6 +90,20 @@ def test_spec_token_maths():
     spec = vs.VideoSpec("v", 384, 384, 12)
     assert spec.tokens_per_group == 144 and spec.groups() == 6 and spec.video_tokens() == 864
     assert spec.groups(3) == 2 and spec.video_tokens(3) == 288
+
+
+def test_prompt_bound_covers_the_timestamps_of_a_long_video():
+    """Measured vanilla prompts: 12 frames of 256x256 -> 384 video tokens in 470 (bench preset,
+    benchmarks/results/video_serve.json), 32 frames of 448x448 -> 3136 in 3308 (civic-shapes-video-tiny,
+    video_kv_long.json; 16 timestamps of 6-7 tokens)."""
+    assert vs.VideoSpec("v", 256, 256, 12).prompt_bound() >= 470
+    assert vs.VideoSpec("v", 448, 448, 32).prompt_bound() >= 3308
+
+
+def test_parser_civic_ratio_and_idle_wait():
+    args = vs.build_parser().parse_args(["--civic-ratio", "1/3", "--idle-wait", "0", "--pruning-rate", "33/50"])
+    assert args.civic_ratio == Fraction(1, 3) and args.idle_wait == 0 and args.pruning_rate == Fraction(33, 50)
+    assert vs.build_parser().parse_args([]).civic_ratio is None
 
 
 def test_evs_kept_matches_vllm():

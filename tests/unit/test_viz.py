@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from civic_vllm.budget import num_retained
+from civic_vllm.cli.viz import add_viz_parser
 from civic_vllm.model_factory import default_model_dir
-from civic_vllm.viz import DIM, add_viz_parser, compute_retention, draw_retention
+from civic_vllm.viz import DIM, compute_retention, draw_retention
 
 WIDTH, HEIGHT = 320, 256  # multiples of 32: the processor keeps the size, a 10 x 8 merged grid
 

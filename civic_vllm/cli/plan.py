@@ -1,91 +1,20 @@
-"""``civic plan``: command-line parsing (values also usable from Python) and the entry point."""
+"""``civic plan``: the command line over :mod:`civic_vllm.planner` (``python -m civic_vllm.planner`` too)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
-from fractions import Fraction
 
 from civic_vllm import model_factory as mf
-from civic_vllm.budget import validate_ratio
+from civic_vllm.cli.common import plan_error_type as _arg
+from civic_vllm.model_factory import default_model
 from civic_vllm.planner import model_info
 from civic_vllm.planner.model_info import PlanError
+from civic_vllm.planner.parse import parse_bytes, parse_image_size, parse_ratios, parse_video_size
 from civic_vllm.planner.plan import PlanRequest, make_plan
 from civic_vllm.planner.render import render_table
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[x×X*]\s*(\d+)\s*$")
-_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-_BYTE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-# A bare letter means what it means to vLLM's --kv-cache-memory-bytes (human_readable_int).
-_LETTER_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    """``"WxH"`` -> (width, height), both >= 1."""
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise PlanError(f"malformed image size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 1344x1344")
-    width, height = int(match.group(1)), int(match.group(2))
-    if width < 1 or height < 1:
-        raise PlanError(f"malformed image size {text!r}: width and height must be >= 1 pixel")
-    return width, height
-
-
-def parse_video_size(text: str) -> tuple[int, int, int]:
-    """``WIDTHxHEIGHTxFRAMES`` -> (width, height, frames)."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match:
-        raise PlanError(f"malformed video size {text!r}: expected WIDTHxHEIGHTxFRAMES, e.g. 448x448x16")
-    width, height, frames = (int(g) for g in match.groups())
-    if min(width, height, frames) < 1:
-        raise PlanError(f"malformed video size {text!r}: width, height and frames must be >= 1")
-    return width, height, frames
-
-
-def parse_ratios(values: Sequence[str]) -> list[tuple[str, float]]:
-    """Each value may be a comma list of decimals or fractions ("0.5,1/3"); returns (label, ratio)."""
-    ratios: list[tuple[str, float]] = []
-    for value in values:
-        for item in str(value).split(","):
-            label = item.strip()
-            try:
-                ratios.append((label, validate_ratio(float(Fraction(label)) if "/" in label else float(label))))
-            except (ValueError, ZeroDivisionError):  # the message quotes what the user typed
-                raise PlanError(f"retention ratio must be a number in (0, 1], got {label!r}") from None
-    if not ratios:
-        raise PlanError("no retention ratio given")
-    return ratios
-
-
-def parse_bytes(text: str) -> int:
-    """``"80GiB"``, ``"80GB"`` (10**9), ``"1073741824"``; ``"80G"`` = 80 GiB, ``"80g"`` = 80 GB as in vLLM."""
-    match = _BYTES_RE.match(str(text))
-    unit = match.group(2) if match else ""
-    scale = _LETTER_UNITS.get(unit) or _BYTE_UNITS.get(unit.lower())
-    if not match or scale is None:
-        raise PlanError(f"malformed memory size {text!r}: expected e.g. 80GiB, 80GB, 512MiB or a byte count")
-    value = int(float(match.group(1)) * scale)
-    if value <= 0:
-        raise PlanError(f"memory size must be positive, got {text!r}")
-    return value
-
-
-def _arg(parse):
-    """Wrap a parser so argparse reports its PlanError message (one line, exit 2)."""
-    def convert(text: str):
-        try:
-            return parse(text)
-        except PlanError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    convert.__name__ = parse.__name__
-    return convert
 
 
 def _int_at_least(low: int):
@@ -141,6 +70,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--min-tokens", type=_int_at_least(1), default=1, help="civic_min_tokens (default 1)")
     parser.add_argument("--exit-layer", type=_int_at_least(1), default=None, metavar="L",
                         help="like civic_exit_layer: blocks after the first L run on the kept groups only")
+    parser.add_argument("--exit-context", action="store_true",
+                        help="like civic_exit_context: those blocks also attend to the dropped groups (K/V only)")
     parser.add_argument("--max-tokens", type=_int_at_least(0), default=256, help="output tokens (default 256)")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     parser.add_argument("--gpu-memory", type=_arg(parse_bytes), default=80 * model_info.GiB, metavar="SIZE",
@@ -188,7 +119,8 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         images=images, videos=list(args.video), video_ratio=args.video_ratio,
         ratios=parse_ratios(args.ratio or ["1/3"]), text_tokens=args.text_tokens,
         question=args.question, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-        exit_layer=args.exit_layer, dtype=args.dtype, kv_dtype=args.kv_dtype, device=args.device,
+        exit_layer=args.exit_layer, exit_context=args.exit_context, dtype=args.dtype, kv_dtype=args.kv_dtype,
+        device=args.device,
         block_size=args.block_size, gpu_memory=args.gpu_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, reserve=args.reserve,
         kv_cache_memory=args.kv_cache_memory, tensor_parallel_size=args.tensor_parallel_size,
@@ -201,8 +133,6 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         request = request_from_args(args)
         if args.model is None:
-            from civic_vllm.model_factory import default_model
-
             args.model = default_model()
         plan = make_plan(model_info.load_model(args.model), request)
     except PlanError as exc:
