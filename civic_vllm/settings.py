@@ -54,6 +54,12 @@ class CivicSettingsError(ValueError):
     """A civic_* setting has a bad value; the message names the key and the allowed range."""
 
 
+def _strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):  # JSON true/false only: "yes" or 1 is a client bug, not a wish
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
 def _strict_int(value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
@@ -81,9 +87,7 @@ class ServerSettings(BaseModel):
     @field_validator("allow_request_pixels", mode="before")
     @classmethod
     def _check_allow(cls, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {value!r}")
-        return value
+        return _strict_bool(value)
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -147,9 +151,7 @@ class CivicSettings(BaseModel):
     @field_validator("exit_context", mode="before")
     @classmethod
     def _check_exit_context(cls, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {value!r}")
-        return value
+        return _strict_bool(value)
 
     @field_validator("ratio", mode="before")
     @classmethod
