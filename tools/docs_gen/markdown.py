@@ -17,6 +17,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "serve": partial(serve.render_serve_run, "serve.json"),
     "serve-recipe": partial(serve.render_serve_run, "serve_recipe.json"),
     "serve-recipe-civic": partial(serve.render_serve_run, "serve_recipe_civic.json"),
+    "serve-recipe-ctx": partial(serve.render_serve_run, "serve_recipe_ctx.json"),
     "serve-families": serve.render_serve_families,
     "kv-blocks": probes.render_kv_blocks,
     "accuracy": partial(accuracy.render_accuracy, "accuracy.json"),

@@ -133,7 +133,7 @@ def render_serve_families(names: tuple[str, ...] = ("serve_moe.json", "serve_qwe
 
 def render_serve_headline() -> str:
     """README: the serving, KV and accuracy headline, one row per figure, each linked to its JSON."""
-    serve, kv, acc = load("serve.json"), load("kv_blocks.json"), load("accuracy_30min.json")
+    serve, kv, acc = load("serve.json"), load("kv_blocks.json"), load("accuracy.json")
     probe = serve["probe"][serve["workloads"][0]["name"]]["configs"]
     ratios = _serve_ratios(serve)
     exits = {lim["config"]: lim["exit_layer"] for lim in serve["limits"]}
@@ -155,15 +155,21 @@ def render_serve_headline() -> str:
     r1 = probe["civic r=1"]
     rows.append(["TTFT, r = 1 (paired probe, 95% CI)",
                  f"{x(r1['client_ttft_speedup'])} {ci(r1['client_ttft_speedup_ci95'])}", serve_src])
+    ctx = load("serve_recipe_ctx.json")  # the accuracy rows' student serves with exit context: its speed
+    ctx_probe = ctx["probe"][ctx["workloads"][0]["name"]]["configs"]["civic default"]
+    rows.append(["TTFT, r = 1/3 after vision block 1 with exit context (recipe default, paired probe, 95% CI)",
+                 f"{x(ctx_probe['client_ttft_speedup'])} {ci(ctx_probe['client_ttft_speedup_ci95'])}",
+                 src("serve_recipe_ctx.json", f"{ctx['model']['preset']} preset, {ctx['model']['dtype']}")])
     kv_src = src("kv_blocks.json", f"{kv['model']['preset']} preset")
     for key, what in (("prompt_tokens", "prompt tokens"), ("blocks_per_request", "KV blocks per request"),
                       ("resident_requests", "requests resident in the same KV pool")):
         van, civ = kv_row["vanilla"][key], kv_row["r=1/3"][key]
         rows.append([f"{what}, one {side}² image, r = 1/3", f"{civ} vs {van} ({x(civ / van)})", kv_src])
-    acc_src = src("accuracy_30min.json", "civic-shapes model trained here")
+    acc_src = src("accuracy.json", "civic-shapes model trained here")
+    chosen = acc["validation"]["chosen"]
     for metric, what in (("overall", "overall"), ("small", "small objects"), ("ground", "grounding")):
         s = shares[metric]
-        rows.append([f"accuracy, {what}: civic r = 1/3 exit 1 as a share of full tokens "
+        rows.append([f"accuracy, {what}: {chosen} (r = 1/3) as a share of full tokens, same training "
                      f"({acc['minutes_per_contender']:g} CPU-min each)",
                      f"{pct(s['share'])} {ci(s['share_ci95'], 1, 100)}", acc_src])
     return table(["civic vs vanilla vLLM", "measured", "from"], rows)
