@@ -7,7 +7,8 @@ selection's grounding loss (IPCV, Perkzi/IPCV: dropped tokens come back as keys/
 next blocks). Here the dropped groups' rows are frozen at layer L and feed every later block's
 keys and values; queries, the output projection and the MLP run on the kept rows only, so the
 compact sequence stays compact and the cost of a later block grows only by the dropped rows'
-K/V projection and the wider attention (``civic_vllm.cost``).
+QKV projection (their queries are computed in the same GEMM and unused) and the wider attention
+(``civic_vllm.cost``).
 
 Framework-free: the HF path (``hf_compact``) and the vLLM adapter (``vllm_adapter.vision``)
 each map their block's modules onto :func:`block_with_context`. No vLLM import.
@@ -103,7 +104,7 @@ def block_with_context(
 ) -> torch.Tensor:
     """One vision block on the kept rows ``hidden`` [S, C] (image i owns query_lens[i] consecutive
     rows), its attention also reading each image's frozen dropped rows. Images without context
-    attend to their own rows only, exactly as the stock block does."""
+    attend to their own rows only: the stock block's maths, not its kernels, so not bit for bit."""
     context_rows, context_cos, context_sin = context.stacked()
     num_rows = len(hidden)
     # One norm + QKV GEMM over kept and dropped rows; the dropped rows' queries go unused.
