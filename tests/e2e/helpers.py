@@ -274,14 +274,26 @@ def wait_idle(server, timeout: float = 60.0) -> None:
 
 
 def blocks_during_decode(server, images, question: str, ratio: float, max_tokens: int,
-                         usable_blocks: int) -> tuple[list[tuple[int, int]], dict]:
+                         usable_blocks: int, attempts: int = 3) -> tuple[list[tuple[int, int]], dict]:
     """(output tokens g, KV blocks in use) read from /metrics while one request decodes, and its usage.
 
     g is the server's own count, ``vllm:generation_tokens_total`` since the server was idle, read
     in the same scrape as ``vllm:kv_cache_usage_perc``: vLLM sets both in one ``record()`` per
     engine step, so every sample pairs a step's blocks with that step's g exactly. Blocks in use
     = usage x (pool blocks - 1): the null block is in neither side of vLLM's usage fraction.
+
+    On a busy 2-core machine one scrape can outlast the whole decode, so a request may yield no
+    sample; it is then sent again, up to ``attempts`` times (the caller asserts samples exist).
     """
+    for _attempt in range(attempts):
+        samples, usage = _decode_samples(server, images, question, ratio, max_tokens, usable_blocks)
+        if samples:
+            break
+    return samples, usage
+
+
+def _decode_samples(server, images, question: str, ratio: float, max_tokens: int,
+                    usable_blocks: int) -> tuple[list[tuple[int, int]], dict]:
     wait_idle(server)
     generated_before = metric_value(server.metrics(), "vllm:generation_tokens_total")
     request = HeldRequest(server, images, question, ratio, max_tokens)
@@ -311,7 +323,7 @@ def blocks_across_a_boundary(server, images, question: str, ratio: float, max_to
     samples: list[tuple[int, int]] = []
     usages: list[dict] = []
     for _attempt in range(attempts):
-        decode, usage = blocks_during_decode(server, images, question, ratio, max_tokens, usable_blocks)
+        decode, usage = _decode_samples(server, images, question, ratio, max_tokens, usable_blocks)
         samples += decode
         usages.append(usage)
         if len({blocks for _, blocks in samples}) >= 2:
