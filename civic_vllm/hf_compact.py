@@ -61,7 +61,7 @@ class VideoInputs:
 
     pixel_values_videos: torch.Tensor
     video_grid_thw: torch.Tensor
-    plans: Sequence[VideoRetention]
+    retentions: Sequence[VideoRetention]
 
 
 def build_compact_batch(
@@ -70,7 +70,7 @@ def build_compact_batch(
     pixel_values: torch.Tensor | None,
     image_grid_thw: torch.Tensor | None,
     mm_token_type_ids: torch.Tensor,
-    plans: Sequence[ImageRetention],
+    retentions: Sequence[ImageRetention],
     seed_pixels: torch.Tensor | None = None,
     scorer: TokenScorer | None = None,
     straight_through: bool = False,
@@ -91,18 +91,18 @@ def build_compact_batch(
     keep = torch.ones_like(ids, dtype=torch.bool)
     merged_by_token, deepstack_by_token, kept = {}, {}, []
     scores: list[torch.Tensor | None] = []
-    if plans:
+    if retentions:
         seed_pixels = pixel_values if seed_pixels is None else seed_pixels
         merged, deepstack, kept, scores = compact_vision(
-            core.visual, pixel_values, image_grid_thw, plans, seed_pixels, scorer, straight_through
+            core.visual, pixel_values, image_grid_thw, retentions, seed_pixels, scorer, straight_through
         )
         token = model.config.image_token_id
-        _keep_columns(keep, ids == token, kept, [p.num_tokens for p in plans])
+        _keep_columns(keep, ids == token, kept, [p.num_tokens for p in retentions])
         merged_by_token[token], deepstack_by_token[token] = merged, deepstack
     if videos is not None:
         merged, deepstack, kept_videos = compact_videos(core, videos)
         token = model.config.video_token_id
-        _keep_columns(keep, ids == token, kept_videos, [p.num_tokens for p in videos.plans])
+        _keep_columns(keep, ids == token, kept_videos, [p.num_tokens for p in videos.retentions])
         merged_by_token[token], deepstack_by_token[token] = merged, deepstack
 
     full_positions, _ = core.get_rope_index(
@@ -148,7 +148,7 @@ def compact_videos(core, videos: VideoInputs) -> tuple[torch.Tensor, list[torch.
     """HF's vision tower on every frame group, then each video's kept rows (main and every
     DeepStack level, the same indices), chosen by the shared video selection."""
     output = core.get_video_features(videos.pixel_values_videos, videos.video_grid_thw, return_dict=True)
-    kept = [select_video_tokens(main, plan) for main, plan in zip(output.pooler_output, videos.plans)]
+    kept = [select_video_tokens(main, plan) for main, plan in zip(output.pooler_output, videos.retentions)]
     merged = torch.cat([main[k] for main, k in zip(output.pooler_output, kept)])
     deepstack = [torch.cat([rows[k] for rows, k in zip(level, kept)]) for level in output.deepstack_features or []]
     return merged, deepstack, kept
@@ -158,7 +158,7 @@ def compact_vision(
     visual,
     pixel_values: torch.Tensor,
     grid_thw: torch.Tensor,
-    plans: Sequence[ImageRetention],
+    retentions: Sequence[ImageRetention],
     seed_pixels,
     scorer: TokenScorer | None = None,
     straight_through: bool = False,
@@ -190,9 +190,9 @@ def compact_vision(
     cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
     depth = len(visual.blocks)
     deepstack_indexes = list(getattr(visual, "deepstack_visual_indexes", None) or [])  # none on Qwen3.5
-    groups = [plan.num_tokens for plan in plans]
-    kept: list[torch.Tensor | None] = [None] * len(plans)
-    scores: list[torch.Tensor | None] = [None] * len(plans)
+    groups = [plan.num_tokens for plan in retentions]
+    kept: list[torch.Tensor | None] = [None] * len(retentions)
+    scores: list[torch.Tensor | None] = [None] * len(retentions)
     image_pixels = seed_pixels.split(patch_counts(grid_thw.tolist()))
     taps: list[torch.Tensor] = []  # merged rows, one per current group
     context = DroppedContext()
@@ -205,20 +205,21 @@ def compact_vision(
         if block_index in deepstack_indexes:
             merger = visual.deepstack_merger_list[deepstack_indexes.index(block_index)]
             taps.append(merger(hidden))
-        selecting = select_after_block(block_index, depth, hidden, groups, image_pixels, plans, kept, scorer, scores)
+        selecting = select_after_block(block_index, depth, hidden, groups, image_pixels, retentions, kept, scorer,
+                                       scores)
         if not selecting:
             continue
         surviving = [kept[i] if i in selecting else torch.arange(g, device=hidden.device) for i, g in enumerate(groups)]
         starts = torch.tensor([0] + groups[:-1]).cumsum(0).tolist()
         for i in selecting:
-            if plans[i].exit_context and not plans[i].keeps_all:
+            if retentions[i].exit_context and not retentions[i].keeps_all:
                 dropped = _group_rows(dropped_groups(kept[i], groups[i]) + starts[i])
                 context.add(i, hidden[dropped], cos[dropped], sin[dropped])
         group_index = torch.cat([s + start for s, start in zip(surviving, starts)])
         row_index = _group_rows(group_index)
         hidden, cos, sin = hidden[row_index], cos[row_index], sin[row_index]
         if straight_through:
-            hidden = hidden * _straight_through_gate(surviving, selecting, scores, plans).to(hidden.dtype)[:, None]
+            hidden = hidden * _straight_through_gate(surviving, selecting, scores, retentions).to(hidden.dtype)[:, None]
         taps = [tap[group_index] for tap in taps]
         groups = [len(s) for s in surviving]
         rows = torch.tensor([GROUP_ROWS * g for g in groups], device=hidden.device)
@@ -247,12 +248,12 @@ def _hf_block_parts(block) -> BlockParts:
     )
 
 
-def _straight_through_gate(surviving, selecting, scores, plans) -> torch.Tensor:
+def _straight_through_gate(surviving, selecting, scores, retentions) -> torch.Tensor:
     """[rows] gate of the surviving patch rows: 1 + g - stop_grad(g) on freshly scored groups, else 1."""
     gates = []
     for i, groups in enumerate(surviving):
         if i in selecting and scores[i] is not None:
-            g = torch.sigmoid(keep_logits(scores[i], plans[i].num_kept)[groups])
+            g = torch.sigmoid(keep_logits(scores[i], retentions[i].num_kept)[groups])
             gates.append(1.0 + g - g.detach())
         else:
             gates.append(torch.ones(len(groups), device=groups.device))

@@ -84,7 +84,7 @@ def select_after_block(
     hidden: torch.Tensor,
     groups: Sequence[int],
     seed_pixels: Sequence[torch.Tensor],
-    plans: Sequence[ImageRetention],
+    retentions: Sequence[ImageRetention],
     kept: list[torch.Tensor | None],
     scorer: TokenScorer | None = None,
     scores: list[torch.Tensor | None] | None = None,
@@ -95,11 +95,11 @@ def select_after_block(
     consecutive rows. Returns the indices of the images that selected. When ``scores``
     is given, the learned policy's scores of image i go to ``scores[i]``.
     """
-    selecting = [i for i, plan in enumerate(plans) if plan.selects_after(block_index, depth)]
+    selecting = [i for i, plan in enumerate(retentions) if plan.selects_after(block_index, depth)]
     if selecting:
         image_rows = hidden.split([GROUP_ROWS * g for g in groups])
         for i in selecting:
-            kept[i], image_scores = select_image_tokens(image_rows[i], seed_pixels[i], plans[i], scorer)
+            kept[i], image_scores = select_image_tokens(image_rows[i], seed_pixels[i], retentions[i], scorer)
             if scores is not None:
                 scores[i] = image_scores
     return selecting

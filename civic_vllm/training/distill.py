@@ -123,18 +123,18 @@ def load_hf_model(path: str | Path):
     return model, preset
 
 
-def student_plans(enc: tr.Encoded, merge: int, ratio: float, recipe: DistillRecipe) -> list[ImageRetention]:
+def student_retentions(enc: tr.Encoded, merge: int, ratio: float, recipe: DistillRecipe) -> list[ImageRetention]:
     """The student's retention per image (downscale students keep every token of their smaller image)."""
-    plans = []
+    retentions = []
     for _, h, w in enc.image_grid_thw.tolist():
         grid = (h // merge, w // merge)
         if recipe.policy == "downscale":
-            plans.append(ImageRetention(grid_hw=grid, num_kept=grid[0] * grid[1], policy="full"))
+            retentions.append(ImageRetention(grid_hw=grid, num_kept=grid[0] * grid[1], policy="full"))
             continue
-        plans.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio),
+        retentions.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio),
                                     policy=recipe.policy, exit_layer=recipe.exit_layer,
                                     exit_context=recipe.exit_context))
-    return plans
+    return retentions
 
 
 class LateRows:
@@ -148,11 +148,12 @@ class LateRows:
         self.rows = output[0] if isinstance(output, tuple) else output
 
 
-def late_saliency_loss(late_rows: torch.Tensor, batch, plans: Sequence[ImageRetention],
+def late_saliency_loss(late_rows: torch.Tensor, batch, retentions: Sequence[ImageRetention],
                        sharpness: float) -> torch.Tensor:
     """The learned scores' saliency loss towards the civic saliency of the teacher's final rows."""
     losses = []
-    for rows, plan, scores in zip(late_rows.split([GROUP_ROWS * p.num_tokens for p in plans]), plans, batch.scores):
+    image_rows = late_rows.split([GROUP_ROWS * p.num_tokens for p in retentions])
+    for rows, plan, scores in zip(image_rows, retentions, batch.scores):
         if scores is None:
             continue
         target = prior_score(rows.reshape(-1, GROUP_ROWS, rows.shape[-1]).mean(dim=1), plan.grid_hw)
@@ -175,9 +176,9 @@ def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: Dist
         t_logp = F.log_softmax(teacher.lm_head(t_hidden[pos]) / recipe.temperature, dim=-1)
 
     s_enc = enc if student_enc is None else student_enc
-    plans = student_plans(s_enc, merge, ratio, recipe)
+    retentions = student_retentions(s_enc, merge, ratio, recipe)
     batch = build_compact_batch(student, s_enc.input_ids, s_enc.pixel_values, s_enc.image_grid_thw,
-                                s_enc.mm_token_type_ids, plans, scorer=scorer,
+                                s_enc.mm_token_type_ids, retentions, scorer=scorer,
                                 straight_through=recipe.straight_through and scorer is not None)
     s_hidden = student.model.language_model(
         input_ids=None, inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids,
@@ -194,7 +195,7 @@ def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: Dist
     s_logp = F.log_softmax(s_logits / recipe.temperature, dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1) * recipe.temperature ** 2
     ce = F.cross_entropy(s_logits, enc.input_ids[0, pos + 1], reduction="none")
-    selection = (late_saliency_loss(late.rows, batch, plans, recipe.scorer_sharpness) if late is not None
+    selection = (late_saliency_loss(late.rows, batch, retentions, recipe.scorer_sharpness) if late is not None
                  else torch.zeros(()))
     return tr.per_answer_mean(kl, owner), tr.per_answer_mean(ce, owner), selection
 

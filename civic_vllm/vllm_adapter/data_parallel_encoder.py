@@ -42,13 +42,13 @@ def encode_images_sharded(
     encode: EncodeImages,
     pixel_values: torch.Tensor,
     grid_thw: Sequence[Sequence[int]],
-    plans: Sequence,
+    retentions: Sequence,
     row_width: int,
     dtype: torch.dtype,
 ) -> list[torch.Tensor]:
-    """Per-image outputs of ``encode(pixel_values, grid_thw, plans)``, each image encoded on one rank.
+    """Per-image outputs of ``encode(pixel_values, grid_thw, retentions)``, each image encoded on one rank.
 
-    ``encode`` returns one ``[K_i, row_width]`` tensor per image it is given; ``plans[i]``
+    ``encode`` returns one ``[K_i, row_width]`` tensor per image it is given; ``retentions[i]``
     (anything with ``num_kept``) says how many rows image i yields.
     """
     world, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
@@ -60,20 +60,20 @@ def encode_images_sharded(
 
     if mine:
         local_pixels = torch.cat([pixel_values[starts[i] : starts[i + 1]] for i in mine])
-        local = encode(local_pixels, [list(grid_thw[i]) for i in mine], [plans[i] for i in mine])
+        local = encode(local_pixels, [list(grid_thw[i]) for i in mine], [retentions[i] for i in mine])
         rows = torch.cat(local)
     else:
         rows = torch.empty((0, row_width), dtype=dtype, device=pixel_values.device)
     # Every rank knows every plan, so every rank knows every rank's row count: no size exchange.
-    rows_per_rank = [sum(plans[i].num_kept for i in order[bounds[r] : bounds[r + 1]]) for r in range(world)]
+    rows_per_rank = [sum(retentions[i].num_kept for i in order[bounds[r] : bounds[r + 1]]) for r in range(world)]
     padded = rows.new_zeros((max(rows_per_rank), row_width))
     padded[: rows.shape[0]] = rows
     gathered = tensor_model_parallel_all_gather(padded.contiguous(), dim=0).split(max(rows_per_rank))
 
-    outputs: list[torch.Tensor | None] = [None] * len(plans)
+    outputs: list[torch.Tensor | None] = [None] * len(retentions)
     for r in range(world):
         images = order[bounds[r] : bounds[r + 1]]
-        pieces = gathered[r][: rows_per_rank[r]].split([plans[i].num_kept for i in images])
+        pieces = gathered[r][: rows_per_rank[r]].split([retentions[i].num_kept for i in images])
         for image, piece in zip(images, pieces):
             outputs[image] = piece
     return outputs

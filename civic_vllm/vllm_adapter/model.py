@@ -185,15 +185,15 @@ class CivicQwen3VLMixin:
         (precomputed embeddings) every row is kept.
         """
         merge = self.visual.spatial_merge_size
-        plans = []
+        retentions = []
         for index, (t, h, w) in enumerate(video_input["video_grid_thw"].tolist()):
             grid_hw = (h // merge, w // merge)
             kept = num_kept_per_group[index] if num_kept_per_group is not None else grid_hw[0] * grid_hw[1]
-            plans.append(VideoRetention(num_groups=t, grid_hw=grid_hw, num_kept_per_group=kept))
-        if video_input["type"] == "video_embeds" and any(not plan.keeps_all for plan in plans):
+            retentions.append(VideoRetention(num_groups=t, grid_hw=grid_hw, num_kept_per_group=kept))
+        if video_input["type"] == "video_embeds" and any(not plan.keeps_all for plan in retentions):
             raise ValueError("CIVIC retention needs pixel inputs; precomputed video embeddings are kept whole.")
         outputs = []
-        for embedding, plan in zip(self._process_video_input(video_input), plans):
+        for embedding, plan in zip(self._process_video_input(video_input), retentions):
             kept = self._select_video(embedding, plan)
             rows, cols = plan.kept_cells(kept)
             channels = encode_position_channels(rows, cols, embedding.dtype).to(embedding.device)
@@ -456,17 +456,17 @@ def _shift_features(features, spans_of: list[list[ImageSpan]]):
 
 
 def _inject_faults(retention: list[ImageRetention], pixel_values: torch.Tensor, grid_thw) -> list[ImageRetention]:
-    """Fault injection (CIVIC_FAULT_INJECTION=1 only): plans of all-magenta images name no policy."""
+    """Fault injection (CIVIC_FAULT_INJECTION=1 only): retentions of all-magenta images name no policy."""
     color = torch.tensor(FAULT_INJECTION_COLOR, dtype=torch.float32, device=pixel_values.device)
     sizes = [t * h * w for t, h, w in grid_thw]
-    plans = []
+    retentions = []
     for plan, pixels in zip(retention, pixel_values.split(sizes)):
         # A patch row is (channel, frame, row, col) flattened; vLLM ships raw 0..255 pixel values.
         channel_means = pixels.reshape(pixels.shape[0], 3, -1).float().mean(dim=(0, 2))
         if not plan.keeps_all and torch.allclose(channel_means, color, atol=0.5):
             plan = dataclasses.replace(plan, policy=_FAULT_POLICY)
-        plans.append(plan)
-    return plans
+        retentions.append(plan)
+    return retentions
 
 
 def _per_item_ints(value) -> list[int] | None:

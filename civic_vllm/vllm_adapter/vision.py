@@ -45,10 +45,10 @@ def encode_images_compact(
     visual: nn.Module,
     pixel_values: torch.Tensor,
     grid_thw: Sequence[Sequence[int]],
-    plans: Sequence[ImageRetention],
+    retentions: Sequence[ImageRetention],
     scorer: TokenScorer | None = None,
 ) -> CompactImageEmbeddings:
-    """Run the vision tower, keeping ``plans[i].num_kept`` tokens of image i (``scorer``: the
+    """Run the vision tower, keeping ``retentions[i].num_kept`` tokens of image i (``scorer``: the
     checkpoint's trained scorer, read by the learned policy)."""
     depth = len(visual.blocks)
     metadata = visual.prepare_encoder_metadata(list(grid_thw))
@@ -57,8 +57,8 @@ def encode_images_compact(
     rotary = [metadata["rotary_pos_emb_cos"], metadata["rotary_pos_emb_sin"]]
     sequences = {key: metadata.get(key) for key in SEQUENCE_KEYS}
     seed_pixels = pixel_values.split(patch_counts(grid_thw))
-    groups = [plan.num_tokens for plan in plans]  # merged tokens per image in the current rows
-    kept: list[torch.Tensor | None] = [None] * len(plans)
+    groups = [plan.num_tokens for plan in retentions]  # merged tokens per image in the current rows
+    kept: list[torch.Tensor | None] = [None] * len(retentions)
     taps: list[torch.Tensor] = []
     context = DroppedContext()  # images whose later blocks still read their dropped rows
 
@@ -77,11 +77,11 @@ def encode_images_compact(
             ).squeeze(1)
         if block_index in visual.deepstack_visual_indexes:
             taps.append(hidden)
-        selecting = select_after_block(block_index, depth, hidden, groups, seed_pixels, plans, kept, scorer)
-        compacting = {i: kept[i] for i in selecting if not plans[i].keeps_all}
+        selecting = select_after_block(block_index, depth, hidden, groups, seed_pixels, retentions, kept, scorer)
+        compacting = {i: kept[i] for i in selecting if not retentions[i].keeps_all}
         if block_index == depth - 1 or not compacting:
             continue  # after the last block the mergers do the gathering
-        keep_context = {i: dropped_groups(k, groups[i]) for i, k in compacting.items() if plans[i].exit_context}
+        keep_context = {i: dropped_groups(k, groups[i]) for i, k in compacting.items() if retentions[i].exit_context}
         if keep_context:
             dropped = gather_rows([hidden, *rotary], layout_index(groups, keep_context, only=True),
                                   rows_per_index=GROUP_ROWS)
@@ -95,7 +95,8 @@ def encode_images_compact(
             groups[i] = len(indices)
         sequences = sequence_metadata(visual, [GROUP_ROWS * g for g in groups])
 
-    final = {i: kept[i] for i, plan in enumerate(plans) if plan.selects_after(depth - 1, depth) and not plan.keeps_all}
+    final = {i: kept[i] for i, retention in enumerate(retentions)
+             if retention.selects_after(depth - 1, depth) and not retention.keeps_all}
     if final:
         merged = merge_kept_groups(visual, hidden, taps, layout_index(groups, final))
     else:  # every row left is a kept row: the stock mergers, bit-identical to vanilla at ratio 1

@@ -92,15 +92,16 @@ def chat_text(processor, media: list[dict], question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def image_plans(model, image_grid_thw, ratio, policy, exit_layer=None, exit_context=False) -> list[ImageRetention]:
+def image_retention_list(model, image_grid_thw, ratio, policy, exit_layer=None,
+                         exit_context=False) -> list[ImageRetention]:
     """One ``ImageRetention`` per image of an HF batch: K = num_retained(N, ratio) of its merged grid."""
     merge = model.config.vision_config.spatial_merge_size
-    plans = []
+    retentions = []
     for _, h, w in image_grid_thw.tolist():
         grid = (h // merge, w // merge)
-        plans.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio), policy=policy,
+        retentions.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio), policy=policy,
                                     exit_layer=exit_layer, exit_context=exit_context))
-    return plans
+    return retentions
 
 
 def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=None, forced=None, best=None,
@@ -113,11 +114,11 @@ def hf_reference(hf, images, question, ratio, policy, exit_layer=None, scorer=No
     model, processor = hf
     text = chat_text(processor, [{"type": "image"}] * len(images), question)
     inputs = processor(text=[text], images=images, return_tensors="pt")
-    plans = image_plans(model, inputs["image_grid_thw"], ratio, policy, exit_layer, exit_context)
+    retentions = image_retention_list(model, inputs["image_grid_thw"], ratio, policy, exit_layer, exit_context)
     raw = processor.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
     batch = build_compact_batch(
         model, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
-        inputs["mm_token_type_ids"], plans, seed_pixels=raw["pixel_values"].round().to(torch.uint8), scorer=scorer,
+        inputs["mm_token_type_ids"], retentions, seed_pixels=raw["pixel_values"].round().to(torch.uint8), scorer=scorer,
     )
     tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS, forced=forced, best_logprobs=best)
     return batch.input_ids.shape[1], tokens, logprobs
@@ -154,15 +155,15 @@ def hf_media_reference(hf, items, question, ratio):
                       video_metadata=[VideoMetadata(**{k: v for k, v in metadata.items() if k != "do_sample_frames"})])
     inputs = processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
     merge = model.config.vision_config.spatial_merge_size
-    plans = image_plans(model, inputs["image_grid_thw"], ratio, "civic") if images else []
+    retentions = image_retention_list(model, inputs["image_grid_thw"], ratio, "civic") if images else []
     videos = None
     if decoded:
-        video_plans = [VideoRetention(num_groups=t, grid_hw=(h // merge, w // merge),
+        video_retentions = [VideoRetention(num_groups=t, grid_hw=(h // merge, w // merge),
                                       num_kept_per_group=num_retained((h // merge) * (w // merge), ratio))
                        for t, h, w in inputs["video_grid_thw"].tolist()]
-        videos = VideoInputs(inputs["pixel_values_videos"], inputs["video_grid_thw"], video_plans)
+        videos = VideoInputs(inputs["pixel_values_videos"], inputs["video_grid_thw"], video_retentions)
     batch = build_compact_batch(model, inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                                inputs["mm_token_type_ids"], plans, videos=videos)
+                                inputs["mm_token_type_ids"], retentions, videos=videos)
     tokens, logprobs = compact_greedy(model, batch, MAX_TOKENS)
     return batch.input_ids.shape[1], tokens, logprobs
 

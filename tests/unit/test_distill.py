@@ -70,7 +70,7 @@ def test_a_downscale_student_reads_the_smaller_image_against_the_full_image_teac
                                          student_enc=small)
     assert kl.shape == ce.shape == (len(qas),) and float(kl.detach().min()) > 0 and float(selection) == 0.0
     same, _, _ = D.distill_losses(teacher, teacher, enc, 0.25, recipe, preset.vision.spatial_merge_size)
-    assert float(same.abs().max()) < 1e-4  # the plans keep every token of whatever image the student sees
+    assert float(same.abs().max()) < 1e-4  # the retentions keep every token of whatever image the student sees
 
 
 def test_learned_distillation_trains_the_scorer_and_ships_the_recipe(teacher_dir: Path, tmp_path: Path) -> None:
