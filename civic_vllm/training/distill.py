@@ -132,8 +132,8 @@ def student_retentions(enc: tr.Encoded, merge: int, ratio: float, recipe: Distil
             retentions.append(ImageRetention(grid_hw=grid, num_kept=grid[0] * grid[1], policy="full"))
             continue
         retentions.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio),
-                                    policy=recipe.policy, exit_layer=recipe.exit_layer,
-                                    exit_context=recipe.exit_context))
+                                         policy=recipe.policy, exit_layer=recipe.exit_layer,
+                                         exit_context=recipe.exit_context))
     return retentions
 
 

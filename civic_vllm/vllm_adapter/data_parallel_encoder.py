@@ -64,7 +64,7 @@ def encode_images_sharded(
         rows = torch.cat(local)
     else:
         rows = torch.empty((0, row_width), dtype=dtype, device=pixel_values.device)
-    # Every rank knows every plan, so every rank knows every rank's row count: no size exchange.
+    # Every rank knows every image's retention, so every rank's row count: no size exchange.
     rows_per_rank = [sum(retentions[i].num_kept for i in order[bounds[r] : bounds[r + 1]]) for r in range(world)]
     padded = rows.new_zeros((max(rows_per_rank), row_width))
     padded[: rows.shape[0]] = rows

@@ -99,8 +99,8 @@ def image_retention_list(model, image_grid_thw, ratio, policy, exit_layer=None,
     retentions = []
     for _, h, w in image_grid_thw.tolist():
         grid = (h // merge, w // merge)
-        retentions.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio), policy=policy,
-                                    exit_layer=exit_layer, exit_context=exit_context))
+        retentions.append(ImageRetention(grid_hw=grid, num_kept=num_retained(grid[0] * grid[1], ratio),
+                                         policy=policy, exit_layer=exit_layer, exit_context=exit_context))
     return retentions
 
 
