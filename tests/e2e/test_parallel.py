@@ -88,7 +88,7 @@ CASES = [
 COMPACT_CASES = [c for c in CASES if c.ratio < 1]
 FULL_CASES = [c for c in CASES if c.ratio == 1]
 # KV blocks in use are sampled while this request decodes DECODE_TOKENS tokens (crossing block boundaries).
-DECODE_CASE, DECODE_TOKENS = CASES[1], 256
+DECODE_CASE, DECODE_TOKENS = CASES[1], 1024
 
 
 @dataclass(frozen=True)
