@@ -159,8 +159,8 @@ def hf_media_reference(hf, items, question, ratio):
     videos = None
     if decoded:
         video_retentions = [VideoRetention(num_groups=t, grid_hw=(h // merge, w // merge),
-                                      num_kept_per_group=num_retained((h // merge) * (w // merge), ratio))
-                       for t, h, w in inputs["video_grid_thw"].tolist()]
+                                           num_kept_per_group=num_retained((h // merge) * (w // merge), ratio))
+                            for t, h, w in inputs["video_grid_thw"].tolist()]
         videos = VideoInputs(inputs["pixel_values_videos"], inputs["video_grid_thw"], video_retentions)
     batch = build_compact_batch(model, inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_grid_thw"),
                                 inputs["mm_token_type_ids"], retentions, videos=videos)
