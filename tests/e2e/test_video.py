@@ -106,7 +106,7 @@ def test_kv_blocks_follow_the_kept_tokens(video_civic, video_vanilla, video):
     parts = [video_part(video)]
     held = {}
     for name, server, ratio in (("civic", video_civic, 1 / 3), ("vanilla", video_vanilla, None)):
-        samples, usage = blocks_during_decode(server, parts, QUESTION, ratio, max_tokens=600,
+        samples, usage = blocks_during_decode(server, parts, QUESTION, ratio, max_tokens=1500,
                                               usable_blocks=pool_blocks(server) - 1)
         assert samples, "no decode step sampled"
         wrong = [(g, blocks) for g, blocks in samples
