@@ -35,6 +35,7 @@ from civic_vllm.retention.selection import (
     patch_counts,
     select_after_block,
     select_video_tokens,
+    sequence_rows,
 )
 
 
@@ -145,25 +146,43 @@ def _keep_columns(keep: torch.Tensor, is_item_token: torch.Tensor, kept: Sequenc
 
 
 def compact_videos(core, videos: VideoInputs) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """HF's vision tower on every frame group, then each video's kept rows (main and every
-    DeepStack level, the same indices), chosen by the shared video selection."""
-    output = core.get_video_features(videos.pixel_values_videos, videos.video_grid_thw, return_dict=True)
-    kept = [select_video_tokens(main, plan) for main, plan in zip(output.pooler_output, videos.retentions)]
-    merged = torch.cat([main[k] for main, k in zip(output.pooler_output, kept)])
-    deepstack = [torch.cat([rows[k] for rows, k in zip(level, kept)]) for level in output.deepstack_features or []]
-    return merged, deepstack, kept
+    """Each video's kept rows (main and every DeepStack level, the same indices) and kept indices.
+
+    A video whose exit layer is inside the tower runs :func:`compact_vision` (selection on that
+    layer's rows, the later blocks on kept rows only); the others run HF's own vision tower on
+    every frame group and select on its output. One video at a time: frame groups attend apart,
+    so batching changes nothing but speed here.
+    """
+    depth = len(core.visual.blocks)
+    grids = videos.video_grid_thw
+    pixels = videos.pixel_values_videos.split(patch_counts(grids.tolist()))
+    merged, deepstack, kept = [], [], []
+    for video_pixels, grid, plan in zip(pixels, grids, videos.retentions):
+        grid = grid[None]
+        if not plan.keeps_all and plan.exit_layer is not None and plan.exit_layer < depth:
+            rows, taps, (indices,), _ = compact_vision(core.visual, video_pixels, grid, [plan], video_pixels)
+        else:
+            output = core.get_video_features(video_pixels, grid, return_dict=True)
+            main = output.pooler_output[0]
+            indices = select_video_tokens(main, plan)
+            rows, taps = main[indices], [level[0][indices] for level in output.deepstack_features or []]
+        merged.append(rows)
+        deepstack.append(taps)
+        kept.append(indices)
+    return torch.cat(merged), [torch.cat(level) for level in zip(*deepstack)], kept
 
 
 def compact_vision(
     visual,
     pixel_values: torch.Tensor,
     grid_thw: torch.Tensor,
-    retentions: Sequence[ImageRetention],
+    retentions: Sequence[ImageRetention | VideoRetention],
     seed_pixels,
     scorer: TokenScorer | None = None,
     straight_through: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
-    """HF's vision tower with CIVIC retention at each image's exit layer.
+    """HF's vision tower with CIVIC retention at each item's exit layer (images, or videos:
+    :class:`VideoRetention`, each frame group its own attention sequence).
 
     Returns the merged rows of the kept tokens [sum K, D], the same for every DeepStack
     level, each image's kept raster indices and its learned scores (None for other
@@ -222,7 +241,7 @@ def compact_vision(
             hidden = hidden * _straight_through_gate(surviving, selecting, scores, retentions).to(hidden.dtype)[:, None]
         taps = [tap[group_index] for tap in taps]
         groups = [len(s) for s in surviving]
-        rows = torch.tensor([GROUP_ROWS * g for g in groups], device=hidden.device)
+        rows = torch.tensor(sequence_rows(groups, retentions), device=hidden.device)
         cu_seqlens = F.pad(rows.cumsum(0, dtype=torch.int32), (1, 0))
     return visual.merger(hidden), taps, kept, scores
 

@@ -40,6 +40,8 @@ EXIT_LAYER_KEY = "civic_exit_layer_of_image"  # not "civic_exit_layer": that is 
 EXIT_CONTEXT_KEY = "civic_exit_context_of_image"  # 1: the blocks after the exit layer read the dropped groups
 PER_IMAGE_KEYS = (NUM_KEPT_KEY, POLICY_ID_KEY, EXIT_LAYER_KEY, EXIT_CONTEXT_KEY)
 VIDEO_NUM_KEPT_KEY = "civic_video_num_kept"  # K_t, kept tokens in each frame group of a video
+VIDEO_EXIT_LAYER_KEY = "civic_exit_layer_of_video"  # not "civic_video_exit_layer": that is the setting
+PER_VIDEO_KEYS = (VIDEO_NUM_KEPT_KEY, VIDEO_EXIT_LAYER_KEY)
 
 
 def policy_id(name: str) -> int:
@@ -136,7 +138,12 @@ class CivicSettings(BaseModel):
     images (video frames repeat each other, so a lower value usually costs less accuracy).
     ``policy`` "full" keeps every video token too; any other policy selects video tokens
     with the temporal-novelty policy (civic_vllm.retention.video). ``min_tokens`` is the
-    floor per frame group; ``exit_layer`` applies to images only."""
+    floor per frame group; ``exit_layer`` applies to images only (see ``video_exit_layer``)."""
+
+    video_exit_layer: int | None = None
+    """``exit_layer`` for videos: vision blocks that run on every patch of every frame group
+    before the temporal policy selects K_t tokens per group; the later blocks and the mergers
+    then run on the kept tokens only. Default None: selection on the encoder output."""
 
     exit_layer: int | None = None
     """Vision blocks that run on all patches before retention; None: all of them (retention on
@@ -173,7 +180,7 @@ class CivicSettings(BaseModel):
     def _check_min_tokens(cls, value: Any) -> int:
         return _strict_int(value, 1)
 
-    @field_validator("exit_layer", mode="before")
+    @field_validator("exit_layer", "video_exit_layer", mode="before")
     @classmethod
     def _check_exit_layer(cls, value: Any) -> int | None:
         if value is None:
@@ -185,11 +192,13 @@ class CivicSettings(BaseModel):
     def check_model(self, depth: int, has_scorer: bool) -> None:
         """Settings that need the model: the exit layer must name one of its vision blocks, and
         the learned policy needs a checkpoint with a trained scorer."""
-        if self.exit_layer is not None and self.exit_layer > depth:
-            raise CivicSettingsError(
-                f"Invalid CIVIC setting: civic_exit_layer must be between 1 and {depth} "
-                f"(this model's vision blocks) or null, got {self.exit_layer}"
-            )
+        for name in ("exit_layer", "video_exit_layer"):
+            value = getattr(self, name)
+            if value is not None and value > depth:
+                raise CivicSettingsError(
+                    f"Invalid CIVIC setting: {KEY_PREFIX}{name} must be between 1 and {depth} "
+                    f"(this model's vision blocks) or null, got {value}"
+                )
         if self.policy == "learned" and not has_scorer:
             raise CivicSettingsError(
                 "Invalid CIVIC setting: civic_policy 'learned' needs a checkpoint with a trained CIVIC scorer "

@@ -42,10 +42,18 @@ class ImageRetention:
     def keeps_all(self) -> bool:
         return self.num_kept == self.num_tokens
 
+    @property
+    def num_sequences(self) -> int:
+        """Attention sequences of this item in the vision tower: one per image."""
+        return 1
+
     def selects_after(self, block: int, depth: int) -> bool:
         """Whether this image's selection happens right after 0-based ``block``."""
-        exit_layer = depth if self.exit_layer is None else min(self.exit_layer, depth)
-        return block == exit_layer - 1
+        return _selects_after(self.exit_layer, block, depth)
+
+
+def _selects_after(exit_layer: int | None, block: int, depth: int) -> bool:
+    return block == (depth if exit_layer is None else min(exit_layer, depth)) - 1
 
 
 def select_image_tokens(
@@ -89,20 +97,33 @@ def select_after_block(
     scorer: TokenScorer | None = None,
     scores: list[torch.Tensor | None] | None = None,
 ) -> list[int]:
-    """Select for every image whose exit layer ends at ``block_index``; fills ``kept``.
+    """Select for every item whose exit layer ends at ``block_index``; fills ``kept``.
 
-    ``hidden`` holds all images' current patch rows, image i owning 4 * groups[i]
-    consecutive rows. Returns the indices of the images that selected. When ``scores``
-    is given, the learned policy's scores of image i go to ``scores[i]``.
+    ``hidden`` holds all items' current patch rows, item i owning 4 * groups[i]
+    consecutive rows. An item is an image (:class:`ImageRetention`) or a video
+    (:class:`VideoRetention`, selected on the mean of each merged token's patch rows).
+    Returns the indices of the items that selected. When ``scores`` is given, the
+    learned policy's scores of image i go to ``scores[i]``.
     """
     selecting = [i for i, plan in enumerate(retentions) if plan.selects_after(block_index, depth)]
     if selecting:
-        image_rows = hidden.split([GROUP_ROWS * g for g in groups])
+        item_rows = hidden.split([GROUP_ROWS * g for g in groups])
         for i in selecting:
-            kept[i], image_scores = select_image_tokens(image_rows[i], seed_pixels[i], retentions[i], scorer)
+            if isinstance(retentions[i], VideoRetention):
+                features = item_rows[i].reshape(-1, GROUP_ROWS, item_rows[i].shape[-1]).mean(dim=1)
+                kept[i], item_scores = select_video_tokens(features, retentions[i]), None
+            else:
+                kept[i], item_scores = select_image_tokens(item_rows[i], seed_pixels[i], retentions[i], scorer)
             if scores is not None:
-                scores[i] = image_scores
+                scores[i] = item_scores
     return selecting
+
+
+def sequence_rows(groups: Sequence[int], retentions: Sequence[ImageRetention | VideoRetention]) -> list[int]:
+    """Patch rows of each attention sequence of the current rows (item i holds groups[i] merged
+    tokens, split evenly over its ``num_sequences``: a video's frame groups attend apart)."""
+    return [GROUP_ROWS * g // plan.num_sequences for g, plan in zip(groups, retentions)
+            for _ in range(plan.num_sequences)]
 
 
 def patch_counts(grid_thw: Sequence[Sequence[int]]) -> list[int]:
@@ -111,11 +132,25 @@ def patch_counts(grid_thw: Sequence[Sequence[int]]) -> list[int]:
 
 @dataclass(frozen=True)
 class VideoRetention:
-    """What to keep for one video: ``num_kept_per_group`` of each frame group's merged tokens."""
+    """What to keep for one video: ``num_kept_per_group`` of each frame group's merged tokens.
+
+    ``exit_layer`` as for images (None: on the encoder output). Every frame group selects
+    at the same layer, so the temporal policy still compares whole groups; no exit context.
+    """
 
     num_groups: int  # frame groups (grid t)
     grid_hw: tuple[int, int]  # merged grid (rows, cols) of every group
     num_kept_per_group: int
+    exit_layer: int | None = None
+    exit_context = False  # not a field: the dropped rows of a video are never attended to
+
+    @property
+    def num_sequences(self) -> int:
+        """Each frame group is its own attention sequence in the vision tower."""
+        return self.num_groups
+
+    def selects_after(self, block: int, depth: int) -> bool:
+        return _selects_after(self.exit_layer, block, depth)
 
     @property
     def tokens_per_group(self) -> int:
@@ -144,8 +179,8 @@ def select_video_tokens(features: torch.Tensor, plan: VideoRetention) -> torch.T
 
     ``features`` are the video's merged embeddings [num_groups * h * w, D] (the vision
     tower's main output, DeepStack levels excluded); the same indices then pick the
-    DeepStack rows. Retention is on the encoder output: the temporal-novelty policy
-    (civic_vllm.retention.video) needs whole frame groups to compare.
+    DeepStack rows; at an exit layer they are the mean patch rows of each merged token.
+    The temporal-novelty policy (civic_vllm.retention.video) compares whole frame groups.
     """
     if plan.keeps_all:
         return torch.arange(plan.num_tokens, device=features.device)

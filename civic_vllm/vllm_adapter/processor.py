@@ -59,7 +59,9 @@ from civic_vllm.settings import (
     KEY_PREFIX,
     NUM_KEPT_KEY,
     PER_IMAGE_KEYS,
+    PER_VIDEO_KEYS,
     POLICY_ID_KEY,
+    VIDEO_EXIT_LAYER_KEY,
     VIDEO_NUM_KEPT_KEY,
     CivicSettings,
     ServerSettings,
@@ -290,6 +292,8 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
                     "Send them with civic_video_ratio 1.0 (or civic_policy 'full')."
                 )
             processed[VIDEO_NUM_KEPT_KEY] = torch.tensor(num_kept, dtype=torch.int64)
+            exit_layer = settings.video_exit_layer or self.info.vision_depth()
+            processed[VIDEO_EXIT_LAYER_KEY] = torch.full((len(grids),), exit_layer, dtype=torch.int64)
         return processed
 
     def _check_embeddings_kept_whole(self, items, grids, num_kept) -> None:
@@ -311,7 +315,8 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
         config = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         for key in PER_IMAGE_KEYS:
             config[key] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
-        config[VIDEO_NUM_KEPT_KEY] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        for key in PER_VIDEO_KEYS:
+            config[key] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
         return config
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):

@@ -6,10 +6,12 @@ deepstack_merger_list, deepstack_visual_indexes; vLLM 0.33 qwen3_vl.py:561-905) 
 ``MMEncoderAttention``'s cu_seqlens helpers.
 Why: the stock forward runs every block on all patches and the merger and every
 DeepStack merger on all N merged tokens inside the block loop. CIVIC selects K
-groups per image after its exit layer (by default after the last block), gathers
+groups per image (K_t per frame group of a video) after its exit layer (by default
+after the last block), gathers
 their 2x2 patch rows contiguously together with their rotary embeddings and any
 DeepStack taps already taken, runs the remaining blocks on those rows only
-(per-image sequence boundaries recomputed), and the mergers on K rows. With an image's
+(sequence boundaries recomputed: one per image, one per frame group of a video), and
+the mergers on K rows. With an image's
 ``exit_context`` the later blocks run as ``civic_vllm.exit_context.block_with_context``
 on the stock block's own submodules (norm1, attn.qkv, attn.apply_rotary_emb, attn.proj,
 norm2, mlp): the kept rows also attend to the dropped rows frozen at the exit layer.
@@ -30,26 +32,34 @@ from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderA
 from civic_vllm.exit_context import BlockParts, DroppedContext, block_with_context, dropped_groups
 from civic_vllm.kernels import gather_merge_project, gather_rows
 from civic_vllm.retention.learned import TokenScorer
-from civic_vllm.retention.selection import GROUP_ROWS, ImageRetention, patch_counts, select_after_block
+from civic_vllm.retention.selection import (
+    GROUP_ROWS,
+    ImageRetention,
+    VideoRetention,
+    patch_counts,
+    select_after_block,
+    sequence_rows,
+)
 
 SEQUENCE_KEYS = ("cu_seqlens", "max_seqlen", "sequence_lengths")
 
 
 @dataclass
-class CompactImageEmbeddings:
-    embeddings: list[torch.Tensor]  # per image [K_i, D * (1 + deepstack levels)]
-    kept_indices: list[torch.Tensor]  # per image [K_i] raster indices, ascending
+class CompactEmbeddings:
+    embeddings: list[torch.Tensor]  # per item [K_i, D * (1 + deepstack levels)]
+    kept_indices: list[torch.Tensor]  # per item [K_i] raster indices (group-major for a video), ascending
 
 
-def encode_images_compact(
+def encode_compact(
     visual: nn.Module,
     pixel_values: torch.Tensor,
     grid_thw: Sequence[Sequence[int]],
-    retentions: Sequence[ImageRetention],
+    retentions: Sequence[ImageRetention | VideoRetention],
     scorer: TokenScorer | None = None,
-) -> CompactImageEmbeddings:
-    """Run the vision tower, keeping ``retentions[i].num_kept`` tokens of image i (``scorer``: the
-    checkpoint's trained scorer, read by the learned policy)."""
+) -> CompactEmbeddings:
+    """Run the vision tower, keeping ``retentions[i].num_kept`` tokens of item i (``scorer``: the
+    checkpoint's trained scorer, read by the learned policy). The items of one call are all
+    images or all videos (vLLM's pixel tensors are per modality)."""
     depth = len(visual.blocks)
     metadata = visual.prepare_encoder_metadata(list(grid_thw))
     hidden = visual.input_norm(pixel_values.to(device=visual.device, non_blocking=True), visual.dtype)
@@ -57,7 +67,7 @@ def encode_images_compact(
     rotary = [metadata["rotary_pos_emb_cos"], metadata["rotary_pos_emb_sin"]]
     sequences = {key: metadata.get(key) for key in SEQUENCE_KEYS}
     seed_pixels = pixel_values.split(patch_counts(grid_thw))
-    groups = [plan.num_tokens for plan in retentions]  # merged tokens per image in the current rows
+    groups = [plan.num_tokens for plan in retentions]  # merged tokens per item in the current rows
     kept: list[torch.Tensor | None] = [None] * len(retentions)
     taps: list[torch.Tensor] = []
     context = DroppedContext()  # images whose later blocks still read their dropped rows
@@ -93,7 +103,7 @@ def encode_images_compact(
         rotary = [cos, sin]
         for i, indices in compacting.items():
             groups[i] = len(indices)
-        sequences = sequence_metadata(visual, [GROUP_ROWS * g for g in groups])
+        sequences = sequence_metadata(visual, sequence_rows(groups, retentions))
 
     final = {i: kept[i] for i, retention in enumerate(retentions)
              if retention.selects_after(depth - 1, depth) and not retention.keeps_all}
@@ -102,7 +112,7 @@ def encode_images_compact(
     else:  # every row left is a kept row: the stock mergers, bit-identical to vanilla at ratio 1
         merged = [visual.merger(hidden)] + [m(t) for m, t in zip(visual.deepstack_merger_list, taps)]
     embeddings = torch.cat(merged, dim=1).split([len(k) for k in kept])
-    return CompactImageEmbeddings(embeddings=list(embeddings), kept_indices=list(kept))
+    return CompactEmbeddings(embeddings=list(embeddings), kept_indices=list(kept))
 
 
 def layout_index(groups: Sequence[int], replace: Mapping[int, torch.Tensor], only: bool = False) -> torch.Tensor:
@@ -138,12 +148,12 @@ def _block_parts(block: nn.Module) -> BlockParts:
                       scale=head_size**-0.5)
 
 
-def sequence_metadata(visual: nn.Module, rows_per_image: Sequence[int]) -> dict[str, torch.Tensor | None]:
-    """cu_seqlens / max_seqlen / sequence_lengths for the compacted rows (one sequence per image).
+def sequence_metadata(visual: nn.Module, rows_per_sequence: Sequence[int]) -> dict[str, torch.Tensor | None]:
+    """cu_seqlens / max_seqlen / sequence_lengths for the compacted rows.
 
     The same backend-specific helpers vLLM's ``prepare_encoder_metadata`` uses.
     """
-    cu_seqlens = np.concatenate([[0], np.cumsum(rows_per_image)]).astype(np.int32)
+    cu_seqlens = np.concatenate([[0], np.cumsum(rows_per_sequence)]).astype(np.int32)
     backend, device = visual.attn_backend, visual.device
     return {
         "cu_seqlens": MMEncoderAttention.maybe_recompute_cu_seqlens(

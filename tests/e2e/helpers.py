@@ -137,9 +137,10 @@ def make_video(frames: int = 8, width: int = 256, height: int = 256, seed: int =
     return video
 
 
-def hf_media_reference(hf, items, question, ratio):
+def hf_media_reference(hf, items, question, ratio, video_exit_layer=None):
     """(prompt tokens, greedy tokens, logprobs) of the HF reference for images and videos (video
-    data URLs) in prompt order, retained at ``ratio`` with the civic policy (temporal for videos)."""
+    data URLs) in prompt order, retained at ``ratio`` with the civic policy (temporal for videos,
+    selecting after ``video_exit_layer`` vision blocks; None: on the encoder output)."""
     from transformers.video_utils import VideoMetadata
 
     model, processor = hf
@@ -159,7 +160,8 @@ def hf_media_reference(hf, items, question, ratio):
     videos = None
     if decoded:
         video_retentions = [VideoRetention(num_groups=t, grid_hw=(h // merge, w // merge),
-                                           num_kept_per_group=num_retained((h // merge) * (w // merge), ratio))
+                                           num_kept_per_group=num_retained((h // merge) * (w // merge), ratio),
+                                           exit_layer=video_exit_layer)
                             for t, h, w in inputs["video_grid_thw"].tolist()]
         videos = VideoInputs(inputs["pixel_values_videos"], inputs["video_grid_thw"], video_retentions)
     batch = build_compact_batch(model, inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_grid_thw"),

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.e2e
 GROUPS, GROUP_TOKENS = 4, 64  # make_video() defaults: 8 frames of 256x256
 VIDEO_TOKENS = GROUPS * GROUP_TOKENS
 QUESTION = "What moves in the video?"
+VIDEO_EXIT_LAYER = 1  # of the tiny model's vision blocks
 VIDEO_SERVER = dict(videos_per_prompt=1, images_per_prompt=2, profile_video_size=(256, 256, 8),
                     profile_image_size=(448, 448))
 
@@ -155,6 +156,25 @@ def test_video_matches_hf_reference(video_civic, hf, video, ratio, order):
     assert served.logprobs == pytest.approx(logprobs, abs=2e-3)
 
 
+@pytest.mark.parametrize("order", ["video", "image-video"])
+def test_video_exit_layer_matches_hf_reference(video_civic, hf, video, order):
+    """With civic_video_exit_layer the temporal policy selects after that block and the later
+    blocks run on the kept rows only; the HF reference does the same in transformers' tower."""
+    image = make_image(320, 256, seed=4)
+    items = {"video": [video], "image-video": [image, video]}[order]
+    prompt_len, tokens, logprobs = hf_media_reference(hf, items, QUESTION, 1 / 3, video_exit_layer=VIDEO_EXIT_LAYER)
+    parts = [video_part(item) if isinstance(item, str) else item for item in items]
+    served = chat(video_civic, parts, QUESTION, ratio=1 / 3, max_tokens=MAX_TOKENS, ignore_eos=True,
+                  video_exit_layer=VIDEO_EXIT_LAYER)
+    assert served.prompt_tokens == prompt_len
+    assert served.token_ids == tokens
+    assert served.logprobs == pytest.approx(logprobs, abs=2e-3)
+    # Guards against an exit layer that is silently ignored: selecting on the encoder output differs.
+    on_output = chat(video_civic, parts, QUESTION, ratio=1 / 3, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert on_output.prompt_tokens == served.prompt_tokens
+    assert on_output.logprobs != pytest.approx(served.logprobs, abs=1e-4)
+
+
 def test_retention_changes_what_the_model_sees(video_civic, video):
     """Guards the reference test against a ratio that is silently ignored for video."""
     full = chat(video_civic, [video_part(video)], QUESTION, ratio=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -182,6 +202,16 @@ def test_bad_video_is_a_4xx_and_the_server_keeps_serving(video_civic, part, mm_k
     response = post_chat(video_civic, [part, {"type": "text", "text": QUESTION}], mm_kwargs=mm_kwargs)
     assert 400 <= response.status_code < 500, response.text[:500]
     assert error_message(response)
+    assert_still_serving(video_civic)
+
+
+@pytest.mark.parametrize("value", [0, 99, "1", True])
+def test_bad_video_exit_layer_names_the_setting(video_civic, value):
+    part = video_part(video_data_url(make_video(frames=4)))
+    response = post_chat(video_civic, [part, {"type": "text", "text": QUESTION}],
+                         mm_kwargs={"civic_video_exit_layer": value, "civic_ratio": 0.5})
+    assert response.status_code == 400, response.text[:500]
+    assert "civic_video_exit_layer" in error_message(response)
     assert_still_serving(video_civic)
 
 

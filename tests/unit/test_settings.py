@@ -54,16 +54,26 @@ def test_round_trip_and_strip():
     assert strip_civic_kwargs({**kwargs, "max_pixels": 7}) == {"max_pixels": 7}
 
 
-def test_exit_layer_default_and_values():
-    assert CivicSettings.from_mm_kwargs({}).exit_layer is None
-    assert CivicSettings.from_mm_kwargs({"civic_exit_layer": 3}).exit_layer == 3
-    assert CivicSettings.from_mm_kwargs({"civic_exit_layer": None}).exit_layer is None
+EXIT_LAYER_NAMES = ["exit_layer", "video_exit_layer"]
 
 
+@pytest.mark.parametrize("name", EXIT_LAYER_NAMES)
+def test_exit_layer_default_and_values(name):
+    assert getattr(CivicSettings.from_mm_kwargs({}), name) is None
+    assert getattr(CivicSettings.from_mm_kwargs({f"civic_{name}": 3}), name) == 3
+    assert getattr(CivicSettings.from_mm_kwargs({f"civic_{name}": None}), name) is None
+
+
+def test_the_two_exit_layers_are_independent():
+    settings = CivicSettings.from_mm_kwargs({"civic_video_exit_layer": 2})
+    assert (settings.exit_layer, settings.video_exit_layer) == (None, 2)
+
+
+@pytest.mark.parametrize("name", EXIT_LAYER_NAMES)
 @pytest.mark.parametrize("value", [0, -2, 1.5, "3", True])
-def test_invalid_exit_layer(value):
-    with pytest.raises(CivicSettingsError, match="civic_exit_layer"):
-        CivicSettings.from_mm_kwargs({"civic_exit_layer": value})
+def test_invalid_exit_layer(name, value):
+    with pytest.raises(CivicSettingsError, match=f"civic_{name} must be an integer"):
+        CivicSettings.from_mm_kwargs({f"civic_{name}": value})
 
 
 def test_exit_context_is_a_strict_boolean():
@@ -74,10 +84,11 @@ def test_exit_context_is_a_strict_boolean():
             CivicSettings.from_mm_kwargs({"civic_exit_context": value})
 
 
-def test_exit_layer_beyond_the_vision_depth():
-    settings = CivicSettings.from_mm_kwargs({"civic_exit_layer": 5})
+@pytest.mark.parametrize("name", EXIT_LAYER_NAMES)
+def test_exit_layer_beyond_the_vision_depth(name):
+    settings = CivicSettings.from_mm_kwargs({f"civic_{name}": 5})
     settings.check_model(5, has_scorer=False)
-    with pytest.raises(CivicSettingsError, match="between 1 and 4"):
+    with pytest.raises(CivicSettingsError, match=f"civic_{name} must be between 1 and 4"):
         settings.check_model(4, has_scorer=False)
 
 

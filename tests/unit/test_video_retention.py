@@ -9,7 +9,14 @@ import torch
 from civic_vllm.budget import frame_groups, num_retained, num_retained_per_group
 from civic_vllm.positions import ImageSpan, frame_group_spans
 from civic_vllm.retention import CivicPolicy
-from civic_vllm.retention.selection import VideoRetention, select_video_tokens
+from civic_vllm.retention.selection import (
+    GROUP_ROWS,
+    ImageRetention,
+    VideoRetention,
+    select_after_block,
+    select_video_tokens,
+    sequence_rows,
+)
 from civic_vllm.retention.video import TemporalCivicPolicy
 from civic_vllm.settings import CivicSettings, CivicSettingsError
 
@@ -119,6 +126,31 @@ def test_video_plan():
     full = VideoRetention(num_groups=3, grid_hw=(4, 5), num_kept_per_group=20)
     assert torch.equal(select_video_tokens(torch.randn(60, 8), full), torch.arange(60))
     assert select_video_tokens(torch.randn(60, 8), plan).numel() == 21
+
+
+def test_a_video_selects_at_its_exit_layer_on_mean_patch_rows():
+    """At an exit layer a video's rows are 2x2 patch rows per merged token; the temporal policy
+    reads their mean, exactly as on merged features, K_t per group."""
+    plan = VideoRetention(num_groups=3, grid_hw=(4, 5), num_kept_per_group=7, exit_layer=2)
+    assert [plan.selects_after(block, 6) for block in range(6)] == [False, True, False, False, False, False]
+    assert VideoRetention(3, (4, 5), 7).selects_after(5, 6)  # no exit layer: after the last block
+    image = ImageRetention(grid_hw=(2, 2), num_kept=2, policy="civic", exit_layer=4)
+    features = torch.randn(plan.num_tokens, 16)
+    rows = features.repeat_interleave(GROUP_ROWS, dim=0) + 0.01 * torch.randn(GROUP_ROWS * plan.num_tokens, 16)
+    hidden = torch.cat([torch.randn(GROUP_ROWS * 4, 16), rows])  # an image first: rows of both items
+    kept = [None, None]
+    assert select_after_block(1, 6, hidden, [4, plan.num_tokens], [None, None], [image, plan], kept) == [1]
+    mean = rows.reshape(-1, GROUP_ROWS, 16).mean(dim=1)
+    assert kept[0] is None and torch.equal(kept[1], select_video_tokens(mean, plan))
+    per_group = (kept[1] // plan.tokens_per_group).bincount(minlength=3)
+    assert per_group.tolist() == [7, 7, 7]
+
+
+def test_sequence_rows_split_a_video_into_its_frame_groups():
+    video = VideoRetention(num_groups=3, grid_hw=(4, 5), num_kept_per_group=7)
+    image = ImageRetention(grid_hw=(2, 2), num_kept=2, policy="civic")
+    assert sequence_rows([4, 60], [image, video]) == [16, 80, 80, 80]
+    assert sequence_rows([2, 21], [image, video]) == [8, 28, 28, 28]  # after compaction
 
 
 # -- positions ------------------------------------------------------------------------------
