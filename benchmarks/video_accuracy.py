@@ -2,7 +2,8 @@
 frame subsampling, on the civic-shapes-video test split, served by vLLM.
 
     python -m benchmarks.video_accuracy [--model models/civic-shapes-video-tiny] [--n-test 640]
-                                        [--ratio 1/3] [--concurrency 4]      (= make bench-video-accuracy)
+                                        [--ratio 1/3] [--concurrency 4] [--video-exit-layers 1,2]
+                                                                            (= make bench-video-accuracy)
 
 One test split (seed TEST_SEED, tasks balanced: direction, appears, video_count, last_color), each
 method scored once, greedy:
@@ -15,7 +16,9 @@ method scored once, greedy:
                  Efficient Video Sampling (the first frame group whole, then the tokens least similar
                  to the same position one group earlier);
 * ``subsample``  the naive baseline: the client keeps about R of the frame groups, evenly spread, and
-                 sends every token of those (``civic eval --method subsample``).
+                 sends every token of those (``civic eval --method subsample``);
+* ``civic-exitL`` (with ``--video-exit-layers``) civic with ``civic_video_exit_layer=L``: the temporal
+                 policy selects after vision block L and the later blocks run on the kept tokens only.
 
 Video tokens reaching the LLM are the ``<|video_pad|>`` placeholders of each served prompt, so the kept
 fraction of EVS and subsampling is measured next to civic's, not assumed. Bootstrap 95% intervals
@@ -46,6 +49,15 @@ TEST_SEED = 90210  # no training stream or other split uses it (training draws v
 DEFAULT_MODEL = ROOT / "models" / "civic-shapes-video-tiny"
 METHODS = ("full", "civic", "evs", "subsample")
 COLOURS = {"full": "0.35", "civic": "C3", "evs": "C0", "subsample": "C2"}
+EXIT_COLOURS = ("C1", "C4", "C5", "C6")
+
+
+def exit_method(layer: int) -> str:
+    return f"civic-exit{layer}"
+
+
+def colour(method: str, exit_methods: list[str]) -> str:
+    return COLOURS.get(method) or EXIT_COLOURS[exit_methods.index(method) % len(EXIT_COLOURS)]
 
 
 def test_split(n_test: int) -> Path:
@@ -66,8 +78,9 @@ def scored(samples, predictions: list[dict[str, Any]], tasks: list[str]) -> Scor
 
 
 def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: Path,
-                cpu_evs_fix: bool = True) -> dict[str, dict[str, Any]]:
-    """Every method's ``civic eval`` result (with predictions): a vanilla EVS server, then one civic server.
+                cpu_evs_fix: bool = True, exit_layers: tuple[int, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Every method's ``civic eval`` result (with predictions): a vanilla EVS server, then one civic server
+    (``exit_layers``: also civic at each of those video exit layers).
 
     Each result is kept in ``cache`` as soon as it is scored (keyed by model, data and ratio), so a run
     that stops is continued rather than redone.
@@ -90,7 +103,7 @@ def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: P
     def keep(method: str, result: dict[str, Any]) -> None:
         (cache / f"{method}.json").write_text(json.dumps({"key": key, "result": result}))
 
-    results = {m: r for m in METHODS if (r := cached(m)) is not None}
+    results = {m: r for m in (*METHODS, *map(exit_method, exit_layers)) if (r := cached(m)) is not None}
     if "evs" not in results:
         t0 = time.monotonic()
         # benchmarks/evs_cpu (harness.evs_cpu_env), without which EVS fails on vLLM's CPU backend at once.
@@ -110,15 +123,17 @@ def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: P
                 results["evs"]["video_pruning_rate"] = round(1 - ratio, 6)
                 results["evs"]["cpu_evs_fix"] = cpu_evs_fix
                 keep("evs", results["evs"])
-    todo = [(m, r) for m, r in (("full", 1.0), ("civic", ratio), ("subsample", ratio)) if m not in results]
+    runs = [("full", "full", 1.0, None), ("civic", "civic", ratio, None), ("subsample", "subsample", ratio, None),
+            *((exit_method(layer), "civic", ratio, layer) for layer in exit_layers)]
+    todo = [run for run in runs if run[0] not in results]
     if todo:
         t0 = time.monotonic()
         with VllmServer(server_config(model, samples)) as server:
             print(f"civic server up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-            for method, r in todo:
-                results[method] = evaluate(samples, server.url, method=method, ratio=r, concurrency=concurrency,
-                                           desc=f"{method} r={ratio_label(r)}")
-                keep(method, results[method])
+            for name, method, r, layer in todo:
+                results[name] = evaluate(samples, server.url, method=method, ratio=r, exit_layer=layer,
+                                         concurrency=concurrency, desc=f"{name} r={ratio_label(r)}")
+                keep(name, results[name])
     return results
 
 
@@ -132,10 +147,12 @@ def root_errors(log: str, most: int = 3) -> list[str]:
     return seen[:most]
 
 
-def summarise(results: dict[str, dict[str, Any]], samples, ratio: float) -> dict[str, Any]:
+def summarise(results: dict[str, dict[str, Any]], samples, ratio: float,
+              exit_layers: tuple[int, ...] = ()) -> dict[str, Any]:
     tasks = sorted({s.record["task"] for s in samples})
     idx = bootstrap_indices(len(samples))
-    methods = [m for m in METHODS if m in results]
+    civics = ["civic", *map(exit_method, exit_layers)]
+    methods = [m for m in (*METHODS, *civics[1:]) if m in results]
     sc = {m: scored(samples, results[m]["predictions"], tasks) for m in methods}
     full_tokens = np.array(results["full"]["video_tokens"], dtype=float)
     rows = []
@@ -151,10 +168,11 @@ def summarise(results: dict[str, dict[str, Any]], samples, ratio: float) -> dict
             "mean_prompt_tokens": res["mean_prompt_tokens"], "mean_kv_blocks": res["mean_kv_blocks"],
             "block_size": res["block_size"], "wall_s": res["wall_s"], "requests_per_s": res["requests_per_s"],
             **{k: res[k] for k in ("video_pruning_rate", "cpu_evs_fix") if k in res},
+            **({"video_exit_layer": res["exit_layer"]} if res.get("exit_layer") is not None else {}),
         })
+    pairs = [*((c, b) for c in civics for b in ("evs", "subsample", "full")), ("evs", "full"), ("subsample", "full")]
     comparisons = {f"{a}-{b}": {k: paired(sc[a], sc[b], k, idx) for k in ["overall", *tasks]}
-                   for a, b in (("civic", "evs"), ("civic", "subsample"), ("civic", "full"), ("evs", "full"),
-                                ("subsample", "full")) if a in sc and b in sc}
+                   for a, b in pairs if a in sc and b in sc}
     return {"tasks": tasks, "rows": rows, "comparisons": comparisons,
             "baseline": results["full"]["baseline"],
             **({"evs_error": results["evs_error"]} if "evs_error" in results else {})}
@@ -190,7 +208,8 @@ def comparison_lines(result: dict[str, Any]) -> str:
             p = by_metric[m]
             lo, hi = p["difference_ci95"]
             cells.append(f"{p['difference'] * 100:+.1f} ({lo * 100:+.1f} to {hi * 100:+.1f})")
-        lines.append(f"| {name.replace('-', ' − ')} | " + " | ".join(cells) + " |")
+        first, second = name.rsplit("-", 1)
+        lines.append(f"| {first} − {second} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -203,12 +222,13 @@ def plot(result: dict[str, Any], out: Path) -> None:
     metrics = ["overall", *result["tasks"]]
     fig, ax = plt.subplots(figsize=(11, 4.6))
     width = 0.8 / len(result["rows"])
+    exit_methods = [r["method"] for r in result["rows"] if r["method"] not in COLOURS]
     for i, r in enumerate(result["rows"]):
         xs = np.arange(len(metrics)) + (i - (len(result["rows"]) - 1) / 2) * width
         vals = np.array([r["figures"][m]["value"] for m in metrics])
         los = np.array([r["figures"][m]["ci95"][0] for m in metrics])
         his = np.array([r["figures"][m]["ci95"][1] for m in metrics])
-        ax.bar(xs, vals, width, color=COLOURS[r["method"]], alpha=0.85,
+        ax.bar(xs, vals, width, color=colour(r["method"], exit_methods), alpha=0.85,
                label=f"{r['method']} ({r['mean_video_tokens']:.0f} video tokens, {r['kept_fraction']:.0%})")
         ax.errorbar(xs, vals, yerr=[vals - los, his - vals], fmt="none", color="k", capsize=2, linewidth=1)
     base = result["baseline"]
@@ -235,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=one_ratio, default=1 / 3, help="kept fraction of video tokens (default 1/3)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "video_accuracy.json"))
+    parser.add_argument("--video-exit-layers", type=_layers, default=(),
+                        help="also civic with civic_video_exit_layer at each of these vision blocks, e.g. 1,2")
     parser.add_argument("--no-cpu-evs-fix", action="store_true",
                         help="serve EVS without benchmarks/evs_cpu (on vLLM's CPU backend it then fails at once)")
     args = parser.parse_args(argv)
@@ -243,12 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     samples = load_samples(data)
     start = time.monotonic()
     results = run_methods(args.model, data, args.ratio, args.concurrency, DATA_ROOT / "results",
-                          cpu_evs_fix=not args.no_cpu_evs_fix)
+                          cpu_evs_fix=not args.no_cpu_evs_fix, exit_layers=args.video_exit_layers)
     model = Path(args.model).resolve()
     result = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else args.model,
               "data": str(data.relative_to(ROOT)), "test_seed": TEST_SEED, "n": len(samples),
               "ratio": args.ratio, "wall_s": round(time.monotonic() - start, 1),
-              **summarise(results, samples, args.ratio)}
+              "command": "python -m benchmarks.video_accuracy " + " ".join(sys.argv[1:] if argv is None else argv),
+              **summarise(results, samples, args.ratio, args.video_exit_layers)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -263,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"-> {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return 0
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    layers = tuple(int(part) for part in text.split(","))
+    if any(layer < 1 for layer in layers):
+        raise argparse.ArgumentTypeError(f"vision blocks are counted from 1, got {text!r}")
+    return layers
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pruning-rate", type=Fraction, default=Fraction(2, 3), help="EVS's --video-pruning-rate")
     parser.add_argument("--civic-ratio", type=Fraction, default=None,
                         help="civic's civic_video_ratio (default: the largest that keeps no more tokens than EVS)")
+    parser.add_argument("--civic-video-exit-layer", type=int, default=None, metavar="L",
+                        help="the civic server's civic_video_exit_layer (default: selection on the encoder output)")
     parser.add_argument("--stride", type=int, default=3, help="subsampling baseline: every N-th frame (3)")
     parser.add_argument("--concurrency", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="locust user counts (default 1,8)")
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "version": 1, "quick": args.quick, "preset": args.preset if not args.model else str(model), "model": str(model),
         "dtype": args.dtype, "spec": asdict(spec), "bounds": asdict(bounds), "max_tokens": args.max_tokens,
         "pruning_rate": str(args.pruning_rate), "stride": args.stride, "pool_plan": pool,
+        "civic_video_exit_layer": args.civic_video_exit_layer,
         "pool": run.server_info["vanilla"]["pool"], "block_size": run.server_info["vanilla"]["pool"]["block_size"],
         "servers": run.server_info, "client_cpus": run.client_cpus, "points": run.points, "probe": run.probe,
         "timeseries": run.timeseries, "notes": NOTES + run.notes, "load_start": load_start, "load_end": os.getloadavg(),

@@ -67,10 +67,12 @@ class Contender:
     stride: int = 1
     prune_rate: Fraction | None = None
     default: bool = False  # run_point records it (recipe defaults do not apply here)
+    exit_layer: int | None = None  # civic: the server's civic_video_exit_layer (None: on the encoder output)
 
     @property
     def label(self) -> str:
-        return {"vanilla": "vanilla", "evs": f"EVS q={self.prune_rate}", "civic": f"civic r={self.ratio}",
+        civic = f"civic r={self.ratio}" + (f" exit {self.exit_layer}" if self.exit_layer is not None else "")
+        return {"vanilla": "vanilla", "evs": f"EVS q={self.prune_rate}", "civic": civic,
                 "subsample": f"subsample 1/{self.stride}"}[self.name]
 
     @property

@@ -106,11 +106,12 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
             run.servers.pop("evs").stop()
             evs_count = state["evs"]["kept_by_formula"]
         ratio = run.args.civic_ratio or matching_ratio(evs_count, spec.tokens_per_group, spec.groups())
-        civic = Contender("civic", "civic", ratio=ratio)
+        exit_layer = run.args.civic_video_exit_layer
+        civic = Contender("civic", "civic", ratio=ratio, exit_layer=exit_layer)
         state["counts"] += count_tokens(run, spec, civic, video_token_id)
         if ratio != Fraction(1, 3):  # the placeholder check is at r = 1/3
-            state["counts"] += count_tokens(run, spec, Contender("civic", "civic", ratio=Fraction(1, 3)),
-                                            video_token_id)
+            state["counts"] += count_tokens(run, spec, Contender("civic", "civic", ratio=Fraction(1, 3),
+                                                                 exit_layer=exit_layer), video_token_id)
         run.configs = run.probe_configs = [vanilla, *([evs] if state["evs"]["ok"] else []), civic, subsample]
         measure_points(run, spec)
         if not run.args.no_random_mm:
@@ -126,5 +127,6 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
         (run.raw_dir / "partial.json").write_text(json.dumps(partial, default=str) + "\n")
     state["contenders"] = [{"label": c.label, "name": c.name, "server": c.server,
                             "ratio": None if c.ratio is None else str(c.ratio), "stride": c.stride,
-                            "prune_rate": None if c.prune_rate is None else str(c.prune_rate)} for c in run.configs]
+                            "prune_rate": None if c.prune_rate is None else str(c.prune_rate),
+                            "exit_layer": c.exit_layer} for c in run.configs]
     return state

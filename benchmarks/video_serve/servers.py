@@ -26,8 +26,14 @@ def server_configs(run: VideoRun, spec: VideoSpec, rate: Fraction) -> dict[str, 
         "vanilla": ServerConfig(civic=False, extra_args=no_cache, **common),
         "evs": ServerConfig(civic=False, extra_args=[*no_cache, "--video-pruning-rate", repr(float(rate))],
                             extra_env=evs_cpu_env(), **common),
-        "civic": ServerConfig(civic=True, extra_args=no_cache, **common),
+        "civic": ServerConfig(civic=True, extra_args=no_cache, civic_defaults=civic_defaults(run), **common),
     }
+
+
+def civic_defaults(run: VideoRun) -> dict:
+    """The civic server's ``--mm-processor-kwargs``: the video exit layer when one is asked for."""
+    layer = run.args.civic_video_exit_layer
+    return {} if layer is None else {"civic_video_exit_layer": layer}
 
 
 def random_mm_command(run: VideoRun, spec: VideoSpec, contender: Contender, users: int, prompts: int,

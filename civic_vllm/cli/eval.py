@@ -58,7 +58,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    help=f"video samples: {', '.join(VIDEO_METHODS)} (subsample: uniform frame-group subsampling "
                         "to about RATIO of the groups in the client)")
     p.add_argument("--ratio", type=one_ratio, default=1.0, help="retention ratio in (0, 1], e.g. 0.5 or 1/3")
-    p.add_argument("--exit-layer", type=int, default=None, help="civic_exit_layer (vision block to retain after)")
+    p.add_argument("--exit-layer", type=int, default=None, help="civic_exit_layer (vision block to retain after; "
+                   "for video data civic_video_exit_layer)")
     p.add_argument("--out", required=True, help="result JSON")
     p.add_argument("--predictions", default=None, help="also write every output as JSONL here")
     p.add_argument("--server", default=None, help="use a running server (URL) instead of starting one")

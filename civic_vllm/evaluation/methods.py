@@ -43,15 +43,21 @@ def video_content(sample: Sample, method: str, ratio: float) -> dict[str, Any]:
     return video_part(video_file_url(sample.image_path))
 
 
-def video_request_kwargs(method: str, ratio: float) -> dict[str, Any]:
-    """``mm_processor_kwargs`` of a video request (subsampling happens in the client: every token kept)."""
+def video_request_kwargs(method: str, ratio: float, exit_layer: int | None = None) -> dict[str, Any]:
+    """``mm_processor_kwargs`` of a video request (subsampling happens in the client: every token kept);
+    ``exit_layer`` is the civic method's ``civic_video_exit_layer``."""
     if method not in VIDEO_METHODS:
         raise ValueError(f"method {method!r} does not apply to videos; choose from {', '.join(VIDEO_METHODS)}")
+    if exit_layer is not None and method != "civic":
+        raise ValueError(f"an exit layer applies to the civic method only, not {method!r}")
     if method == "default":
         return {}
     if method in ("full", "subsample"):
         return {"civic_policy": "full"}
-    return {"civic_policy": "civic", "civic_ratio": ratio, "civic_video_ratio": ratio}
+    kwargs = {"civic_policy": "civic", "civic_ratio": ratio, "civic_video_ratio": ratio}
+    if exit_layer is not None:
+        kwargs["civic_video_exit_layer"] = exit_layer
+    return kwargs
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def chat_body(sample: Sample, model_id: str, method: str, ratio: float, exit_lay
     body: dict[str, Any] = {"model": model_id, "max_tokens": MAX_TOKENS, "temperature": 0.0}
     if sample.is_video:
         return {**body, "messages": image_message(sample.record["question"], [video_content(sample, method, ratio)]),
-                "mm_processor_kwargs": video_request_kwargs(method, ratio), "return_token_ids": True}
+                "mm_processor_kwargs": video_request_kwargs(method, ratio, exit_layer), "return_token_ids": True}
     with Image.open(sample.image_path) as img:
         image = img.convert("RGB")
     return {**body, "messages": image_message(sample.record["question"], [image_data_url(image)]),

@@ -69,7 +69,7 @@ def evaluate(
         raise ValueError("method 'downscale' needs the model's image geometry")
     videos = sum(s.is_video for s in samples)
     if videos:
-        video_request_kwargs(method, ratio)  # refuses image-only methods before any request
+        video_request_kwargs(method, ratio, exit_layer)  # refuses image-only methods before any request
     if method == "subsample" and videos < len(samples):
         raise ValueError("method 'subsample' subsamples video frames: the data has image samples")
     model_id = served_model(url)

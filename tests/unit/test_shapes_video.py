@@ -141,6 +141,10 @@ def test_video_request_bodies_per_method(tmp_path: Path) -> None:
     assert len(sub) < len(url)
     with pytest.raises(ValueError, match="does not apply to videos"):
         E.chat_body(sample, "m", "pool", 0.5)
+    at_exit = E.chat_body(sample, "m", "civic", 1 / 3, exit_layer=2)["mm_processor_kwargs"]
+    assert at_exit == {**bodies["civic"]["mm_processor_kwargs"], "civic_video_exit_layer": 2}
+    with pytest.raises(ValueError, match="civic method only"):
+        E.chat_body(sample, "m", "subsample", 1 / 3, exit_layer=2)
 
 
 def test_video_and_image_records_are_checked(tmp_path: Path) -> None:

@@ -104,6 +104,8 @@ def test_parser_civic_ratio_and_idle_wait():
     args = vs.build_parser().parse_args(["--civic-ratio", "1/3", "--idle-wait", "0", "--pruning-rate", "33/50"])
     assert args.civic_ratio == Fraction(1, 3) and args.idle_wait == 0 and args.pruning_rate == Fraction(33, 50)
     assert vs.build_parser().parse_args([]).civic_ratio is None
+    assert vs.build_parser().parse_args([]).civic_video_exit_layer is None
+    assert vs.build_parser().parse_args(["--civic-video-exit-layer", "1"]).civic_video_exit_layer == 1
 
 
 def test_evs_kept_matches_vllm():
@@ -129,6 +131,17 @@ def test_contender_labels():
     assert vs.Contender("evs", "evs", prune_rate=Fraction(2, 3)).label == "EVS q=2/3"
     assert vs.Contender("civic", "civic", ratio=Fraction(1, 3)).label == "civic r=1/3"
     assert vs.Contender("subsample", "vanilla", stride=3).label == "subsample 1/3"
+    assert vs.Contender("civic", "civic", ratio=Fraction(1, 3), exit_layer=1).label == "civic r=1/3 exit 1"
+
+
+def test_the_civic_server_gets_the_video_exit_layer_as_its_default():
+    from benchmarks.video_serve.servers import civic_defaults
+
+    def run(layer):
+        return argparse.Namespace(args=argparse.Namespace(civic_video_exit_layer=layer))
+
+    assert civic_defaults(run(None)) == {}
+    assert civic_defaults(run(2)) == {"civic_video_exit_layer": 2}
 
 
 LABELS = {"vanilla": "vanilla", "evs": "EVS q=2/3", "civic": "civic r=1/3", "subsample": "subsample 1/3"}

@@ -131,7 +131,7 @@ def render_video_accuracy(name: str = "video_accuracy.json") -> str:
                  *(f"{d['baseline']['per_task'][t]:.3f}" for t in tasks)])
     lines = [f"`{d['model']}`, {d['n']} test videos (seed {d['test_seed']}), r = {d['ratio']:.3g}:", "",
              table(["method", "video tokens", "kept", "KV blocks", "overall (95% CI)", *tasks], rows), ""]
-    diff = [[pair.replace("-", " − "), *(f"{100 * c[k]['difference']:+.1f} {ci(c[k]['difference_ci95'], 1, 100)}"
+    diff = [[" − ".join(pair.rsplit("-", 1)), *(f"{100 * c[k]['difference']:+.1f} {ci(c[k]['difference_ci95'], 1, 100)}"
                                          for k in ("overall", *tasks))]
             for pair, c in d["comparisons"].items()]
     lines += [table(["paired difference (points)", "overall", *tasks], diff), ""]
