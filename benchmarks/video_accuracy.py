@@ -220,7 +220,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = ["overall", *result["tasks"]]
-    fig, ax = plt.subplots(figsize=(11, 4.6))
+    fig, ax = plt.subplots(figsize=(13, 4.6))
     width = 0.8 / len(result["rows"])
     exit_methods = [r["method"] for r in result["rows"] if r["method"] not in COLOURS]
     for i, r in enumerate(result["rows"]):
@@ -238,7 +238,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (bars: 95% bootstrap CI)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no bar hidden
     ax.set_title(f"civic-shapes-video test split (n={result['n']}), {Path(result['model']).name}, served by vLLM")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

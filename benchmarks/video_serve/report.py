@@ -25,6 +25,7 @@ def plot(state: dict, report: dict, path: Path) -> None:
     medians = [statistics.median([r["client_ttft_s"] for r in state["probe"] if r["config"] == x] or [math.nan])
                for x in labels]
     ax.bar(labels, medians, color=[colours[x] for x in labels])
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)  # civic's label carries its ratio and exit layer
     ax.set_ylabel("TTFT, s (median, paired probe, c=1)")
     ax.set_title("time to first token")
     ax = axes[1]

@@ -32,6 +32,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "kernels": probes.render_kernels,
     "gpu": probes.render_gpu,
     "video-serve": serve.render_video_serve,
+    "video-serve-exit1": partial(serve.render_video_serve, "video_serve_exit1.json"),
     "video-accuracy": accuracy.render_video_accuracy,
 }
 
