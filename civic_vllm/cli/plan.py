@@ -58,6 +58,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "2 per second by default); repeat for several videos")
     parser.add_argument("--video-ratio", type=_fraction, default=None, metavar="R",
                         help="civic_video_ratio: retention of each frame group (default: each --ratio)")
+    parser.add_argument("--video-exit-layer", type=_int_at_least(1), default=None, metavar="L",
+                        help="like civic_video_exit_layer: blocks after the first L run on each group's kept tokens")
     parser.add_argument("--images", type=_int_at_least(1), default=None, metavar="N",
                         help="number of images of the (single) --image size (default 1)")
     text = parser.add_mutually_exclusive_group()
@@ -116,7 +118,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
             raise PlanError("--images N repeats one --image size; with several --image, leave --images out")
         images = images * args.images
     return PlanRequest(
-        images=images, videos=list(args.video), video_ratio=args.video_ratio,
+        images=images, videos=list(args.video), video_ratio=args.video_ratio, video_exit_layer=args.video_exit_layer,
         ratios=parse_ratios(args.ratio or ["1/3"]), text_tokens=args.text_tokens,
         question=args.question, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
         exit_layer=args.exit_layer, exit_context=args.exit_context, dtype=args.dtype, kv_dtype=args.kv_dtype,

@@ -48,6 +48,7 @@ class PlanRequest:
     images: list[tuple[int, int]]  # (width, height) of each image, in prompt order
     videos: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, frames) of each video
     video_ratio: float | None = None  # civic_video_ratio; None: each scenario's ratio
+    video_exit_layer: int | None = None  # civic_video_exit_layer
     ratios: list[tuple[str, float]] = field(default_factory=lambda: [("1/3", 1 / 3)])
     text_tokens: int | None = None  # tokens of the question; ignored when question is set
     question: str | None = None
@@ -175,6 +176,9 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
     ratios = [(label, validate_ratio(r)) for label, r in req.ratios] if req.ratios else []
     if req.exit_layer is not None and not 1 <= req.exit_layer <= v.depth:
         raise PlanError(f"--exit-layer must be in 1..{v.depth} (vision blocks of {model.name}), got {req.exit_layer}")
+    if req.video_exit_layer is not None and not 1 <= req.video_exit_layer <= v.depth:
+        raise PlanError(f"--video-exit-layer must be in 1..{v.depth} (vision blocks of {model.name}), "
+                        f"got {req.video_exit_layer}")
     if req.exit_context and req.exit_layer is None:
         raise PlanError("--exit-context needs --exit-layer (the context feeds the blocks after the exit layer)")
     for name, value, low in (("--max-tokens", req.max_tokens, 0), ("--min-tokens", req.min_tokens, 1),
@@ -255,9 +259,14 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         held = kv_tokens(prompt, req.max_tokens)
         blocks = layout.blocks(held)
         vision = sum(vision_flops(v, im.patches, k, exit_layer, req.exit_context) for im, k in zip(images, kept))
-        # A video's frame groups attend within themselves; its mergers run on every token.
-        vision += sum(video.grid_thw[0] * vision_flops(v, video.patches // video.grid_thw[0], video.tokens_per_group)
-                      for video in videos)
+        # A video's frame groups attend within themselves. On the encoder output its mergers run on every
+        # token; with a video exit layer the later blocks and the mergers run on the K_t kept per group.
+        video_exit = req.video_exit_layer if ratio is not None else None
+        vision += sum(
+            video.grid_thw[0] * vision_flops(v, video.patches // video.grid_thw[0],
+                                             video.tokens_per_group if video_exit is None else k // video.grid_thw[0],
+                                             video_exit)
+            for video, k in zip(videos, kept_videos))
         llm = text_prefill_flops(t, prompt, vocab)
         return Scenario(
             label=label, ratio=ratio, retained_per_image=kept, retained_per_video=kept_videos,
@@ -281,6 +290,9 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
             "llm_flops_speedup": vanilla.llm_flops / s.llm_flops,
             "prefill_speedup_limit": vanilla.prefill_flops / s.prefill_flops,
         }
+    if req.video_exit_layer is not None and videos:
+        notes.append(f"video exit layer {req.video_exit_layer}: vision blocks {req.video_exit_layer + 1}..{v.depth} "
+                     "and the mergers run on each frame group's kept tokens only (civic_video_exit_layer)")
     if req.exit_layer is not None:
         notes.append(f"exit layer {req.exit_layer}: vision blocks {req.exit_layer + 1}..{v.depth} (1-based) run on "
                      "kept groups only, as the server does with civic_exit_layer"

@@ -190,3 +190,23 @@ def test_planner_video_tokens_and_timestamps():
     assert lower.civic[0].retained_per_image == [num_retained(196, 1 / 3)]
     with pytest.raises(planner.PlanError, match="at least one --image or --video"):
         planner.make_plan(model, planner.PlanRequest(images=[]))
+
+
+def test_planner_video_exit_layer_counts_later_blocks_on_kept_tokens():
+    from civic_vllm import planner
+    from civic_vllm.cost import vision_flops
+
+    model = planner.load_model("tiny")
+    v = model.dims.vision
+    on_output = planner.make_plan(model, planner.PlanRequest(images=[], videos=[(256, 256, 8)], max_tokens=1))
+    at_exit = planner.make_plan(model, planner.PlanRequest(images=[], videos=[(256, 256, 8)], max_tokens=1,
+                                                           video_exit_layer=1))
+    k = num_retained(64, 1 / 3)
+    assert at_exit.civic[0].retained_per_video == on_output.civic[0].retained_per_video == [4 * k]
+    assert at_exit.vanilla.vision_flops == on_output.vanilla.vision_flops  # vanilla has no exit layer
+    assert on_output.civic[0].vision_flops == on_output.vanilla.vision_flops  # the whole tower, every token merged
+    assert at_exit.civic[0].vision_flops == 4 * vision_flops(v, 4 * 64, k, 1)  # 4 groups of 256 patches each
+    assert at_exit.civic[0].vision_flops < on_output.civic[0].vision_flops
+    assert any("video exit layer 1" in note for note in at_exit.notes)
+    with pytest.raises(planner.PlanError, match="--video-exit-layer must be in 1..4"):
+        planner.make_plan(model, planner.PlanRequest(images=[], videos=[(256, 256, 8)], video_exit_layer=5))
