@@ -159,7 +159,7 @@ def compact_videos(core, videos: VideoInputs) -> tuple[torch.Tensor, list[torch.
     merged, deepstack, kept = [], [], []
     for video_pixels, grid, plan in zip(pixels, grids, videos.retentions):
         grid = grid[None]
-        if not plan.keeps_all and plan.exit_layer is not None and plan.exit_layer < depth:
+        if plan.selects_in_tower(depth):
             rows, taps, (indices,), _ = compact_vision(core.visual, video_pixels, grid, [plan], video_pixels)
         else:
             output = core.get_video_features(video_pixels, grid, return_dict=True)

@@ -152,6 +152,10 @@ class VideoRetention:
     def selects_after(self, block: int, depth: int) -> bool:
         return _selects_after(self.exit_layer, block, depth)
 
+    def selects_in_tower(self, depth: int) -> bool:
+        """Whether selection happens before the last of ``depth`` vision blocks (else on the output)."""
+        return not self.keeps_all and self.exit_layer is not None and self.exit_layer < depth
+
     @property
     def tokens_per_group(self) -> int:
         return self.grid_hw[0] * self.grid_hw[1]

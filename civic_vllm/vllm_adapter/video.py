@@ -69,8 +69,7 @@ def _selects_in_tower(model, plan: VideoRetention) -> bool:
     # Under --mm-encoder-tp-mode data the stock pass shards videos across ranks (vLLM's
     # run_dp_sharded_mrope_vision_model); the temporal policy needs a video's groups together,
     # so there videos select on the encoder output.
-    return (not plan.keeps_all and not model.use_data_parallel and plan.exit_layer is not None
-            and plan.exit_layer < len(model.visual.blocks))
+    return not model.use_data_parallel and plan.selects_in_tower(len(model.visual.blocks))
 
 
 def _encode_in_tower(model, subset: dict, plans: list[VideoRetention]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -134,6 +134,9 @@ def test_a_video_selects_at_its_exit_layer_on_mean_patch_rows():
     plan = VideoRetention(num_groups=3, grid_hw=(4, 5), num_kept_per_group=7, exit_layer=2)
     assert [plan.selects_after(block, 6) for block in range(6)] == [False, True, False, False, False, False]
     assert VideoRetention(3, (4, 5), 7).selects_after(5, 6)  # no exit layer: after the last block
+    assert plan.selects_in_tower(6) and not VideoRetention(3, (4, 5), 7).selects_in_tower(6)
+    assert not VideoRetention(3, (4, 5), 20, exit_layer=2).selects_in_tower(6)  # keeps all: the stock pass
+    assert not VideoRetention(3, (4, 5), 7, exit_layer=6).selects_in_tower(6)  # at the last block: on the output
     image = ImageRetention(grid_hw=(2, 2), num_kept=2, policy="civic", exit_layer=4)
     features = torch.randn(plan.num_tokens, 16)
     rows = features.repeat_interleave(GROUP_ROWS, dim=0) + 0.01 * torch.randn(GROUP_ROWS * plan.num_tokens, 16)
