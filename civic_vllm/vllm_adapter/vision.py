@@ -7,12 +7,10 @@ deepstack_merger_list, deepstack_visual_indexes; vLLM 0.33 qwen3_vl.py:561-905) 
 Why: the stock forward runs every block on all patches and the merger and every
 DeepStack merger on all N merged tokens inside the block loop. CIVIC selects K
 groups per image (K_t per frame group of a video) after its exit layer (by default
-after the last block), gathers
-their 2x2 patch rows contiguously together with their rotary embeddings and any
-DeepStack taps already taken, runs the remaining blocks on those rows only
-(sequence boundaries recomputed: one per image, one per frame group of a video), and
-the mergers on K rows. With an image's
-``exit_context`` the later blocks run as ``civic_vllm.exit_context.block_with_context``
+after the last block), gathers their 2x2 patch rows contiguously together with their
+rotary embeddings and any DeepStack taps already taken, runs the remaining blocks on
+those rows only (sequence boundaries recomputed: one per image, one per frame group
+of a video), and the mergers on K rows. With an image's ``exit_context`` the later blocks run as ``civic_vllm.exit_context.block_with_context``
 on the stock block's own submodules (norm1, attn.qkv, attn.apply_rotary_emb, attn.proj,
 norm2, mlp): the kept rows also attend to the dropped rows frozen at the exit layer.
 How: the block loop is the stock one; compaction happens between blocks.
