@@ -10,9 +10,10 @@ groups per image (K_t per frame group of a video) after its exit layer (by defau
 after the last block), gathers their 2x2 patch rows contiguously together with their
 rotary embeddings and any DeepStack taps already taken, runs the remaining blocks on
 those rows only (sequence boundaries recomputed: one per image, one per frame group
-of a video), and the mergers on K rows. With an image's ``exit_context`` the later blocks run as ``civic_vllm.exit_context.block_with_context``
-on the stock block's own submodules (norm1, attn.qkv, attn.apply_rotary_emb, attn.proj,
-norm2, mlp): the kept rows also attend to the dropped rows frozen at the exit layer.
+of a video), and the mergers on K rows. With an image's ``exit_context`` the later
+blocks run as ``civic_vllm.exit_context.block_with_context`` on the stock block's own
+submodules (norm1, attn.qkv, attn.apply_rotary_emb, attn.proj, norm2, mlp): the kept
+rows also attend to the dropped rows frozen at the exit layer.
 How: the block loop is the stock one; compaction happens between blocks.
 Future: if vLLM grows a hook between vision blocks, this becomes a callback.
 """
