@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _RATIO_SLACK = 1e-9  # absorbs float noise so an integral r*N (0.1 * 30 = 3.0000000000000004) stays exact
@@ -25,6 +25,13 @@ def _as_int(name: str, value: Any) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _min_tokens(value: Any) -> int:
+    floor = _as_int("min_tokens", value)
+    if floor < 1:
+        raise ValueError(f"min_tokens must be >= 1, got {floor}")
+    return floor
 
 
 def _grid(grid_thw: Sequence[Any], merge_size: int) -> tuple[int, int, int, int]:
@@ -95,9 +102,7 @@ def num_retained(num_tokens: int, ratio: float, min_tokens: int = 1) -> int:
     n = _as_int("num_tokens", num_tokens)
     if n < 1:
         raise ValueError(f"num_tokens must be >= 1, got {n}")
-    floor = _as_int("min_tokens", min_tokens)
-    if floor < 1:
-        raise ValueError(f"min_tokens must be >= 1, got {floor}")
+    floor = _min_tokens(min_tokens)
     r = validate_ratio(ratio)
     k = math.ceil(r * n - _RATIO_SLACK)
     return max(min(floor, n), min(k, n))
@@ -114,11 +119,34 @@ def frame_groups(grid_thw: Sequence[Any], merge_size: int) -> tuple[int, int, in
     return t, h // m, w // m
 
 
-def num_retained_per_group(grid_thw: Sequence[Any], merge_size: int, ratio: float, min_tokens: int = 1) -> int:
-    """K_t of every frame group of a video: :func:`num_retained` of one group's tokens.
+def video_span_text_tokens(timestamps: Sequence[Any], count_tokens: Callable[[str], int]) -> int:
+    """T: the text tokens inside a video's placeholder span, which retention never drops.
 
-    All groups of a video share one grid, so they share one K_t; it is fixed before the
-    encoder runs (placeholders are sized from it), and the policy decides which tokens.
+    Qwen3-VL writes each frame group as ``<{seconds:.1f} seconds>`` (tokenized on its own),
+    ``<|vision_start|>``, the group's video tokens, ``<|vision_end|>``; ``count_tokens``
+    gives the token count of one timestamp string.
     """
-    _, rows, cols = frame_groups(grid_thw, merge_size)
-    return num_retained(rows * cols, ratio, min_tokens)
+    return sum(count_tokens(f"<{float(seconds):.1f} seconds>") + 2 for seconds in timestamps)
+
+
+def num_retained_per_group(grid_thw: Sequence[Any], merge_size: int, ratio: float, min_tokens: int = 1,
+                           text_tokens: int = 0) -> int:
+    """K_t of every frame group of a video, so that its whole placeholder span keeps ``ratio``.
+
+    The span is t groups of N_t video tokens plus ``text_tokens`` T (timestamps and markers,
+    :func:`video_span_text_tokens`), all kept, so K_t = ceil((r (t N_t + T) - T) / t): the
+    span, and the KV blocks it takes, fall to r of vanilla's, not to r + (1 - r) T / span as
+    they would if r counted the video tokens alone. Clamped to [min(min_tokens, N_t), N_t]:
+    at small frames the floor can hold the span above r. All groups share one K_t; it is
+    fixed before the encoder runs (placeholders are sized from it), and the policy decides
+    which tokens.
+    """
+    groups, rows, cols = frame_groups(grid_thw, merge_size)
+    per_group = rows * cols
+    overhead = _as_int("text_tokens", text_tokens)
+    if overhead < 0:
+        raise ValueError(f"text_tokens must be >= 0, got {overhead}")
+    floor = _min_tokens(min_tokens)
+    r = validate_ratio(ratio)
+    k = math.ceil((r * (groups * per_group + overhead) - overhead) / groups - _RATIO_SLACK)
+    return max(min(floor, per_group), min(k, per_group))

@@ -130,7 +130,10 @@ class CivicSettings(BaseModel):
     """Floor on kept tokens per image, so tiny images at small ratios keep something useful."""
 
     video_ratio: float | None = None
-    """Fraction of merged visual tokens kept in each frame group of a video, in (0, 1], or None.
+    """Fraction of each video's placeholder span kept, in (0, 1], or None: the span is the
+    video tokens plus each frame group's timestamp and markers, which are kept, so the video
+    tokens kept per group are fewer than this fraction (civic_vllm.budget.num_retained_per_group)
+    and the span's KV blocks fall to it.
 
     Default None: videos follow ``ratio``, so a server or request that asks for one retention
     level gets it for every visual item, and the default (ratio 1.0) leaves video untouched,

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per point (30; QUICK 12)")
     parser.add_argument("--probe-rounds", type=int, default=None, help="paired TTFT probe rounds (4; QUICK 2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="KV block size of every server (default vLLM's: 128 on CPU; multiples of 32 there)")
     parser.add_argument("--client-cpus", default="reserved", help="pin locust: 'reserved', 'none' or a list '1'")
     parser.add_argument("--no-random-mm", action="store_true", help="skip vllm bench serve --dataset-name random-mm")
     parser.add_argument("--out", type=Path, default=None, help="JSON path; .png and .md beside it")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from benchmarks.harness import BenchError as HarnessError
 from benchmarks.serve.common import Bounds, Run
 from benchmarks.video_load import VideoWorkload
+from civic_vllm.budget import num_retained_per_group, video_span_text_tokens
+from civic_vllm.planner.tokens import video_timestamps
 
 MERGED_PX = 32  # one merged token: patch 16 x spatial merge 2
 TEMPORAL_PATCH = 2  # frames per frame group
@@ -51,6 +54,10 @@ class VideoSpec:
         """Merged video tokens vanilla Qwen3-VL gives the sent frames (N)."""
         return self.groups(stride) * self.tokens_per_group
 
+    def span_text_tokens(self, count_tokens: Callable[[str], int]) -> int:
+        """T of the whole video: each frame group's timestamp and vision markers, all kept."""
+        return video_span_text_tokens(video_timestamps(self.frames, TEMPORAL_PATCH, self.fps), count_tokens)
+
     def prompt_bound(self) -> int:
         """Vanilla's prompt tokens at most (for max_model_len and the pool): video, timestamps, template."""
         return self.video_tokens() + TEXT_ALLOWANCE + GROUP_TEXT_ALLOWANCE * self.groups()
@@ -85,16 +92,17 @@ def evs_kept(tokens_per_group: int, groups: int, rate: float) -> int:
     return max(tokens_per_group, int(tokens_per_group * groups * (1 - rate)))
 
 
-def civic_kept(tokens_per_group: int, groups: int, ratio: Fraction) -> int:
-    """CIVIC's video tokens: K_t = ceil(r N_t) per frame group (civic_vllm.budget.num_retained)."""
-    return groups * max(1, math.ceil(ratio * tokens_per_group))
+def civic_kept(tokens_per_group: int, groups: int, ratio: Fraction, text_tokens: int = 0) -> int:
+    """CIVIC's video tokens: groups x K_t, where r counts the video's whole span, its ``text_tokens``
+    (timestamps and markers) included (civic_vllm.budget.num_retained_per_group; a 1 x N_t grid)."""
+    return groups * num_retained_per_group((groups, 1, tokens_per_group), 1, float(ratio), text_tokens=text_tokens)
 
 
-def matching_ratio(kept: int, tokens_per_group: int, groups: int) -> Fraction:
-    """The largest civic_video_ratio r = k / N_t whose kept count groups * ceil(r N_t) is <= ``kept``
-    (at least 1 token a group)."""
+def matching_ratio(kept: int, tokens_per_group: int, groups: int, text_tokens: int = 0) -> Fraction:
+    """The largest civic_video_ratio whose video tokens (groups x K_t) are <= ``kept`` (at least 1 token
+    a group): the span fraction (groups k + T) / (groups N_t + T) with k = kept // groups."""
     per_group = max(1, min(tokens_per_group, kept // groups))
-    return Fraction(per_group, tokens_per_group)
+    return Fraction(groups * per_group + text_tokens, groups * tokens_per_group + text_tokens)
 
 
 @dataclass

@@ -82,10 +82,12 @@ def add_whole_run(state: dict) -> None:
 
 def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict:
     """Start the servers; token counts, locust points, the paired probe and random-mm; stop the servers."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     video_token_id = AutoConfig.from_pretrained(str(run.model)).video_token_id
-    state: dict[str, Any] = {"counts": [], "random_mm": [], "final_civic": {}}
+    tokenizer = AutoTokenizer.from_pretrained(str(run.model))
+    span_text = spec.span_text_tokens(lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
+    state: dict[str, Any] = {"counts": [], "random_mm": [], "final_civic": {}, "span_text_tokens": span_text}
     try:
         start_server_set(run, server_configs(run, spec, rate))
         run.client_cpus = client_cpus(run.server_info["vanilla"]["binding"], run.args.client_cpus)
@@ -105,7 +107,7 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
             log(f"  EVS failed: {state['evs']['error']}; civic's ratio from vLLM's EVS count formula, EVS not timed")
             run.servers.pop("evs").stop()
             evs_count = state["evs"]["kept_by_formula"]
-        ratio = run.args.civic_ratio or matching_ratio(evs_count, spec.tokens_per_group, spec.groups())
+        ratio = run.args.civic_ratio or matching_ratio(evs_count, spec.tokens_per_group, spec.groups(), span_text)
         exit_layer = run.args.civic_video_exit_layer
         civic = Contender("civic", "civic", ratio=ratio, exit_layer=exit_layer)
         state["counts"] += count_tokens(run, spec, civic, video_token_id)

@@ -21,12 +21,14 @@ def server_configs(run: VideoRun, spec: VideoSpec, rate: Fraction) -> dict[str, 
                   profile_image_size=(64, 64), videos_per_prompt=1,
                   profile_video_size=(spec.width, spec.height, spec.frames), dtype=run.dtype, kv_cache_gib=None,
                   kv_cache_bytes=run.pool_bytes, prefix_caching=False)
-    no_cache = ["--mm-processor-cache-gb", "0"]
+    shared_args = ["--mm-processor-cache-gb", "0"]  # no processor cache: every request is a prefill
+    if run.args.block_size is not None:  # all three alike: finer blocks track the token counts closer
+        shared_args += ["--block-size", str(run.args.block_size)]
     return {
-        "vanilla": ServerConfig(civic=False, extra_args=no_cache, **common),
-        "evs": ServerConfig(civic=False, extra_args=[*no_cache, "--video-pruning-rate", repr(float(rate))],
+        "vanilla": ServerConfig(civic=False, extra_args=shared_args, **common),
+        "evs": ServerConfig(civic=False, extra_args=[*shared_args, "--video-pruning-rate", repr(float(rate))],
                             extra_env=evs_cpu_env(), **common),
-        "civic": ServerConfig(civic=True, extra_args=no_cache, civic_defaults=civic_defaults(run), **common),
+        "civic": ServerConfig(civic=True, extra_args=shared_args, civic_defaults=civic_defaults(run), **common),
     }
 
 

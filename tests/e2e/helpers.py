@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -15,10 +16,11 @@ import requests
 import torch
 from PIL import Image
 
-from civic_vllm.budget import num_retained
+from civic_vllm.budget import num_retained, num_retained_per_group, video_span_text_tokens
 from civic_vllm.cli import plan as plan_cli
 from civic_vllm.client import civic_body, decode_video, image_message
 from civic_vllm.hf_compact import VideoInputs, build_compact_batch, compact_greedy
+from civic_vllm.planner import video_timestamps
 from civic_vllm.prometheus import metric_labels, metric_value
 from civic_vllm.retention.selection import ImageRetention, VideoRetention
 from civic_vllm.serving import ServerConfig, VllmServer
@@ -137,6 +139,15 @@ def make_video(frames: int = 8, width: int = 256, height: int = 256, seed: int =
     return video
 
 
+def video_span_text(model: str, frames: int, fps: float = 2.0) -> int:
+    """T of a ``frames``-frame video at ``fps``: each frame group's timestamp and vision markers."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return video_span_text_tokens(video_timestamps(frames, 2, fps),
+                                  lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
+
+
 def hf_media_reference(hf, items, question, ratio, video_exit_layer=None):
     """(prompt tokens, greedy tokens, logprobs) of the HF reference for images and videos (video
     data URLs) in prompt order, retained at ``ratio`` with the civic policy (temporal for videos,
@@ -159,8 +170,13 @@ def hf_media_reference(hf, items, question, ratio, video_exit_layer=None):
     retentions = image_retention_list(model, inputs["image_grid_thw"], ratio, "civic") if images else []
     videos = None
     if decoded:
+        # The ratio counts the video's whole span: its timestamps, as HF wrote them, and markers too.
+        tokenizer = processor.tokenizer
+        stamps = re.findall(r"<([0-9.]+) seconds>", tokenizer.decode(inputs["input_ids"][0]))
+        text_tokens = video_span_text_tokens(stamps, lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
         video_retentions = [VideoRetention(num_groups=t, grid_hw=(h // merge, w // merge),
-                                           num_kept_per_group=num_retained((h // merge) * (w // merge), ratio),
+                                           num_kept_per_group=num_retained_per_group((t, h, w), merge, ratio,
+                                                                                     text_tokens=text_tokens),
                                            exit_layer=video_exit_layer)
                             for t, h, w in inputs["video_grid_thw"].tolist()]
         videos = VideoInputs(inputs["pixel_values_videos"], inputs["video_grid_thw"], video_retentions)

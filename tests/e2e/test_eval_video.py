@@ -8,9 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import video_span_text
 
 from civic_vllm import evaluation as E
-from civic_vllm.budget import num_retained
+from civic_vllm.budget import num_retained_per_group
 from civic_vllm.cli import main
 from civic_vllm.data import shapes_video
 from civic_vllm.serving import VllmServer
@@ -54,7 +55,10 @@ def test_eval_on_video_data_counts_the_video_tokens_of_each_method(server, tiny_
     sub = _run(server.url, tiny_model, data, tmp_path / "sub.json", "subsample", "1/3")
 
     assert full["video_tokens"] == [g * t for g, t in zip(groups, per_group)]
-    assert civic["video_tokens"] == [g * num_retained(t, 1 / 3) for g, t in zip(groups, per_group)]
+    assert civic["video_tokens"] == [  # r counts the whole span: timestamps and markers too
+        g * num_retained_per_group((g, r["height"] // 16, r["width"] // 16), 2, 1 / 3,
+                                   text_tokens=video_span_text(tiny_model, r["frames"], shapes_video.FPS))
+        for g, r in zip(groups, recs)]
     assert sub["video_tokens"] == [len(E.subsample_groups(r["frames"], 1 / 3)) * t for r, t in zip(recs, per_group)]
     for res in (full, civic, sub):
         assert res["n"] == res["videos"] == n and 0 <= res["accuracy"] <= 1

@@ -26,10 +26,11 @@ from helpers import (
     post_chat,
     run_planner,
     test_server,
+    video_span_text,
 )
 from transformers import AutoConfig
 
-from civic_vllm.budget import num_retained
+from civic_vllm.budget import num_retained_per_group
 from civic_vllm.client import civic_body, video_data_url, video_part
 from civic_vllm.planner import kv_blocks, kv_tokens
 from civic_vllm.prometheus import metric_value
@@ -61,6 +62,17 @@ def video():
     return video_data_url(make_video(seed=3))
 
 
+@pytest.fixture(scope="module")
+def span_text(tiny_model) -> int:
+    """T of make_video(): each group's timestamp and vision markers, kept at every ratio."""
+    return video_span_text(tiny_model, 2 * GROUPS)
+
+
+def kept_video_tokens(ratio: float, span_text: int) -> int:
+    """Video tokens civic keeps of make_video(): r counts the whole span, timestamps and markers too."""
+    return GROUPS * num_retained_per_group((GROUPS, 16, 16), 2, ratio, text_tokens=span_text)
+
+
 def video_tokens(server, parts, ratio=None, **settings) -> int:
     """Video placeholders of the served prompt: <|video_pad|> tokens among its prompt token ids."""
     body = {"model": server.config.model, "max_tokens": 1, "return_token_ids": True,
@@ -90,17 +102,19 @@ def test_ratio_one_is_token_identical_to_vanilla(video_civic, video_vanilla, vid
 # -- fewer placeholders, fewer KV blocks ----------------------------------------------------
 
 
-def test_video_placeholders_at_a_third(video_civic, video_vanilla, video):
+def test_video_placeholders_at_a_third(video_civic, video_vanilla, video, span_text):
     parts = [video_part(video)]
     vanilla = video_tokens(video_vanilla, parts)
     civic = video_tokens(video_civic, parts, ratio=1 / 3)
     assert vanilla == VIDEO_TOKENS
-    assert civic == GROUPS * num_retained(GROUP_TOKENS, 1 / 3) <= 0.36 * vanilla
+    assert civic == kept_video_tokens(1 / 3, span_text)
+    # The whole placeholder span (small 256 px frames: 64 tokens a group, a timestamp and markers).
+    assert 1 / 3 <= (civic + span_text) / (vanilla + span_text) <= 0.36
     # civic_video_ratio alone sets the video's retention; civic_ratio then applies to images only.
-    assert video_tokens(video_civic, parts, ratio=1.0, video_ratio=0.25) == GROUPS * num_retained(GROUP_TOKENS, 0.25)
+    assert video_tokens(video_civic, parts, ratio=1.0, video_ratio=0.25) == kept_video_tokens(0.25, span_text)
 
 
-def test_kv_blocks_follow_the_kept_tokens(video_civic, video_vanilla, video):
+def test_kv_blocks_follow_the_kept_tokens(video_civic, video_vanilla, video, span_text):
     """Blocks in use while each request decodes == ceil((prompt + g - 1) / block size), so the
     civic request holds the blocks of its shorter prompt only."""
     block_size = int(cache_config(video_civic)["block_size"])
@@ -115,7 +129,7 @@ def test_kv_blocks_follow_the_kept_tokens(video_civic, video_vanilla, video):
         assert not wrong, (name, usage, wrong)
         held[name] = usage["prompt_tokens"]
     text_tokens = held["vanilla"] - VIDEO_TOKENS
-    assert held["civic"] - text_tokens == GROUPS * num_retained(GROUP_TOKENS, 1 / 3)
+    assert held["civic"] - text_tokens == kept_video_tokens(1 / 3, span_text)
     assert kv_blocks(held["civic"], block_size) < kv_blocks(held["vanilla"], block_size)
 
 
@@ -130,13 +144,13 @@ def test_planner_counts_the_served_prompt(video_civic, video_vanilla, video, wit
     assert chat(video_civic, parts, QUESTION, ratio=1 / 3, max_tokens=1).prompt_tokens == plan[1]["prompt_tokens"]
 
 
-def test_video_metrics_count_tokens_before_and_after_retention(video_civic, video):
+def test_video_metrics_count_tokens_before_and_after_retention(video_civic, video, span_text):
     names = ["civic:video_tokens_total", "civic:video_tokens_retained_total", "civic:videos_total"]
     before = [metric_value(video_civic.metrics(), name) for name in names]
     for _ in range(2):  # the second request is served from vLLM's processor cache
         chat(video_civic, [video_part(video)], QUESTION, ratio=1 / 3, max_tokens=1)
     after = [metric_value(video_civic.metrics(), name) for name in names]
-    kept = GROUPS * num_retained(GROUP_TOKENS, 1 / 3)
+    kept = kept_video_tokens(1 / 3, span_text)
     assert [a - b for a, b in zip(after, before)] == [2 * VIDEO_TOKENS, 2 * kept, 2]
 
 
@@ -175,11 +189,11 @@ def test_video_exit_layer_matches_hf_reference(video_civic, hf, video, order):
     assert on_output.logprobs != pytest.approx(served.logprobs, abs=1e-4)
 
 
-def test_retention_changes_what_the_model_sees(video_civic, video):
+def test_retention_changes_what_the_model_sees(video_civic, video, span_text):
     """Guards the reference test against a ratio that is silently ignored for video."""
     full = chat(video_civic, [video_part(video)], QUESTION, ratio=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     third = chat(video_civic, [video_part(video)], QUESTION, ratio=1 / 3, max_tokens=MAX_TOKENS, ignore_eos=True)
-    assert full.prompt_tokens - third.prompt_tokens == VIDEO_TOKENS - GROUPS * num_retained(GROUP_TOKENS, 1 / 3)
+    assert full.prompt_tokens - third.prompt_tokens == VIDEO_TOKENS - kept_video_tokens(1 / 3, span_text)
     assert third.logprobs != pytest.approx(full.logprobs, abs=1e-4)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from civic_vllm.budget import frame_groups, num_retained, num_retained_per_group
+from civic_vllm.budget import frame_groups, num_retained, num_retained_per_group, video_span_text_tokens
 from civic_vllm.positions import ImageSpan, frame_group_spans
 from civic_vllm.retention import CivicPolicy
 from civic_vllm.retention.selection import (
@@ -30,6 +30,35 @@ def test_frame_groups_and_per_group_budget():
     assert num_retained_per_group((4, 16, 20), 2, 1.0) == 80
     with pytest.raises(ValueError, match="multiples"):
         frame_groups((2, 15, 16), 2)
+
+
+@pytest.mark.parametrize("groups,rows,cols,stamp_tokens", [(8, 14, 14, 6), (3, 8, 8, 5), (4, 8, 10, 7), (16, 28, 28, 7),
+                                                            (1, 2, 2, 6), (5, 7, 9, 4)])
+@pytest.mark.parametrize("ratio", [1 / 3, 0.5, 0.25, 0.9, 0.05])
+def test_the_ratio_counts_the_whole_span_timestamps_and_markers_included(groups, rows, cols, stamp_tokens, ratio):
+    stamps = [0.5 + 2 * g for g in range(groups)]
+    text = video_span_text_tokens(stamps, lambda s: stamp_tokens)
+    assert text == groups * (stamp_tokens + 2)
+    per_group = rows * cols
+    k = num_retained_per_group((groups, 2 * rows, 2 * cols), 2, ratio, text_tokens=text)
+    vanilla, kept = groups * per_group + text, groups * k + text
+    if text < ratio * vanilla:  # the span is r of vanilla's, rounded up by under one token a group
+        assert ratio * vanilla <= kept < ratio * vanilla + groups
+    else:  # timestamps and markers alone exceed r of the span: the floor of one token a group
+        assert k == 1
+    assert num_retained_per_group((groups, 2 * rows, 2 * cols), 2, 1.0, text_tokens=text) == per_group
+    # never more than counting video tokens alone would keep
+    assert k <= num_retained(per_group, ratio)
+
+
+def test_span_ratio_at_448_px_keeps_a_third_of_the_span():
+    """16 frames of 448 x 448: 8 groups of 196 tokens, timestamps of 6 tokens: 1640 tokens of span."""
+    text = video_span_text_tokens([0.5 + g for g in range(8)], lambda s: 6)
+    k = num_retained_per_group((8, 28, 28), 2, 1 / 3, text_tokens=text)
+    assert (text, k) == (64, 60)  # (1632 / 3 - 64) / 8 = 60; counting video tokens alone: 66
+    assert (8 * k + text) / (8 * 196 + text) < 0.36
+    with pytest.raises(ValueError, match="text_tokens"):
+        num_retained_per_group((8, 28, 28), 2, 1 / 3, text_tokens=-1)
 
 
 def test_video_ratio_defaults_to_the_image_ratio():
@@ -184,12 +213,16 @@ def test_planner_video_tokens_and_timestamps():
     (video,) = plan.videos
     assert (video.grid_thw, video.tokens_per_group, video.merged_tokens) == ([4, 16, 16], 64, 256)
     assert plan.vanilla.retained_per_video == [256]
-    assert plan.civic[0].retained_per_video == [4 * num_retained(64, 1 / 3)]
-    assert plan.vanilla.prompt_tokens - plan.civic[0].prompt_tokens == 256 - 4 * num_retained(64, 1 / 3)
+    kept = 4 * num_retained_per_group((4, 16, 16), 2, 1 / 3, text_tokens=video.span_text_tokens)
+    assert video.span_text_tokens >= 4 * 2 + 4  # a timestamp of >= 1 token and 2 markers a group
+    assert plan.civic[0].retained_per_video == [kept]
+    assert plan.vanilla.prompt_tokens - plan.civic[0].prompt_tokens == 256 - kept
+    assert 1 / 3 <= (kept + video.span_text_tokens) / (256 + video.span_text_tokens) < 1 / 3 + 4 / 256
     assert "request: video 256x256x8->4 groups of 256x256 (N=256);" in planner.render_table(plan)
     lower = planner.make_plan(model, planner.PlanRequest(images=[(448, 448)], videos=[(256, 256, 8)],
                                                          video_ratio=0.25, max_tokens=1))
-    assert lower.civic[0].retained_per_video == [4 * num_retained(64, 0.25)]
+    quarter = num_retained_per_group((4, 16, 16), 2, 0.25, text_tokens=video.span_text_tokens)
+    assert lower.civic[0].retained_per_video == [4 * quarter]
     assert lower.civic[0].retained_per_image == [num_retained(196, 1 / 3)]
     with pytest.raises(planner.PlanError, match="at least one --image or --video"):
         planner.make_plan(model, planner.PlanRequest(images=[]))
@@ -204,7 +237,7 @@ def test_planner_video_exit_layer_counts_later_blocks_on_kept_tokens():
     on_output = planner.make_plan(model, planner.PlanRequest(images=[], videos=[(256, 256, 8)], max_tokens=1))
     at_exit = planner.make_plan(model, planner.PlanRequest(images=[], videos=[(256, 256, 8)], max_tokens=1,
                                                            video_exit_layer=1))
-    k = num_retained(64, 1 / 3)
+    k = num_retained_per_group((4, 16, 16), 2, 1 / 3, text_tokens=at_exit.videos[0].span_text_tokens)
     assert at_exit.civic[0].retained_per_video == on_output.civic[0].retained_per_video == [4 * k]
     assert at_exit.vanilla.vision_flops == on_output.vanilla.vision_flops  # vanilla has no exit layer
     assert on_output.civic[0].vision_flops == on_output.vanilla.vision_flops  # the whole tower, every token merged

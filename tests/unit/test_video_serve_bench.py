@@ -114,17 +114,20 @@ def test_evs_kept_matches_vllm():
         assert vs.evs_kept(n, t, q) == evs.compute_retained_tokens_count(n, t, q)
 
 
+@pytest.mark.parametrize("text", [0, 54])
 @pytest.mark.parametrize("n,t,q", [(144, 6, 2 / 3), (64, 6, 2 / 3), (64, 4, 0.5), (64, 2, 0.9), (196, 8, 0.75)])
-def test_matching_ratio_keeps_no_more_than_evs_and_is_the_largest(n, t, q):
+def test_matching_ratio_keeps_no_more_than_evs_and_is_the_largest(n, t, q, text):
     kept = vs.evs_kept(n, t, q)
-    r = vs.matching_ratio(kept, n, t)
-    assert vs.civic_kept(n, t, r) <= kept or r == Fraction(1, n)
-    assert vs.civic_kept(n, t, r + Fraction(1, n)) > kept or r == 1
-    assert vs.civic_kept(n, t, r) == t * math.ceil(r * n)
+    r = vs.matching_ratio(kept, n, t, text)
+    per_group = vs.civic_kept(n, t, r, text) // t
+    assert vs.civic_kept(n, t, r, text) <= kept or per_group == 1
+    assert vs.civic_kept(n, t, Fraction(t * (per_group + 1) + text, t * n + text), text) > kept or per_group == n
+    assert r == Fraction(t * per_group + text, t * n + text)  # the span fraction civic keeps
 
 
 def test_matching_ratio_at_two_thirds_on_384_is_a_third():
     assert vs.matching_ratio(vs.evs_kept(144, 6, 2 / 3), 144, 6) == Fraction(1, 3)
+    assert vs.matching_ratio(vs.evs_kept(144, 6, 2 / 3), 144, 6, 54) == Fraction(288 + 54, 864 + 54)
 
 
 def test_contender_labels():
