@@ -10,8 +10,9 @@ method scored once, greedy:
 
 * ``full``       every video token (``--model-impl civic`` with ``civic_policy=full``: token-identical
                  to vanilla vLLM, tests/e2e/test_video.py);
-* ``civic``      ``civic_video_ratio=R``: K_t = ceil(R * N_t) tokens in every frame group, chosen by the
-                 temporal policy;
+* ``civic``      ``civic_video_ratio=R``: R of each video's span (video tokens, timestamps and markers),
+                 so K_t = ceil((R (t N_t + T) - T) / t) tokens in every frame group, fewer than R N_t
+                 and fewer than EVS keeps at 1-R; chosen by the temporal policy;
 * ``evs``        vanilla Qwen3-VL (no CIVIC) started with ``--video-pruning-rate 1-R``: vLLM's
                  Efficient Video Sampling (the first frame group whole, then the tokens least similar
                  to the same position one group earlier);
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.video_accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--n-test", type=int, default=640, help="test videos (default 640, 160 per task)")
-    parser.add_argument("--ratio", type=one_ratio, default=1 / 3, help="kept fraction of video tokens (default 1/3)")
+    parser.add_argument("--ratio", type=one_ratio, default=1 / 3,
+                        help="kept fraction: of the span (civic), of video tokens (EVS), of frame groups (subsample)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "video_accuracy.json"))
     parser.add_argument("--video-exit-layers", type=_layers, default=(),

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,44 @@ def paired_probe(run: Run, spec: WorkloadSpec) -> list[dict]:
     finally:
         for s in sessions.values():
             s.close()
+    return rows
+
+
+def paired_load(run: Run, spec: WorkloadSpec, configs: Sequence[Config], users: int, rounds: int) -> list[dict]:
+    """Throughput under load with an interval: each round sends ``users`` requests at once to each of
+    ``configs`` in turn (order rotated every round, every request its own fresh input), and records the
+    burst's output tokens over its wall time (first send to last completion). Pairing the contenders
+    round by round cancels machine drift, as the TTFT probe does; ratio and bootstrap interval from
+    :func:`bootstrap_ratio_ci` over the rounds."""
+    workloads = {c.label: run.workload(spec, c, max_tokens=run.max_tokens) for c in configs}
+    url = {c.label: run.servers[c.server].url for c in configs}
+
+    def send(label: str, body: dict) -> Record:
+        rec = Record()
+        with requests.Session() as session:  # one per thread: a Session is not thread-safe
+            try:
+                stream_chat(session, url[label], body, rec, run.bounds.request_timeout_s)
+            except (StreamError, requests.RequestException) as exc:
+                raise BenchError(f"load request to {label} failed: {exc}") from exc
+        return rec
+
+    rows = []
+    with ThreadPoolExecutor(users) as pool:
+        for rnd in range(rounds):
+            k = rnd % len(configs)
+            for config in configs[k:] + configs[:k]:
+                server = run.servers[config.server]
+                wait_idle(server, run.bounds)
+                send(config.label, workloads[config.label].body(run.served_model))  # untimed: see paired_probe
+                wait_idle(server, run.bounds)
+                bodies = [workloads[config.label].body(run.served_model) for _ in range(users)]  # encoded untimed
+                start = time.perf_counter()
+                records = list(pool.map(lambda body, label=config.label: send(label, body), bodies))
+                wall = time.perf_counter() - start
+                output = sum(r.completion_tokens for r in records)
+                rows.append({"workload": spec.name, "config": config.label, "round": rnd, "users": users,
+                             "wall_s": wall, "output_tokens": output, "output_tok_per_s": output / wall,
+                             "ttft_p50_s": statistics.median(r.ttft for r in records if r.ttft is not None)})
     return rows
 
 

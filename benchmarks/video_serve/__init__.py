@@ -11,14 +11,17 @@ the multimodal processor cache off; every request carries its own freshly genera
 * ``EVS q``: vanilla vLLM with ``--video-pruning-rate q`` (Efficient Video Sampling: keeps the first frame
   group whole and the most changed tokens of the others, ``max(N_t, int(N (1 - q)))`` tokens in all);
 * ``civic r``: ``--model-impl civic`` with per-request ``civic_video_ratio`` r, chosen from EVS's *measured*
-  kept count (``<|video_pad|>`` tokens in ``prompt_token_ids``) so civic keeps as many tokens or fewer;
+  kept count (``<|video_pad|>`` tokens in ``prompt_token_ids``) so civic keeps as many tokens or fewer (r
+  counts the whole span, timestamps and markers included, so it is above the kept fraction of video tokens);
 * ``subsample 1/s``: the vanilla server, the client sends every s-th frame (the naive baseline).
 
 Three servers (vanilla, EVS, civic) run side by side, each idle while another is measured. In order:
 token counts per contender (non-streaming requests with ``return_token_ids``); per contender a warm-up, then
 locust (``benchmarks/locust/video_locustfile.py``, the image suite's users, warm-up and records) at each
 concurrency, ``/metrics`` sampled throughout; the paired TTFT probe at concurrency 1 (contenders alternating
-one request at a time, rotating order, bootstrap CIs on ratios of medians); then vLLM's own
+one request at a time, rotating order, bootstrap CIs on ratios of medians); with ``--load-rounds N`` the
+paired load (civic and EVS alternating bursts of max(concurrency) requests at once, output tok/s per burst,
+the same bootstrap over rounds); then vLLM's own
 ``vllm bench serve --dataset-name random-mm`` with a video bucket against each contender at concurrency 1
 and 8. Measuring (:func:`measure`) writes ``state.json`` before any analysis; :func:`analyse` turns it into
 the report (ratios civic/vanilla, civic/EVS, EVS/vanilla, subsample/vanilla and the acceptance checks) and
@@ -27,7 +30,9 @@ the report (ratios civic/vanilla, civic/EVS, EVS/vanilla, subsample/vanilla and 
 vLLM 0.32's EVS fails on its CPU backend (the runner never enables its multimodal-pruning path) and, with
 transformers >= 5.10, on any backend (its M-RoPE recomputation misreads the prompt's outer vision-start marker);
 the EVS server runs with ``benchmarks/evs_cpu/sitecustomize.py`` on its PYTHONPATH, which fixes both (see
-that file). ``--civic-ratio`` fixes civic's ratio (e.g. 1/3 for the issue's KV check on a long video).
+that file). ``--civic-ratio`` fixes civic's ratio (e.g. 1/3 for the issue's KV check on a long video);
+``--block-size`` sets every server's KV block size (vLLM's CPU default 128 rounds a short request's blocks
+coarsely; 32 is the smallest the CPU backend takes).
 Exit status 0 when the tooling worked (whatever PASS/FAIL says), 1 when it could not measure.
 Timings mean something only on an otherwise idle machine; the load average is recorded.
 

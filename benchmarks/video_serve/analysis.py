@@ -123,6 +123,13 @@ def acceptance(state: dict, ratios: list[dict]) -> list[dict]:
         checks.append(check("civic faster than EVS under load (output tok/s, every concurrency >= 8)", worst,
                             "civic/EVS > 1", None if worst is None or None in values else worst > 1.0,
                             f"concurrency {loaded}: {[fmt(v) for v in values]}"))
+        if state.get("load"):
+            load = paired_ratio(state["load"], names["civic"], names["evs"], "output_tok_per_s")
+            users = state["load"][0]["users"]
+            checks.append(check(f"civic faster than EVS under load, paired bursts of {users} (output tok/s)",
+                                load["ratio"], "civic/EVS > 1, whole 95% CI above 1",
+                                None if not load.get("ci95") else load["ci95"][0] > 1.0,
+                                f"{fmt_ci(load)}, {load['rounds']} rounds"))
     third = next((v for k, v in tokens.items() if k.startswith("civic r=1/3")), None)
     if third is not None:
         # The placeholder span: video tokens plus each group's timestamp and markers (runs before

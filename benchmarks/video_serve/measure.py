@@ -13,6 +13,7 @@ import requests
 from benchmarks.harness import log
 from benchmarks.load import model_id
 from benchmarks.serve.common import ROOT
+from benchmarks.serve.probe import paired_load
 from benchmarks.serve.run import measure_points, start_server_set, stop_servers
 from benchmarks.serve.servers import client_cpus
 from benchmarks.video_serve.common import (
@@ -116,6 +117,10 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
                                                                  exit_layer=exit_layer), video_token_id)
         run.configs = run.probe_configs = [vanilla, *([evs] if state["evs"]["ok"] else []), civic, subsample]
         measure_points(run, spec)
+        if run.args.load_rounds and state["evs"]["ok"]:
+            users = max(run.bounds.concurrency)
+            log(f"paired load: {run.args.load_rounds} rounds of {users} requests at once, civic and EVS")
+            state["load"] = paired_load(run, spec, [civic, evs], users, run.args.load_rounds)
         if not run.args.no_random_mm:
             log("vllm bench serve --dataset-name random-mm")
             for contender in run.configs:

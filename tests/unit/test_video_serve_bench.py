@@ -106,6 +106,10 @@ def test_parser_civic_ratio_and_idle_wait():
     assert vs.build_parser().parse_args([]).civic_ratio is None
     assert vs.build_parser().parse_args([]).civic_video_exit_layer is None
     assert vs.build_parser().parse_args(["--civic-video-exit-layer", "1"]).civic_video_exit_layer == 1
+    defaults = vs.build_parser().parse_args([])
+    assert (defaults.load_rounds, defaults.block_size) == (0, None)  # off and vLLM's block size unless asked
+    asked = vs.build_parser().parse_args(["--load-rounds", "6", "--block-size", "32"])
+    assert (asked.load_rounds, asked.block_size) == (6, 32)
 
 
 def test_evs_kept_matches_vllm():
@@ -201,6 +205,37 @@ def test_analysis_failing_checks():
     # 132/384 = 0.34 placeholders pass; KV blocks 2/4 (text and output do not shrink) fail
     assert any("placeholders" in n for n in checks if checks[n]["pass"])
     assert any("KV blocks" in n for n in failed)
+
+
+def _load_rows(civic: list[float], evs: list[float]) -> list[dict]:
+    return [{"config": LABELS[name], "round": r, "users": 8, "output_tok_per_s": v}
+            for name, values in (("civic", civic), ("evs", evs)) for r, v in enumerate(values)]
+
+
+def test_paired_load_passes_only_when_the_whole_interval_is_above_one():
+    state = synthetic_state({"vanilla": 4.0, "evs": 2.5, "civic": 2.0, "subsample": 1.6},
+                            {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 16, 8: 36},
+                             "subsample": {1: 18, 8: 40}},
+                            {"vanilla": 9000, "evs": 3000, "civic": 3000, "subsample": 3000})
+    name = "civic faster than EVS under load, paired bursts of 8 (output tok/s)"
+    state["load"] = _load_rows([12.0, 12.5, 11.8, 12.2, 12.1], [10.0, 10.2, 9.9, 10.1, 10.0])
+    check = {c["name"]: c for c in vs.analyse(state)["acceptance"]}[name]
+    assert check["value"] == pytest.approx(12.1 / 10.0) and check["pass"] is True and "5 rounds" in check["detail"]
+    state["load"] = _load_rows([12.0, 8.0, 12.5, 7.9, 12.1], [10.0, 10.2, 9.9, 10.1, 10.0])  # a noisy lead
+    check = {c["name"]: c for c in vs.analyse(state)["acceptance"]}[name]
+    assert check["value"] > 1 and check["pass"] is False
+
+
+def test_placeholder_check_counts_the_span_when_the_run_recorded_it():
+    state = synthetic_state({"vanilla": 4.0, "evs": 2.5, "civic": 2.0, "subsample": 1.6},
+                            {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 16, 8: 36},
+                             "subsample": {1: 18, 8: 40}},
+                            {"vanilla": 384, "evs": 128, "civic": 96, "subsample": 128})
+    name = "video placeholders at r = 1/3 vs vanilla"
+    assert {c["name"]: c for c in vs.analyse(state)["acceptance"]}[name]["value"] == pytest.approx(96 / 384)
+    state["span_text_tokens"] = 48  # 6 groups: a timestamp and 2 markers each
+    check = {c["name"]: c for c in vs.analyse(state)["acceptance"]}[name]
+    assert check["value"] == pytest.approx(144 / 432) and check["pass"] and "span 144 vs 432" in check["detail"]
 
 
 def test_paired_ratio_uses_rounds_both_have():

@@ -33,6 +33,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "gpu": probes.render_gpu,
     "video-serve": serve.render_video_serve,
     "video-serve-exit1": partial(serve.render_video_serve, "video_serve_exit1.json"),
+    "video-kv-448": partial(serve.render_video_serve, "video_kv_448.json"),
     "video-accuracy": accuracy.render_video_accuracy,
 }
 

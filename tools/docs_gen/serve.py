@@ -4,6 +4,8 @@ serve_recipe*.json, video_serve.json.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tools.docs_gen.common import ci, command_line, load, pct, ratio_label, table, x
 
 
@@ -181,7 +183,8 @@ def render_video_serve(name: str = "video_serve.json") -> str:
     """The video serving benchmark: ratios against vanilla, vLLM's random-mm, acceptance."""
     d = load(name)
     spec = d["spec"]
-    lines = [f"{d['preset']} preset, {d['dtype']}, one {spec['width']}x{spec['height']} video of {spec['frames']} "
+    model = f"model {Path(d['preset']).name}" if "/" in d["preset"] else f"{d['preset']} preset"  # --model: a path
+    lines = [f"{model}, {d['dtype']}, one {spec['width']}x{spec['height']} video of {spec['frames']} "
              f"frames at {spec['fps']:g} fps per request, {d['max_tokens']} output tokens, one KV pool for all; "
              f"load average {d['load_start'][0]:.2f} at the start.", ""]
     rows = []
