@@ -79,30 +79,36 @@ def scored(samples, predictions: list[dict[str, Any]], tasks: list[str]) -> Scor
 
 
 def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: Path,
-                cpu_evs_fix: bool = True, exit_layers: tuple[int, ...] = ()) -> dict[str, dict[str, Any]]:
+                cpu_evs_fix: bool = True, exit_layers: tuple[int, ...] = (),
+                civic_budget: str = "evs") -> dict[str, dict[str, Any]]:
     """Every method's ``civic eval`` result (with predictions): a vanilla EVS server, then one civic server
-    (``exit_layers``: also civic at each of those video exit layers).
+    (``exit_layers``: also civic at each of those video exit layers). ``civic_budget`` "evs": each
+    civic video keeps as many video tokens as EVS kept of it, or fewer (:func:`civic_ratios_at`);
+    "ratio": civic_video_ratio = ``ratio`` (a fraction of the span, so fewer video tokens than EVS).
 
-    Each result is kept in ``cache`` as soon as it is scored (keyed by model, data and ratio), so a run
-    that stops is continued rather than redone.
+    Each result is kept in ``cache`` as soon as it is scored (keyed by model, data, ratio and, for
+    civic, its budget), so a run that stops is continued rather than redone.
     """
     from civic_vllm.evaluation import EvalServerError, evaluate, load_samples, server_config
     from civic_vllm.serving import VllmServer
 
     samples = load_samples(data)
-    key = {"model": str(Path(model).resolve()), "data": str(data.resolve()), "ratio": ratio}
+    common_key = {"model": str(Path(model).resolve()), "data": str(data.resolve()), "ratio": ratio}
     cache.mkdir(parents=True, exist_ok=True)
+
+    def key(method: str) -> dict[str, Any]:
+        return {**common_key, "civic_budget": civic_budget} if method.startswith("civic") else common_key
 
     def cached(method: str) -> dict[str, Any] | None:
         path = cache / f"{method}.json"
         if path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("key") == key:
+            if saved.get("key") == key(method):
                 return saved["result"]
         return None
 
     def keep(method: str, result: dict[str, Any]) -> None:
-        (cache / f"{method}.json").write_text(json.dumps({"key": key, "result": result}))
+        (cache / f"{method}.json").write_text(json.dumps({"key": key(method), "result": result}))
 
     results = {m: r for m in (*METHODS, *map(exit_method, exit_layers)) if (r := cached(m)) is not None}
     if "evs" not in results:
@@ -127,15 +133,43 @@ def run_methods(model: str, data: Path, ratio: float, concurrency: int, cache: P
     runs = [("full", "full", 1.0, None), ("civic", "civic", ratio, None), ("subsample", "subsample", ratio, None),
             *((exit_method(layer), "civic", ratio, layer) for layer in exit_layers)]
     todo = [run for run in runs if run[0] not in results]
+    civic_ratios = None
+    if civic_budget == "evs" and any(method == "civic" for _, method, _, _ in todo):
+        if "evs" not in results:
+            raise RuntimeError("civic at EVS's token counts needs EVS's results; EVS failed (see above)")
+        civic_ratios = civic_ratios_at(results["evs"]["video_tokens"], samples, model)
     if todo:
         t0 = time.monotonic()
         with VllmServer(server_config(model, samples)) as server:
             print(f"civic server up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
             for name, method, r, layer in todo:
-                results[name] = evaluate(samples, server.url, method=method, ratio=r, exit_layer=layer,
-                                         concurrency=concurrency, desc=f"{name} r={ratio_label(r)}")
+                per_video = civic_ratios if method == "civic" else None
+                results[name] = evaluate(samples, server.url, method=method, ratio=r, sample_ratios=per_video,
+                                         exit_layer=layer, concurrency=concurrency,
+                                         desc=f"{name} r={'EVS tokens' if per_video else ratio_label(r)}")
                 keep(name, results[name])
     return results
+
+
+def civic_ratios_at(kept: list[int], samples, model: str) -> list[float]:
+    """Per video, the civic_video_ratio that keeps the most video tokens within ``kept`` (EVS's measured
+    count of that video): civic at EVS's kept fraction, counted on the span as civic counts it. Frame
+    groups, tokens per group and the span's text tokens come from ``civic plan`` (tested against the
+    served prompt); the ratio from the video benchmark's :func:`matching_ratio`."""
+    from benchmarks.video_serve.common import matching_ratio
+    from civic_vllm import planner
+
+    info = planner.load_model(model)
+    videos: dict[tuple[int, int, int], Any] = {}
+    ratios = []
+    for sample, count in zip(samples, kept, strict=True):
+        size = (sample.record["width"], sample.record["height"], sample.record["frames"])
+        if size not in videos:
+            request = planner.PlanRequest(images=[], videos=[size], max_tokens=1)
+            (videos[size],) = planner.make_plan(info, request).videos
+        video = videos[size]
+        ratios.append(float(matching_ratio(count, video.tokens_per_group, video.grid_thw[0], video.span_text_tokens)))
+    return ratios
 
 
 def root_errors(log: str, most: int = 3) -> list[str]:
@@ -156,12 +190,16 @@ def summarise(results: dict[str, dict[str, Any]], samples, ratio: float,
     methods = [m for m in (*METHODS, *civics[1:]) if m in results]
     sc = {m: scored(samples, results[m]["predictions"], tasks) for m in methods}
     full_tokens = np.array(results["full"]["video_tokens"], dtype=float)
+    evs_tokens = np.array(results["evs"]["video_tokens"], dtype=float) if "evs" in results else None
     rows = []
     for m in methods:
         res = results[m]
         tokens = np.array(res["video_tokens"], dtype=float)
         rows.append({
             "method": m, "ratio": 1.0 if m == "full" else ratio, "n": res["n"],
+            # civic at EVS's token counts: one ratio per video; how many videos kept more tokens than EVS
+            **({"ratio": "EVS tokens", "videos_above_evs": int((tokens > evs_tokens).sum())}
+               if "sample_ratios" in res and evs_tokens is not None else {}),
             "figures": {k: figure(sc[m], k, idx) for k in ["overall", *tasks]},
             "mean_video_tokens": res["mean_video_tokens"],
             "kept_fraction": round(float(tokens.sum() / full_tokens.sum()), 4),
@@ -190,7 +228,8 @@ def table(result: dict[str, Any]) -> str:
         label = r["method"] + (f" (--video-pruning-rate {r['video_pruning_rate']:.3g}"
                                + (", with benchmarks/evs_cpu" if r.get("cpu_evs_fix") else "") + ")"
                                if "video_pruning_rate" in r else "")
-        lines.append(f"| {label} | {ratio_label(r['ratio'])} | {r['mean_video_tokens']:.1f} | "
+        r_text = r["ratio"] if isinstance(r["ratio"], str) else ratio_label(r["ratio"])
+        lines.append(f"| {label} | {r_text} | {r['mean_video_tokens']:.1f} | "
                      f"{r['kept_fraction']:.3f} | {r['mean_kv_blocks']:.2f} | "
                      f"{f['overall']['value']:.3f} ({lo:.3f}–{hi:.3f}) | "
                      + " | ".join(f"{f[t]['value']:.3f}" for t in tasks) + " |")
@@ -259,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "video_accuracy.json"))
     parser.add_argument("--video-exit-layers", type=_layers, default=(),
                         help="also civic with civic_video_exit_layer at each of these vision blocks, e.g. 1,2")
+    parser.add_argument("--civic-budget", choices=("evs", "ratio"), default="evs",
+                        help="civic keeps EVS's video tokens of each video (evs, the default) or R of the span (ratio)")
     parser.add_argument("--no-cpu-evs-fix", action="store_true",
                         help="serve EVS without benchmarks/evs_cpu (on vLLM's CPU backend it then fails at once)")
     args = parser.parse_args(argv)
@@ -267,11 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     samples = load_samples(data)
     start = time.monotonic()
     results = run_methods(args.model, data, args.ratio, args.concurrency, DATA_ROOT / "results",
-                          cpu_evs_fix=not args.no_cpu_evs_fix, exit_layers=args.video_exit_layers)
+                          cpu_evs_fix=not args.no_cpu_evs_fix, exit_layers=args.video_exit_layers,
+                          civic_budget=args.civic_budget)
     model = Path(args.model).resolve()
     result = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else args.model,
               "data": str(data.relative_to(ROOT)), "test_seed": TEST_SEED, "n": len(samples),
-              "ratio": args.ratio, "wall_s": round(time.monotonic() - start, 1),
+              "ratio": args.ratio, "civic_budget": args.civic_budget, "wall_s": round(time.monotonic() - start, 1),
               "command": "python -m benchmarks.video_accuracy " + " ".join(sys.argv[1:] if argv is None else argv),
               **summarise(results, samples, args.ratio, args.video_exit_layers)}
     out = Path(args.out)

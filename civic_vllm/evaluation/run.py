@@ -48,6 +48,7 @@ def evaluate(
     *,
     method: str,
     ratio: float = 1.0,
+    sample_ratios: Sequence[float] | None = None,
     exit_layer: int | None = None,
     geometry: ImageGeometry | None = None,
     concurrency: int = 8,
@@ -57,12 +58,17 @@ def evaluate(
 ) -> dict[str, Any]:
     """Send every sample to the server at ``url``; the scored result (see module doc).
 
-    The server should serve nothing else meanwhile: visual-token means come from its counters.
+    ``sample_ratios``: one ratio per sample, in place of ``ratio`` (e.g. civic at another method's
+    measured token count, video by video). The server should serve nothing else meanwhile:
+    visual-token means come from its counters.
     """
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     ratio = validate_ratio(ratio)
+    if sample_ratios is not None and len(sample_ratios) != len(samples):
+        raise ValueError(f"sample_ratios has {len(sample_ratios)} ratios for {len(samples)} samples")
+    ratios = [validate_ratio(r) for r in sample_ratios] if sample_ratios is not None else [ratio] * len(samples)
     if method == "full" and ratio != 1:
         raise ValueError("method 'full' keeps every visual token: use --ratio 1")
     if method == "downscale" and geometry is None:
@@ -82,7 +88,7 @@ def evaluate(
         sample = samples[index]
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
-        body = chat_body(sample, model_id, method, ratio, exit_layer, geometry)
+        body = chat_body(sample, model_id, method, ratios[index], exit_layer, geometry)
         resp = session.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=600)
         if resp.status_code != 200:
             raise EvalServerError(f"line {sample.line} ({sample.record['id']}): HTTP {resp.status_code}: "
@@ -123,6 +129,7 @@ def evaluate(
     blocks = [kv_blocks(kv_tokens(u["prompt_tokens"], u["completion_tokens"]), block_size) for u in usages]
     result = {
         "model": model_id, "method": method, "ratio": ratio, "exit_layer": exit_layer, "n": n,
+        **({"sample_ratios": ratios} if sample_ratios is not None else {}),
         **score(samples, outputs),
         "baseline": majority_baseline(samples),
         "mean_visual_tokens": round(visual / n, 2),

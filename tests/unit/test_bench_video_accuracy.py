@@ -47,3 +47,34 @@ def test_root_errors_are_the_exception_lines_not_the_http_500s() -> None:
     log = ("(Worker pid=1) ERROR [x.py:1] RuntimeError: The expanded size of the tensor (0) must match\n" * 2
            + 'INFO: 127.0.0.1 - "POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error\n')
     assert V.root_errors(log) == ["RuntimeError: The expanded size of the tensor (0) must match"]
+
+
+def test_civic_at_evs_tokens_keeps_the_most_that_fit_in_each_videos_evs_count(tmp_path: Path) -> None:
+    """Per video the ratio's K_t (the server's own budget function) fills EVS's count, never exceeds it."""
+    from civic_vllm import planner
+    from civic_vllm.budget import num_retained_per_group
+
+    model = str(Path(__file__).resolve().parents[2] / "models" / "civic-shapes-video-tiny")
+    sizes = [(256, 256, 6), (320, 256, 8), (192, 256, 10), (256, 192, 8)]
+    samples = [Sample(i + 1, {"task": "appears", "answer": "x", "width": w, "height": h, "frames": f},
+                      tmp_path / "v.mp4") for i, (w, h, f) in enumerate(sizes)]
+    info = planner.load_model(model)
+    plans = [planner.make_plan(info, planner.PlanRequest(images=[], videos=[size], max_tokens=1)).videos[0]
+             for size in sizes]
+    evs = [max(v.tokens_per_group, v.merged_tokens // 3) for v in plans]  # EVS at q = 2/3
+    ratios = V.civic_ratios_at(evs, samples, model)
+    for ratio, video, count in zip(ratios, plans, evs):
+        groups = video.grid_thw[0]
+        k = num_retained_per_group(video.grid_thw, 2, ratio, text_tokens=video.span_text_tokens)
+        assert groups * k <= count < groups * (k + 1)
+        assert ratio > count / video.merged_tokens  # r counts the span: above EVS's fraction of video tokens
+
+
+def test_civic_rows_at_evs_tokens_count_videos_above_evs(tmp_path: Path) -> None:
+    samples, results = _fake(tmp_path)
+    results["civic"]["sample_ratios"] = [0.4] * 80
+    results["civic"]["video_tokens"] = [84] * 79 + [90]
+    rows = {r["method"]: r for r in V.summarise(results, samples, 1 / 3)["rows"]}
+    assert rows["civic"]["ratio"] == "EVS tokens" and rows["civic"]["videos_above_evs"] == 1
+    assert "videos_above_evs" not in rows["subsample"]
+    assert "| civic | EVS tokens |" in V.table({"model": "m", "n": 80, **V.summarise(results, samples, 1 / 3)})

@@ -129,7 +129,9 @@ def render_video_accuracy(name: str = "video_accuracy.json") -> str:
              *(f"{r['figures'][t]['value']:.3f}" for t in tasks)] for r in d["rows"]]
     rows.append(["most common answer", "", "", "", f"{d['baseline']['accuracy']:.3f}",
                  *(f"{d['baseline']['per_task'][t]:.3f}" for t in tasks)])
-    lines = [f"`{d['model']}`, {d['n']} test videos (seed {d['test_seed']}), r = {d['ratio']:.3g}:", "",
+    budget = (", civic at EVS's video tokens of each video" if d.get("civic_budget") == "evs"
+              else ", civic_video_ratio r (of the span)" if d.get("civic_budget") == "ratio" else "")
+    lines = [f"`{d['model']}`, {d['n']} test videos (seed {d['test_seed']}), r = {d['ratio']:.3g}{budget}:", "",
              table(["method", "video tokens", "kept", "KV blocks", "overall (95% CI)", *tasks], rows), ""]
     diff = [[" − ".join(pair.rsplit("-", 1)), *(f"{100 * c[k]['difference']:+.1f} {ci(c[k]['difference_ci95'], 1, 100)}"
                                          for k in ("overall", *tasks))]
