@@ -35,6 +35,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "video-serve-exit1": partial(serve.render_video_serve, "video_serve_exit1.json"),
     "video-kv-448": partial(serve.render_video_serve, "video_kv_448.json"),
     "video-accuracy": accuracy.render_video_accuracy,
+    "video-accuracy-span": partial(accuracy.render_video_accuracy, "video_accuracy_span.json"),
 }
 
 
