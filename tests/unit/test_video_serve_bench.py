@@ -174,11 +174,19 @@ def synthetic_state(ttft: dict[str, float], tok_s: dict[str, dict[int, float]], 
                                            "num_prompts": 2, "ok": False, "error": "Traceback\nValueError: no"}]}
 
 
+def passing_state(video: dict[str, int]) -> dict:
+    """civic faster than EVS at concurrency 1 and 8, and EVS than vanilla; ``video`` tokens per contender."""
+    return synthetic_state({"vanilla": 4.0, "evs": 2.5, "civic": 2.0, "subsample": 1.6},
+                           {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 16, 8: 36},
+                            "subsample": {1: 18, 8: 40}}, video)
+
+
+def acceptance_check(state: dict, name: str) -> dict:
+    return {c["name"]: c for c in vs.analyse(state)["acceptance"]}[name]
+
+
 def test_analysis_ratios_and_passing_checks():
-    state = synthetic_state({"vanilla": 4.0, "evs": 2.5, "civic": 2.0, "subsample": 1.6},
-                            {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 16, 8: 36},
-                             "subsample": {1: 18, 8: 40}},
-                            {"vanilla": 9000, "evs": 3000, "civic": 3000, "subsample": 3000})
+    state = passing_state({"vanilla": 9000, "evs": 3000, "civic": 3000, "subsample": 3000})
     report = vs.analyse(state)
     ratios = {r["pair"]: r for r in report["ratios"]}
     assert ratios["civic/vanilla"]["probe_ttft"]["ratio"] == pytest.approx(0.5)
@@ -213,28 +221,22 @@ def _load_rows(civic: list[float], evs: list[float]) -> list[dict]:
 
 
 def test_paired_load_passes_only_when_the_whole_interval_is_above_one():
-    state = synthetic_state({"vanilla": 4.0, "evs": 2.5, "civic": 2.0, "subsample": 1.6},
-                            {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 16, 8: 36},
-                             "subsample": {1: 18, 8: 40}},
-                            {"vanilla": 9000, "evs": 3000, "civic": 3000, "subsample": 3000})
+    state = passing_state({"vanilla": 9000, "evs": 3000, "civic": 3000, "subsample": 3000})
     name = "civic faster than EVS under load, paired bursts of 8 (output tok/s)"
     state["load"] = _load_rows([12.0, 12.5, 11.8, 12.2, 12.1], [10.0, 10.2, 9.9, 10.1, 10.0])
-    check = {c["name"]: c for c in vs.analyse(state)["acceptance"]}[name]
+    check = acceptance_check(state, name)
     assert check["value"] == pytest.approx(12.1 / 10.0) and check["pass"] is True and "5 rounds" in check["detail"]
     state["load"] = _load_rows([12.0, 8.0, 12.5, 7.9, 12.1], [10.0, 10.2, 9.9, 10.1, 10.0])  # a noisy lead
-    check = {c["name"]: c for c in vs.analyse(state)["acceptance"]}[name]
+    check = acceptance_check(state, name)
     assert check["value"] > 1 and check["pass"] is False
 
 
 def test_placeholder_check_counts_the_span_when_the_run_recorded_it():
-    state = synthetic_state({"vanilla": 4.0, "evs": 2.5, "civic": 2.0, "subsample": 1.6},
-                            {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 16, 8: 36},
-                             "subsample": {1: 18, 8: 40}},
-                            {"vanilla": 384, "evs": 128, "civic": 96, "subsample": 128})
+    state = passing_state({"vanilla": 384, "evs": 128, "civic": 96, "subsample": 128})
     name = "video placeholders at r = 1/3 vs vanilla"
-    assert {c["name"]: c for c in vs.analyse(state)["acceptance"]}[name]["value"] == pytest.approx(96 / 384)
+    assert acceptance_check(state, name)["value"] == pytest.approx(96 / 384)
     state["span_text_tokens"] = 48  # 6 groups: a timestamp and 2 markers each
-    check = {c["name"]: c for c in vs.analyse(state)["acceptance"]}[name]
+    check = acceptance_check(state, name)
     assert check["value"] == pytest.approx(144 / 432) and check["pass"] and "span 144 vs 432" in check["detail"]
 
 
@@ -254,10 +256,7 @@ def test_parse_video():
 
 
 def test_report_files_from_a_synthetic_state(tmp_path):
-    state = synthetic_state({"vanilla": 4.0, "evs": 2.5, "civic": 2.0, "subsample": 1.6},
-                            {"vanilla": {1: 10, 8: 20}, "evs": {1: 14, 8: 30}, "civic": {1: 16, 8: 36},
-                             "subsample": {1: 18, 8: 40}},
-                            {"vanilla": 384, "evs": 128, "civic": 126, "subsample": 128})
+    state = passing_state({"vanilla": 384, "evs": 128, "civic": 126, "subsample": 128})
     out = tmp_path / "v.json"
     report = vs.write_report(state, out)
     assert report["kv_blocks_from_metrics_c1"]["vanilla"] == round(384 / 10000 * 100)
