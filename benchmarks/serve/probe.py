@@ -97,12 +97,13 @@ def paired_probe(run: Run, spec: WorkloadSpec) -> list[dict]:
     return rows
 
 
-def paired_load(run: Run, spec: WorkloadSpec, configs: Sequence[Config], users: int, rounds: int) -> list[dict]:
-    """Throughput under load with an interval: each round sends ``users`` requests at once to each of
-    ``configs`` in turn (order rotated every round, every request its own fresh input), and records the
-    burst's output tokens over its wall time (first send to last completion). Pairing the contenders
-    round by round cancels machine drift, as the TTFT probe does; ratio and bootstrap interval from
-    :func:`bootstrap_ratio_ci` over the rounds."""
+def paired_load(run: Run, spec: WorkloadSpec, configs: Sequence[Config], users: int, rounds: int,
+                waves: int = 3) -> list[dict]:
+    """Throughput under load with an interval: each round sends ``waves`` x ``users`` requests, ``users``
+    at a time, to each of ``configs`` in turn (order rotated every round, every request its own fresh
+    input), and records the burst's output tokens over its wall time (first send to last completion)
+    and its median TTFT. Pairing the contenders round by round cancels machine drift, as the TTFT
+    probe does; ratio and bootstrap interval from :func:`bootstrap_ratio_ci` over the rounds."""
     workloads = {c.label: run.workload(spec, c, max_tokens=run.max_tokens) for c in configs}
     url = {c.label: run.servers[c.server].url for c in configs}
 
@@ -124,12 +125,14 @@ def paired_load(run: Run, spec: WorkloadSpec, configs: Sequence[Config], users: 
                 wait_idle(server, run.bounds)
                 send(config.label, workloads[config.label].body(run.served_model))  # untimed: see paired_probe
                 wait_idle(server, run.bounds)
-                bodies = [workloads[config.label].body(run.served_model) for _ in range(users)]  # encoded untimed
+                bodies = [workloads[config.label].body(run.served_model)  # encoded untimed
+                          for _ in range(waves * users)]
                 start = time.perf_counter()
                 records = list(pool.map(lambda body, label=config.label: send(label, body), bodies))
                 wall = time.perf_counter() - start
                 output = sum(r.completion_tokens for r in records)
                 rows.append({"workload": spec.name, "config": config.label, "round": rnd, "users": users,
+                             "requests": len(records),
                              "wall_s": wall, "output_tokens": output, "output_tok_per_s": output / wall,
                              "ttft_p50_s": statistics.median(r.ttft for r in records if r.ttft is not None)})
     return rows

@@ -130,6 +130,11 @@ def acceptance(state: dict, ratios: list[dict]) -> list[dict]:
                                 load["ratio"], "civic/EVS > 1, whole 95% CI above 1",
                                 None if not load.get("ci95") else load["ci95"][0] > 1.0,
                                 f"{fmt_ci(load)}, {load['rounds']} rounds"))
+            ttft = paired_ratio(state["load"], names["civic"], names["evs"], "ttft_p50_s")
+            checks.append(check(f"civic's TTFT under load below EVS's, paired bursts of {users} (median TTFT)",
+                                ttft["ratio"], "civic/EVS < 1, whole 95% CI below 1",
+                                None if not ttft.get("ci95") else ttft["ci95"][1] < 1.0,
+                                f"{fmt_ci(ttft)}, {ttft['rounds']} rounds"))
     third = next((v for k, v in tokens.items() if k.startswith("civic r=1/3")), None)
     if third is not None:
         # The placeholder span: video tokens plus each group's timestamp and markers (runs before

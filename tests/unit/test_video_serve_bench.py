@@ -216,7 +216,8 @@ def test_analysis_failing_checks():
 
 
 def _load_rows(civic: list[float], evs: list[float]) -> list[dict]:
-    return [{"config": LABELS[name], "round": r, "users": 8, "output_tok_per_s": v}
+    """Bursts whose median TTFT is 10 / output tok/s."""
+    return [{"config": LABELS[name], "round": r, "users": 8, "output_tok_per_s": v, "ttft_p50_s": 10 / v}
             for name, values in (("civic", civic), ("evs", evs)) for r, v in enumerate(values)]
 
 
@@ -226,6 +227,8 @@ def test_paired_load_passes_only_when_the_whole_interval_is_above_one():
     state["load"] = _load_rows([12.0, 12.5, 11.8, 12.2, 12.1], [10.0, 10.2, 9.9, 10.1, 10.0])
     check = acceptance_check(state, name)
     assert check["value"] == pytest.approx(12.1 / 10.0) and check["pass"] is True and "5 rounds" in check["detail"]
+    ttft = acceptance_check(state, "civic's TTFT under load below EVS's, paired bursts of 8 (median TTFT)")
+    assert ttft["value"] == pytest.approx((10 / 12.1) / (10 / 10.0)) and ttft["pass"] is True
     state["load"] = _load_rows([12.0, 8.0, 12.5, 7.9, 12.1], [10.0, 10.2, 9.9, 10.1, 10.0])  # a noisy lead
     check = acceptance_check(state, name)
     assert check["value"] > 1 and check["pass"] is False
