@@ -34,6 +34,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "video-serve": serve.render_video_serve,
     "video-serve-exit1": partial(serve.render_video_serve, "video_serve_exit1.json"),
     "video-kv-448": partial(serve.render_video_serve, "video_kv_448.json"),
+    "video-serve-load": partial(serve.render_video_serve, "video_serve_load.json"),
     "video-accuracy": accuracy.render_video_accuracy,
     "video-accuracy-span": partial(accuracy.render_video_accuracy, "video_accuracy_span.json"),
 }
