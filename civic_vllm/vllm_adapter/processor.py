@@ -174,16 +174,17 @@ class CivicProcessingInfoMixin:
             return num_tokens
         return num_retained(num_tokens, settings.ratio, settings.min_tokens)
 
-    def get_num_kept_video_tokens(self, grid_thw: Sequence[int], timestamps: Sequence[float],
+    def get_num_kept_video_tokens(self, grid_thw: Sequence[int], timestamps: Sequence[float] | None,
                                   settings: CivicSettings) -> int:
         """K_t, kept tokens in each frame group of one video (policy "full": all of them); the
-        ratio counts the whole placeholder span, the groups' timestamps and markers included."""
+        ratio counts the whole placeholder span, the groups' timestamps and markers included
+        (``timestamps`` None: the video tokens alone, for inputs that come without them)."""
         merge = self.get_hf_config().vision_config.spatial_merge_size
         if settings.policy == "full":
             _, rows, cols = frame_groups(grid_thw, merge)
             return rows * cols
         tokenizer = self.get_tokenizer()
-        text_tokens = video_span_text_tokens(
+        text_tokens = 0 if timestamps is None else video_span_text_tokens(
             timestamps, lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
         return num_retained_per_group(grid_thw, merge, settings.effective_video_ratio, settings.min_tokens,
                                       text_tokens)
@@ -295,8 +296,11 @@ class CivicQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
             processed[EXIT_CONTEXT_KEY] = torch.full((len(grids),), int(settings.exit_context), dtype=torch.int64)
         if "video_grid_thw" in processed:
             grids = processed["video_grid_thw"].tolist()
-            num_kept = [self.info.get_num_kept_video_tokens(grid, list(stamps), settings)
-                        for grid, stamps in zip(grids, processed["timestamps"], strict=True)]
+            stamps_per_video = processed.get("timestamps")
+            if stamps_per_video is None:  # e.g. precomputed embeddings
+                stamps_per_video = [None] * len(grids)
+            num_kept = [self.info.get_num_kept_video_tokens(grid, None if stamps is None else list(stamps), settings)
+                        for grid, stamps in zip(grids, stamps_per_video, strict=True)]
             items = mm_items.get("video") if hasattr(mm_items, "get") else None
             merge = self.info.get_hf_config().vision_config.spatial_merge_size
             group_sizes = [rows * cols for _, rows, cols in (frame_groups(grid, merge) for grid in grids)]
