@@ -171,7 +171,8 @@ class KvLayout:
     length (measured on the server, tests/e2e/test_families.py, prefix caching on and off).
     The state page (conv + recurrent state) is padded up to the attention page; if it is
     larger, vLLM raises the attention block size to the next multiple of ``block_size`` that
-    holds it (that branch is vLLM's rule, not measured here: the tiny presets' state is smaller).
+    holds it (measured: the tiny Qwen3.5 preset on a CPU with AVX-512 BF16, whose float32
+    recurrent state takes 256-token blocks).
     """
 
     block_size: int
@@ -186,8 +187,10 @@ class KvLayout:
 
 
 def kv_layout(t: TextDims, block_size: int, kv_dtype: str, layers: int | None = None,
-              kv_heads: int | None = None) -> KvLayout:
+              kv_heads: int | None = None, ssm_dtype: str | None = None) -> KvLayout:
     """``layers`` / ``kv_heads``: what one GPU holds (:func:`layers_and_kv_heads_per_gpu`); default all.
+    ``ssm_dtype``: the linear-attention recurrent state's dtype (None: ``kv_dtype``; vLLM's CPU
+    backend keeps it in float32 on CPUs with AVX-512 BF16, see the planner's ``ssm_state_dtype``).
 
     Hybrids are modelled on one GPU only: how vLLM splits their linear-attention state across
     tensor- and pipeline-parallel ranks is not measured here, so a split hybrid is refused.
@@ -204,8 +207,8 @@ def kv_layout(t: TextDims, block_size: int, kv_dtype: str, layers: int | None = 
         return KvLayout(block_size, token_page * block_size * full, 1, 0, token_page * full, full)
     la = t.linear_attention
     conv_channels = 2 * la.num_key_heads * la.key_head_dim + la.num_value_heads * la.value_head_dim
-    state_page = DTYPE_BYTES[kv_dtype] * (conv_channels * (la.conv_kernel_dim - 1)
-                                          + la.num_value_heads * la.key_head_dim * la.value_head_dim)
+    state_page = (DTYPE_BYTES[kv_dtype] * conv_channels * (la.conv_kernel_dim - 1)
+                  + DTYPE_BYTES[ssm_dtype or kv_dtype] * la.num_value_heads * la.key_head_dim * la.value_head_dim)
     block_size = max(block_size, block_size * -(-state_page // (block_size * token_page)))
     group_size = min(full, linear)
     return KvLayout(block_size, token_page * block_size * group_size, -(-full // group_size),

@@ -237,7 +237,8 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
     kv_dtype = weights_dtype if req.kv_dtype == "auto" else req.kv_dtype
     try:
         layers, kv_heads = layers_and_kv_heads_per_gpu(model.dims, req.tensor_parallel_size, req.pipeline_parallel_size)
-        layout = kv_layout(t, block_size, kv_dtype, layers=layers, kv_heads=kv_heads)
+        layout = kv_layout(t, block_size, kv_dtype, layers=layers, kv_heads=kv_heads,
+                           ssm_dtype=ssm_state_dtype(req.device))
     except LayoutError as exc:
         raise PlanError(str(exc)) from None
     block_size, block_bytes, bytes_per_token = layout.block_size, layout.block_bytes, layout.bytes_per_token
@@ -334,6 +335,18 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
         scenarios=scenarios,
         notes=notes,
     )
+
+
+def ssm_state_dtype(device: str) -> str | None:
+    """The linear-attention recurrent state's dtype where it differs from the KV cache's: vLLM 0.32's
+    CPU backend stores it in float32 when this CPU has AVX-512 BF16 (its accelerated GDN path,
+    vllm/platforms/cpu.py), which doubles a Qwen3.5 state page. Read from the CPU ``civic plan`` runs
+    on, as a CPU server's pool depends on the CPU it runs on."""
+    if device != "cpu":
+        return None
+    import torch
+
+    return "float32" if torch.cpu._is_avx512_bf16_supported() else None
 
 
 def _video_plan(model: ModelInfo, size: tuple[int, int, int]) -> VideoPlan:

@@ -374,3 +374,20 @@ def test_text_prefill_flops_counts_active_experts_and_full_attention_only() -> N
     q = dense.num_attention_heads * dense.head_dim
     assert quadratic(dense) == 4 * n * n * q * dense.num_hidden_layers
     assert quadratic(hybrid) == 4 * n * n * q * hybrid.num_full_attention_layers == quadratic(dense) // 4
+
+
+def test_a_float32_recurrent_state_doubles_the_hybrid_block() -> None:
+    """vLLM's CPU backend keeps Qwen3.5's recurrent state in float32 on AVX-512 BF16 CPUs: the state
+    page then outgrows a 128-token bf16 attention page and vLLM serves 256-token blocks (measured on
+    such a CPU: tests/e2e/test_families.py::test_pool_has_the_planned_blocks)."""
+    from civic_vllm.planner.plan import ssm_state_dtype
+
+    text = mf.PRESETS["tiny-qwen3.5"].text
+    same = cost.kv_layout(text, 128, "bfloat16")
+    wide = cost.kv_layout(text, 128, "bfloat16", ssm_dtype="float32")
+    assert (same.block_size, wide.block_size) == (128, 256)
+    assert wide.block_bytes == 2 * same.block_bytes and wide.bytes_per_token == same.bytes_per_token
+    dense = mf.PRESETS["tiny"].text
+    assert cost.kv_layout(dense, 128, "bfloat16", ssm_dtype="float32") == cost.kv_layout(dense, 128, "bfloat16")
+    assert ssm_state_dtype("cuda") is None
+    assert ssm_state_dtype("cpu") == ("float32" if torch.cpu._is_avx512_bf16_supported() else None)
