@@ -20,8 +20,8 @@ token counts per contender (non-streaming requests with ``return_token_ids``); p
 locust (``benchmarks/locust/video_locustfile.py``, the image suite's users, warm-up and records) at each
 concurrency, ``/metrics`` sampled throughout; the paired TTFT probe at concurrency 1 (contenders alternating
 one request at a time, rotating order, bootstrap CIs on ratios of medians); with ``--load-rounds N`` the
-paired load (civic and EVS alternating bursts of max(concurrency) requests at once, output tok/s per burst,
-the same bootstrap over rounds); then vLLM's own
+paired load (civic and EVS alternating bursts of 3 x max(concurrency) fresh videos, max(concurrency) at a
+time; output tok/s and median TTFT per burst, the same bootstrap over rounds); then vLLM's own
 ``vllm bench serve --dataset-name random-mm`` with a video bucket against each contender at concurrency 1
 and 8. Measuring (:func:`measure`) writes ``state.json`` before any analysis; :func:`analyse` turns it into
 the report (ratios civic/vanilla, civic/EVS, EVS/vanilla, subsample/vanilla and the acceptance checks) and

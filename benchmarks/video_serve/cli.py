@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe-rounds", type=int, default=None, help="paired TTFT probe rounds (4; QUICK 2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
     parser.add_argument("--load-rounds", type=int, default=0, metavar="N",
-                        help="paired load: N rounds of max(concurrency) requests at once, civic then EVS (0: off)")
+                        help="paired load: N rounds, civic and EVS each a burst of 3 x max(concurrency) (0: off)")
     parser.add_argument("--block-size", type=int, default=None,
                         help="KV block size of every server (default vLLM's: 128 on CPU; multiples of 32 there)")
     parser.add_argument("--client-cpus", default="reserved", help="pin locust: 'reserved', 'none' or a list '1'")

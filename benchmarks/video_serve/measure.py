@@ -119,7 +119,7 @@ def measure(run: VideoRun, spec: VideoSpec, rate: Fraction, stride: int) -> dict
         measure_points(run, spec)
         if run.args.load_rounds and state["evs"]["ok"]:
             users = max(run.bounds.concurrency)
-            log(f"paired load: {run.args.load_rounds} rounds of {users} requests at once, civic and EVS")
+            log(f"paired load: {run.args.load_rounds} rounds, civic and EVS, bursts {users} at a time")
             state["load"] = paired_load(run, spec, [civic, evs], users, run.args.load_rounds)
         if not run.args.no_random_mm:
             log("vllm bench serve --dataset-name random-mm")
