@@ -83,6 +83,12 @@ class Contender:
     def ratio(self) -> float:
         return 1.0 if self.role == "reference" else GOAL_RATIO
 
+    def recipe_args(self, feature_weight: float = 0.0) -> tuple[str, ...]:
+        """Its whole ``civic distill`` recipe: the shared one, its own retention, and the protocol's
+        feature-distillation weight (downscale has no term: its image has other groups)."""
+        feature = ("--feature-weight", str(feature_weight)) if feature_weight and self.method != "downscale" else ()
+        return (*COMMON_DISTILL, *self.distill_args, *feature)
+
 
 CONTENDERS = (
     Contender("full-same-budget", "reference", ("--ratios", "1"), "full"),
@@ -127,13 +133,14 @@ def split_path(seed: int, split: str, n: int) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: float) -> bool:
+def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: float,
+                   feature_weight: float = 0.0) -> bool:
     """A finished student of exactly this contender's recipe and budget is at ``student``."""
-    done = same_recipe(student, teacher, contender)
+    done = same_recipe(student, teacher, contender, feature_weight)
     return done is not None and not done.get("stopped_early") and done.get("cpu_min", 0) >= minutes
 
 
-def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, Any] | None:
+def same_recipe(student: Path, teacher: str, contender: Contender, feature_weight: float = 0.0) -> dict[str, Any] | None:
     """The distill record at ``student`` if it is this contender's recipe from ``teacher`` (any budget)."""
     from civic_vllm.cli.distill import parse_recipe
     from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, DistillRecipe
@@ -142,7 +149,7 @@ def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, 
     if not marker.is_file():
         return None
     done = json.loads(marker.read_text())
-    wanted = asdict(parse_recipe([*COMMON_DISTILL, *contender.distill_args]))
+    wanted = asdict(parse_recipe(contender.recipe_args(feature_weight)))
     wanted.pop("data")  # the data mix is the distill default for every contender
     if wanted["policy"] != "learned":  # scorer settings mean nothing without a scorer
         for name in SCORER_FIELDS:
@@ -155,7 +162,7 @@ def same_recipe(student: Path, teacher: str, contender: Contender) -> dict[str, 
 
 
 def ensure_students(students: Path, teacher: str, minutes: float, contenders: Sequence[Contender],
-                    parallel: int = 2) -> dict[str, float]:
+                    parallel: int = 2, feature_weight: float = 0.0) -> dict[str, float]:
     """Train the missing ``contenders`` (``parallel`` single-thread processes); their CPU-minutes.
 
     A student of the same recipe with a smaller budget (an earlier, shorter protocol, or a run
@@ -164,7 +171,7 @@ def ensure_students(students: Path, teacher: str, minutes: float, contenders: Se
     from civic_vllm.training.distill import DISTILL_MARKER
 
     students.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in contenders if not recipe_matches(students / c.name, teacher, c, minutes)]
+    todo = [c for c in contenders if not recipe_matches(students / c.name, teacher, c, minutes, feature_weight)]
     for c in contenders:
         if c not in todo:
             print(f"reusing {students / c.name}: same recipe and budget", file=sys.stderr)
@@ -174,8 +181,8 @@ def ensure_students(students: Path, teacher: str, minutes: float, contenders: Se
             c = todo.pop(0)
             log = (students / f"{c.name}.log").open("w")
             cmd = [sys.executable, "-m", "civic_vllm.training.distill", "--model", teacher,
-                   "--out", str(students / c.name), "--minutes", str(minutes), *COMMON_DISTILL, *c.distill_args]
-            if same_recipe(students / c.name, teacher, c) is not None:
+                   "--out", str(students / c.name), "--minutes", str(minutes), *c.recipe_args(feature_weight)]
+            if same_recipe(students / c.name, teacher, c, feature_weight) is not None:
                 cmd += ["--resume", str(students / c.name)]
             print(f"training {c.name}: {' '.join(cmd[3:])}", file=sys.stderr)
             running.append((c, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
@@ -342,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-val", type=int, default=1200, help="validation questions (choice of the civic student)")
     p.add_argument("--n-test", type=int, default=2400, help="test questions (scored once per model)")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--feature-weight", type=float, default=0.0,
+                   help="every contender but downscale also distils its kept groups' features with this weight "
+                        "(civic distill --feature-weight; recorded)")
+    p.add_argument("--parallel", type=int, default=2,
+                   help="students trained side by side (single-thread processes; the budget is CPU time, "
+                        "so this changes only the wall time)")
     p.add_argument("--out", default=str(RESULTS / "accuracy.json"))
     p.add_argument("--install", action="store_true",
                    help="copy the chosen student to models/civic-shapes-tiny-distilled")
@@ -376,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                   "test": load_samples(split_path(TEST_SEED, "test", args.n_test))}
         for name in args.prefetch.split(","):
             c = by_name[name]
-            if not recipe_matches(students / name, teacher, c, args.minutes):
+            if not recipe_matches(students / name, teacher, c, args.minutes, args.feature_weight):
                 raise SystemExit(f"{students / name} is not a finished {name} student of this recipe and budget")
             # validation: the reference and the civic candidates; test: the reference and the baselines.
             # A civic candidate meets the test split only once validation has chosen it, which is
@@ -392,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(by_name.get(name) is None or by_name[name].role != "baseline" for name in skipped):
         p.error(f"--skip takes baselines only: {', '.join(c.name for c in CONTENDERS if c.role == 'baseline')}")
     contenders = [c for c in CONTENDERS if c.name not in skipped and (c.role != "civic" or c.name in candidates)]
-    spent = ensure_students(students, teacher, args.minutes, contenders)
+    spent = ensure_students(students, teacher, args.minutes, contenders, args.parallel, args.feature_weight)
 
     def run(name: str, samples, split: str):
         c = by_name[name]
@@ -418,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "teacher": teacher, "students": str(students.resolve()), "minutes_per_contender": args.minutes,
-        "cpu_minutes": spent, "recipe": list(COMMON_DISTILL),
-        "pieces": {c.name: same_recipe(students / c.name, teacher, c).get("pieces", []) for c in contenders},
-        "contenders": {c.name: {"role": c.role, "distill_args": list(c.distill_args), "evaluated_as": c.method}
+        "cpu_minutes": spent, "recipe": list(COMMON_DISTILL), "feature_weight": args.feature_weight,
+        "pieces": {c.name: same_recipe(students / c.name, teacher, c, args.feature_weight).get("pieces", [])
+                   for c in contenders},
+        "contenders": {c.name: {"role": c.role, "distill_args": list(c.recipe_args(args.feature_weight)[
+                                    len(COMMON_DISTILL):]), "evaluated_as": c.method}
                        for c in CONTENDERS},
         "skipped": skipped, "candidates": [c.name for c in contenders if c.role == "civic"],
         "validation": {"seed": VAL_SEED, "n": len(val), "chosen": chosen, "worst_share": worst_share,

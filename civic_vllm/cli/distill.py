@@ -17,7 +17,7 @@ def recipe_from_args(args: argparse.Namespace) -> DistillRecipe:
                          lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed,
                          serve_ratio=args.serve_ratio, scorer_lr=args.scorer_lr, scorer_weight=args.scorer_weight,
                          scorer_sharpness=args.scorer_sharpness,
-                         straight_through=args.straight_through)
+                         straight_through=args.straight_through, feature_weight=args.feature_weight)
 
 
 def parse_recipe(argv: Sequence[str]) -> DistillRecipe:
@@ -58,6 +58,9 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="learned policy: softmax sharpness of the late-saliency target")
     p.add_argument("--straight-through", action="store_true",
                    help="learned policy: also train the scorer through a straight-through gate on the kept rows")
+    p.add_argument("--feature-weight", type=float, default=d.feature_weight,
+                   help="weight of the kept groups' feature distillation: the student's merged rows (and "
+                        "DeepStack rows) against the teacher's full-path rows of the same groups (0: off)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="weight of the answers' cross-entropy")
     p.add_argument("--temperature", type=float, default=d.temperature)

@@ -20,6 +20,12 @@ also lets the KL and CE reach the scores through a gate on the kept rows. ``down
 fine-tunes the model on images shrunk to the ratio's token budget (as served), against the
 teacher on the full image.
 
+``--feature-weight W`` adds feature distillation of the kept groups (DynamicViT's recipe): the
+student's merged rows of each kept group, main and every DeepStack level, against the teacher's
+full-path rows of the same groups (:func:`feature_loss`). With an exit layer, the blocks after it
+run on the kept groups only; the term teaches them to give those groups what the whole image
+would have, which is what retention on the tower's output keeps (and what boxes need).
+
 Long budgets run in pieces: every export also saves the training state (fp32 weights, optimizer
 moments, data stream, steps and CPU-minutes; ``civic/distill_state.pt``), and ``--resume DIR``
 continues that student to a larger ``--minutes`` total exactly where it stopped. A student saved
@@ -47,6 +53,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,6 +86,7 @@ class DistillRecipe:
     scorer_weight: float = 1.0  # learned policy: weight of the saliency loss towards the late saliency
     scorer_sharpness: float = 6.0  # learned policy: softmax sharpness of the late-saliency target
     straight_through: bool = False  # learned policy: let the KL/CE reach the scores through a gate
+    feature_weight: float = 0.0  # weight of the kept groups' feature distillation (0: off)
     params: str = "merger"
     lr: float = 1e-4
     ce_weight: float = 0.0
@@ -137,15 +145,22 @@ def student_retentions(enc: tr.Encoded, merge: int, ratio: float, recipe: Distil
     return retentions
 
 
-class LateRows:
-    """Captures the teacher's final vision-block output: the rows the late selection reads."""
+class TeacherVision:
+    """Captures the teacher's vision tower output on every patch: the final block's rows (the late
+    selection reads them) and the merged rows, main and each DeepStack level (the feature targets)."""
 
     def __init__(self, teacher) -> None:
-        self.rows: torch.Tensor | None = None
-        self._hook = teacher.model.visual.blocks[-1].register_forward_hook(self._capture)
+        self.late_rows: torch.Tensor | None = None
+        self.merged_levels: list[torch.Tensor] = []
+        self._hook = teacher.model.visual.register_forward_hook(self._capture)
 
     def _capture(self, _module, _args, output) -> None:
-        self.rows = output[0] if isinstance(output, tuple) else output
+        # Read the fields now: the caller replaces pooler_output with its per-image split afterwards.
+        self.late_rows = output.last_hidden_state
+        self.merged_levels = [output.pooler_output, *(output.deepstack_features or [])]
+
+    def close(self) -> None:
+        self._hook.remove()
 
 
 def late_saliency_loss(late_rows: torch.Tensor, batch, retentions: Sequence[ImageRetention],
@@ -161,11 +176,38 @@ def late_saliency_loss(late_rows: torch.Tensor, batch, retentions: Sequence[Imag
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
+def feature_loss(teacher_levels: Sequence[torch.Tensor], batch, retentions: Sequence[ImageRetention]) -> torch.Tensor:
+    """Relative squared error of the student's kept merged rows against the teacher's rows of the same
+    groups, averaged over the levels (main, then each DeepStack level): sum (s - t)^2 / sum t^2.
+
+    Relative, so levels of different scale weigh alike and the weight reads as a share of the
+    targets' energy. Zero when the student is the teacher at full retention.
+    """
+    starts = torch.tensor([0, *[p.num_tokens for p in retentions][:-1]]).cumsum(0).tolist()
+    groups = torch.cat([kept + start for kept, start in zip(batch.kept_indices, starts)])
+    student_levels = [batch.inputs_embeds[0][batch.visual_pos_masks[0]], *batch.deepstack_embeds]
+    losses = []
+    for student_rows, teacher_rows in zip(student_levels, teacher_levels, strict=True):
+        target = teacher_rows[groups].float()
+        losses.append((student_rows.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(losses).mean()
+
+
+class Losses(NamedTuple):
+    """One chat's distillation losses."""
+
+    kl: torch.Tensor  # per answer, KL(teacher || student)
+    ce: torch.Tensor  # per answer, the student's cross-entropy
+    selection: torch.Tensor  # the learned scorer's saliency loss (0 without a scorer)
+    feature: torch.Tensor  # the kept groups' feature loss (0 unless the recipe weighs it)
+
+
 def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: DistillRecipe, merge: int,
-                   scorer: TokenScorer | None = None, late: LateRows | None = None,
-                   student_enc: tr.Encoded | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-answer KL(teacher || student) and cross-entropy of one chat, student at ``ratio``, and
-    the scorer's saliency loss (0 without a scorer).
+                   scorer: TokenScorer | None = None, vision: TeacherVision | None = None,
+                   student_enc: tr.Encoded | None = None) -> Losses:
+    """Per-answer KL(teacher || student) and cross-entropy of one chat, student at ``ratio``, the
+    scorer's saliency loss (0 without a scorer) and the kept groups' feature loss (0 without
+    ``recipe.feature_weight``). ``vision``: the teacher's captured tower output, needed by both.
 
     ``student_enc``: the student's own encoding of the chat (a downscaled image); the text is
     the same, so answer positions map across by text column.
@@ -195,9 +237,11 @@ def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: Dist
     s_logp = F.log_softmax(s_logits / recipe.temperature, dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1) * recipe.temperature ** 2
     ce = F.cross_entropy(s_logits, enc.input_ids[0, pos + 1], reduction="none")
-    selection = (late_saliency_loss(late.rows, batch, retentions, recipe.scorer_sharpness) if late is not None
-                 else torch.zeros(()))
-    return tr.per_answer_mean(kl, owner), tr.per_answer_mean(ce, owner), selection
+    selection = (late_saliency_loss(vision.late_rows, batch, retentions, recipe.scorer_sharpness)
+                 if scorer is not None else torch.zeros(()))
+    feature = (feature_loss(vision.merged_levels, batch, retentions) if recipe.feature_weight > 0
+               else torch.zeros(()))
+    return Losses(tr.per_answer_mean(kl, owner), tr.per_answer_mean(ce, owner), selection, feature)
 
 
 def distill(
@@ -233,11 +277,16 @@ def distill(
         raise ValueError(f"policy must be one of {', '.join(POLICY_CHOICES)}, got {recipe.policy!r}")
     if recipe.exit_layer is not None and not (1 <= recipe.exit_layer <= preset.vision.depth):
         raise ValueError(f"exit layer must be in 1..{preset.vision.depth}, got {recipe.exit_layer}")
+    if recipe.feature_weight < 0:
+        raise ValueError(f"--feature-weight must be >= 0, got {recipe.feature_weight}")
+    if recipe.feature_weight > 0 and recipe.policy == "downscale":
+        raise ValueError("--feature-weight compares the same groups of the same image; a downscale "
+                         "student sees another image (leave it at 0)")
     groups = [{"params": params, "base_lr": recipe.lr}]
-    scorer = late = geometry = None
+    scorer = geometry = None
+    vision = TeacherVision(teacher) if recipe.policy == "learned" or recipe.feature_weight > 0 else None
     if recipe.policy == "learned":
         scorer = TokenScorer(ScorerConfig(in_dim=preset.vision.hidden_size)).train()
-        late = LateRows(teacher)
         groups.append({"params": list(scorer.parameters()), "base_lr": recipe.scorer_lr})
     if recipe.policy == "downscale":
         from civic_vllm.evaluation import geometry_of
@@ -281,14 +330,16 @@ def distill(
                     longest, _ = geometry.downscale_max_pixels(*scene.image.size, ratio)
                     size = {"shortest_edge": geometry.factor ** 2, "longest_edge": longest}
                     student_enc = encoder.encode(scene.image, questions, answers, size=size)
-                kl, ce, selection = distill_losses(teacher, student, enc, ratio, recipe, merge,
-                                                   scorer=scorer, late=late, student_enc=student_enc)
+                kl, ce, selection, feature = distill_losses(teacher, student, enc, ratio, recipe, merge,
+                                                            scorer=scorer, vision=vision, student_enc=student_enc)
                 loss = (kl.sum() + recipe.ce_weight * ce.sum()) / n_answers
-                (loss + recipe.scorer_weight * selection / len(chats)).backward()
+                (loss + (recipe.scorer_weight * selection + recipe.feature_weight * feature) / len(chats)).backward()
                 window["kl"] += kl.tolist()
                 window["ce"] += ce.tolist()
                 if scorer is not None:
                     window["select"].append(float(selection.detach()))
+                if recipe.feature_weight > 0:
+                    window["feature"].append(float(feature.detach()))
             if recipe.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, recipe.clip_norm)
                 if scorer is not None:

@@ -47,11 +47,11 @@ def test_kl_is_zero_at_full_retention_and_positive_when_pruned(models, kind: str
     enc, qas = _chat(preset, 3, kind)
     merge = preset.vision.spatial_merge_size
     recipe = D.DistillRecipe()
-    kl_full, ce_full, _ = D.distill_losses(teacher, teacher, enc, 1.0, recipe, merge)
+    kl_full, ce_full, _, _ = D.distill_losses(teacher, teacher, enc, 1.0, recipe, merge)
     assert kl_full.shape == (len(qas),) and float(kl_full.detach().abs().max()) < 1e-4
     reference = T.answer_losses(teacher, enc)  # the training loss of the same answers
     torch.testing.assert_close(ce_full, reference, atol=1e-4, rtol=1e-4)
-    kl_pruned, _, _ = D.distill_losses(teacher, teacher, enc, 0.15, recipe, merge)
+    kl_pruned = D.distill_losses(teacher, teacher, enc, 0.15, recipe, merge).kl
     assert float(kl_pruned.detach().max()) > 1e-6
 
 
@@ -66,11 +66,58 @@ def test_a_downscale_student_reads_the_smaller_image_against_the_full_image_teac
     small = encoder.encode(scene.image, questions, answers, size={"shortest_edge": 1024, "longest_edge": 128 * 128})
     assert small.mm_token_type_ids.sum() < enc.mm_token_type_ids.sum()
     recipe = D.DistillRecipe(policy="downscale")
-    kl, ce, selection = D.distill_losses(teacher, teacher, enc, 0.25, recipe, preset.vision.spatial_merge_size,
-                                         student_enc=small)
+    kl, ce, selection, _ = D.distill_losses(teacher, teacher, enc, 0.25, recipe, preset.vision.spatial_merge_size,
+                                            student_enc=small)
     assert kl.shape == ce.shape == (len(qas),) and float(kl.detach().min()) > 0 and float(selection) == 0.0
-    same, _, _ = D.distill_losses(teacher, teacher, enc, 0.25, recipe, preset.vision.spatial_merge_size)
+    same = D.distill_losses(teacher, teacher, enc, 0.25, recipe, preset.vision.spatial_merge_size).kl
     assert float(same.abs().max()) < 1e-4  # the retentions keep every token of whatever image the student sees
+
+
+@pytest.mark.parametrize("exit_context", [False, True])
+def test_the_feature_loss_compares_each_kept_group_with_the_teachers_row_of_that_group(models,
+                                                                                   exit_context: bool) -> None:
+    """Zero at full retention; at an exit layer it equals the relative error computed by hand from the
+    teacher's full-path rows of the groups the student kept (main and every DeepStack level), and it
+    reaches the blocks after the exit layer."""
+    import copy
+
+    teacher, preset = models
+    enc, _ = _chat(preset, 5, "multi")
+    merge = preset.vision.spatial_merge_size
+    vision = D.TeacherVision(teacher)
+    recipe = D.DistillRecipe(feature_weight=1.0, exit_layer=1, exit_context=exit_context)
+    full = D.distill_losses(teacher, teacher, enc, 1.0, recipe, merge, vision=vision)
+    assert float(full.feature) < 1e-10
+    student = copy.deepcopy(teacher)
+    D.trainable_parameters(student, "vision")
+    pruned = D.distill_losses(teacher, student, enc, 0.25, recipe, merge, vision=vision)
+    assert float(pruned.feature) > 0  # tiny on a 2-step micro model, whose later blocks change rows little
+    pruned.feature.backward()
+    later_block = student.model.visual.blocks[-1].mlp.linear_fc1.weight.grad
+    assert later_block is not None and float(later_block.abs().sum()) > 0
+
+    # by hand: the student's compact rows against the teacher's rows of the same kept groups
+    with torch.no_grad():
+        out = teacher.model.visual(enc.pixel_values, grid_thw=enc.image_grid_thw)
+        from civic_vllm.hf_compact import build_compact_batch
+
+        retentions = D.student_retentions(enc, merge, 0.25, recipe)
+        batch = build_compact_batch(student, enc.input_ids, enc.pixel_values, enc.image_grid_thw,
+                                    enc.mm_token_type_ids, retentions)
+        (kept,) = batch.kept_indices
+        assert len(kept) == retentions[0].num_kept < retentions[0].num_tokens
+        rows = [batch.inputs_embeds[0][batch.visual_pos_masks[0]], *batch.deepstack_embeds]
+        targets = [out.pooler_output, *out.deepstack_features]
+        assert len(rows) == len(targets) > 1
+        by_hand = np.mean([float(((r - t[kept]) ** 2).sum() / (t[kept] ** 2).sum()) for r, t in zip(rows, targets)])
+    assert float(pruned.feature) == pytest.approx(by_hand, rel=1e-4)
+    vision.close()
+
+
+def test_a_downscale_student_refuses_the_feature_loss(teacher_dir: Path, tmp_path: Path) -> None:
+    recipe = D.DistillRecipe(policy="downscale", feature_weight=1.0, data=T.Recipe(images_per_step=1))
+    with pytest.raises(ValueError, match="feature-weight"):
+        D.distill(teacher_dir, tmp_path / "ds", recipe=recipe, max_steps=1, progress=False)
 
 
 def test_learned_distillation_trains_the_scorer_and_ships_the_recipe(teacher_dir: Path, tmp_path: Path) -> None:

@@ -93,6 +93,30 @@ def test_recipe_match_requires_the_same_recipe_and_budget(tmp_path: Path):
     assert A.recipe_matches(student, str(teacher), full, 15.0)
 
 
+def test_the_protocols_feature_weight_is_every_contenders_recipe_but_downscales(tmp_path: Path):
+    """--feature-weight W is part of each student's recipe (a student without it is not reused), and
+    downscale, whose image has other groups, trains without it."""
+    from dataclasses import asdict
+
+    from civic_vllm.cli.distill import parse_recipe
+    from civic_vllm.training.distill import DISTILL_MARKER
+
+    by_name = {c.name: c for c in A.CONTENDERS}
+    for c in A.CONTENDERS:
+        recipe = parse_recipe(c.recipe_args(0.5))
+        assert recipe.feature_weight == (0.0 if c.name == "downscale" else 0.5), c.name
+        assert parse_recipe(c.recipe_args()).feature_weight == 0.0
+    teacher, civic = tmp_path / "teacher", by_name["civic-ctx-exit1"]
+    student = tmp_path / civic.name
+    student.mkdir()
+    done = {**asdict(parse_recipe(civic.recipe_args(0.5))), "teacher": str(teacher.resolve()),
+            "stopped_early": False, "cpu_min": 15.0}
+    (student / DISTILL_MARKER).write_text(json.dumps(done))
+    assert A.recipe_matches(student, str(teacher), civic, 15.0, feature_weight=0.5)
+    assert not A.recipe_matches(student, str(teacher), civic, 15.0)  # the protocol without the term
+    assert not A.recipe_matches(student, str(teacher), civic, 15.0, feature_weight=1.0)
+
+
 def test_every_contender_shares_the_recipe_and_differs_only_in_retention():
     names = [c.name for c in A.CONTENDERS]
     assert len(set(names)) == len(names)
