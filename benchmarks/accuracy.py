@@ -140,7 +140,8 @@ def recipe_matches(student: Path, teacher: str, contender: Contender, minutes: f
     return done is not None and not done.get("stopped_early") and done.get("cpu_min", 0) >= minutes
 
 
-def same_recipe(student: Path, teacher: str, contender: Contender, feature_weight: float = 0.0) -> dict[str, Any] | None:
+def same_recipe(student: Path, teacher: str, contender: Contender,
+                feature_weight: float = 0.0) -> dict[str, Any] | None:
     """The distill record at ``student`` if it is this contender's recipe from ``teacher`` (any budget)."""
     from civic_vllm.cli.distill import parse_recipe
     from civic_vllm.training.distill import DISTILL_MARKER, SCORER_FIELDS, DistillRecipe
