@@ -91,6 +91,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="weights dtype (auto: the config's; float32 checkpoints -> bfloat16 as in vLLM)")
     parser.add_argument("--kv-dtype", choices=model_info.KV_DTYPES, default="auto",
                         help="KV cache dtype (auto: weights dtype)")
+    parser.add_argument("--mamba-ssm-cache-dtype", choices=model_info.SSM_DTYPES, default="auto",
+                        help="vLLM's --mamba-ssm-cache-dtype, Qwen3.5's recurrent state (auto: the KV dtype; "
+                             "float32 on a CPU with AVX-512 BF16, as vLLM's CPU backend does)")
     parser.add_argument("--tensor-parallel-size", type=_int_at_least(1), default=1, metavar="TP",
                         help="vLLM's --tensor-parallel-size: KV heads per GPU (default 1)")
     parser.add_argument("--pipeline-parallel-size", type=_int_at_least(1), default=1, metavar="PP",
@@ -122,7 +125,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         ratios=parse_ratios(args.ratio or ["1/3"]), text_tokens=args.text_tokens,
         question=args.question, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
         exit_layer=args.exit_layer, exit_context=args.exit_context, dtype=args.dtype, kv_dtype=args.kv_dtype,
-        device=args.device,
+        mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype, device=args.device,
         block_size=args.block_size, gpu_memory=args.gpu_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, reserve=args.reserve,
         kv_cache_memory=args.kv_cache_memory, tensor_parallel_size=args.tensor_parallel_size,

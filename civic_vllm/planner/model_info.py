@@ -33,6 +33,7 @@ DEFAULT_RESERVE_BYTES = 4 * GiB
 
 WEIGHT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 KV_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
+SSM_DTYPES = ("auto", "float32", "bfloat16", "float16")  # vLLM's --mamba-ssm-cache-dtype
 
 # Repo ids whose dimensions are a preset, for when the config cannot be read offline.
 KNOWN_REPOS = {

@@ -64,6 +64,7 @@ class PlanRequest:
     exit_context: bool = False  # civic_exit_context: the blocks after the exit layer also read the dropped groups
     dtype: str = "auto"
     kv_dtype: str = "auto"
+    mamba_ssm_cache_dtype: str = "auto"  # vLLM's --mamba-ssm-cache-dtype: a hybrid's recurrent state
     device: str = "gpu"
     block_size: int | None = None
     gpu_memory: int = 80 * GiB
@@ -238,7 +239,7 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
     try:
         layers, kv_heads = layers_and_kv_heads_per_gpu(model.dims, req.tensor_parallel_size, req.pipeline_parallel_size)
         layout = kv_layout(t, block_size, kv_dtype, layers=layers, kv_heads=kv_heads,
-                           ssm_dtype=ssm_state_dtype(req.device))
+                           ssm_dtype=ssm_state_dtype(req.device, req.mamba_ssm_cache_dtype))
     except LayoutError as exc:
         raise PlanError(str(exc)) from None
     block_size, block_bytes, bytes_per_token = layout.block_size, layout.block_bytes, layout.bytes_per_token
@@ -337,11 +338,17 @@ def make_plan(model: ModelInfo, req: PlanRequest) -> PlanResult:
     )
 
 
-def ssm_state_dtype(device: str) -> str | None:
-    """The linear-attention recurrent state's dtype where it differs from the KV cache's: vLLM 0.32's
-    CPU backend stores it in float32 when this CPU has AVX-512 BF16 (its accelerated GDN path,
-    vllm/platforms/cpu.py), which doubles a Qwen3.5 state page. Read from the CPU ``civic plan`` runs
-    on, as a CPU server's pool depends on the CPU it runs on."""
+def ssm_state_dtype(device: str, requested: str = "auto") -> str | None:
+    """The linear-attention recurrent state's dtype where it differs from the KV cache's.
+
+    ``requested`` is vLLM's ``--mamba-ssm-cache-dtype``: a dtype given there is used as given.
+    With ``auto``, vLLM 0.32's CPU backend stores the state in float32 when this CPU has AVX-512 BF16
+    (its accelerated GDN path, vllm/platforms/cpu.py), which doubles a Qwen3.5 state page; read from
+    the CPU ``civic plan`` runs on, as a CPU server's pool depends on the CPU it runs on. Elsewhere
+    ``auto`` follows the cache (None).
+    """
+    if requested != "auto":
+        return requested
     if device != "cpu":
         return None
     import torch

@@ -5,6 +5,7 @@ vLLM loading is checked by hand and by the e2e tests (a vLLM start-up takes ~25 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -391,3 +392,25 @@ def test_a_float32_recurrent_state_doubles_the_hybrid_block() -> None:
     assert cost.kv_layout(dense, 128, "bfloat16", ssm_dtype="float32") == cost.kv_layout(dense, 128, "bfloat16")
     assert ssm_state_dtype("cuda") is None
     assert ssm_state_dtype("cpu") == ("float32" if torch.cpu._is_avx512_bf16_supported() else None)
+    # vLLM's --mamba-ssm-cache-dtype, when given, is what the server uses on either device
+    assert ssm_state_dtype("cpu", "bfloat16") == ssm_state_dtype("gpu", "bfloat16") == "bfloat16"
+    assert ssm_state_dtype("gpu", "float32") == "float32"
+
+
+def test_civic_plan_reads_the_recurrent_state_dtype_as_vllm_does() -> None:
+    """--mamba-ssm-cache-dtype float32 widens Qwen3.5's planned block on a GPU (the state page must fit
+    in one block); auto and bfloat16 keep the bf16 KV dtype's."""
+    from civic_vllm.cli.plan import add_plan_parser, request_from_args
+    from civic_vllm.planner import model_info
+    from civic_vllm.planner.plan import make_plan
+
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers())
+
+    def block(*extra: str) -> int:
+        args = parser.parse_args(["plan", "--model", "tiny-qwen3.5", "--image", "448x448", "--dtype", "bfloat16",
+                                  *extra])
+        return make_plan(model_info.load_model("tiny-qwen3.5"), request_from_args(args)).kv["block_size"]
+
+    assert block("--mamba-ssm-cache-dtype", "float32") > block()
+    assert block("--mamba-ssm-cache-dtype", "bfloat16") == block()

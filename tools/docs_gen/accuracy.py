@@ -25,8 +25,10 @@ def render_accuracy(name: str, validation: bool = True) -> str:
         out += [table(["civic candidate (exit 1, its recipe)", "overall", "small", "grounding", "worst share"], rows),
                 ""]
     test = d["test"]
+    feature = (f", feature distillation weight {d['feature_weight']:g} (all but downscale)"
+               if d.get("feature_weight") else "")
     out.append(f"Test (seed {test['seed']}, {test['n']} questions, {test['bootstrap']} bootstrap resamples; "
-               f"{d['minutes_per_contender']:g} CPU-minutes of distillation each; each model once, "
+               f"{d['minutes_per_contender']:g} CPU-minutes of distillation each{feature}; each model once, "
                f"{val['chosen']} chosen on validation):")
     out.append("")
     rows = []
@@ -49,6 +51,8 @@ def render_accuracy(name: str, validation: bool = True) -> str:
         else:
             lo, hi = (v * 100 for v in c["difference_ci95"])
             out.append(f"{verdict}  {c['goal']}: {c['difference'] * 100:+.1f} points (95% CI {lo:+.1f} to {hi:+.1f})")
+    if d.get("skipped"):
+        out.append(f"NOT MEASURED (--skip): {', '.join(d['skipped'])}; the run cannot pass")
     out += ["```", "", command_line(d.get("command"), name, "make bench-accuracy")]
     return "\n".join(out)
 

@@ -22,6 +22,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "kv-blocks": probes.render_kv_blocks,
     "accuracy": partial(accuracy.render_accuracy, "accuracy.json"),
     "accuracy-30min": partial(accuracy.render_accuracy, "accuracy_30min.json", validation=False),
+    "accuracy-feature": partial(accuracy.render_accuracy, "accuracy_feature.json"),
     "accuracy-readout": accuracy.render_accuracy_readout,
     "object-recall": accuracy.render_object_recall,
     "distill-params": partial(accuracy.render_distill, "distill_params.json"),
