@@ -20,8 +20,10 @@ The fix: count each image at its real encoder cost and cap the cost per step at
 ``max_num_encoder_input_tokens`` (vLLM sets it to ``max_num_batched_tokens``; it is vLLM's own
 encoder budget before the raise to the largest item). The cost of an image with N merged tokens,
 K kept, retention after vision block L of D is ``ceil(N·L/D + K·(D−L)/D)`` (N at the default
-exit layer, the same count vanilla uses); a video costs its N (the tower runs on every frame
-group and retention picks on its output), which is its placeholder count when kept whole. An
+exit layer, the same count vanilla uses); a video is counted the same way with its kept video
+tokens and ``civic_video_exit_layer`` (N at the default, which is its placeholder count when
+kept whole), except under ``--mm-encoder-tp-mode data``, where videos select on the tower's
+output and cost N. An
 image that alone exceeds the cap is admitted when it is the first encoder input of its step,
 which is the guarantee vLLM's raise gives. So the encoder work of one step is at most
 ``max(max_num_batched_tokens, the largest single image)``, and no image exceeds the per-image
@@ -61,7 +63,7 @@ from typing import Any
 from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
 
 from civic_vllm.cost import image_encoder_cost
-from civic_vllm.settings import EXIT_CONTEXT_KEY, EXIT_LAYER_KEY
+from civic_vllm.settings import EXIT_CONTEXT_KEY, EXIT_LAYER_KEY, VIDEO_EXIT_LAYER_KEY
 from civic_vllm.vllm_adapter.model_impl import MODEL_IMPL, SUPPORTED_ARCHITECTURES
 
 logger = logging.getLogger("vllm.civic")
@@ -100,11 +102,14 @@ def is_civic_model(model_config: Any) -> bool:
 class CivicEncoderCacheManager(EncoderCacheManager):
     """vLLM's encoder cache manager with a per-step cap on vision-tower work (see module docstring)."""
 
-    def __init__(self, cache_size: int, *, step_budget: int | None = None, depth: int = 1, merge: int = 2):
+    def __init__(self, cache_size: int, *, step_budget: int | None = None, depth: int = 1, merge: int = 2,
+                 videos_select_in_tower: bool = True):
         super().__init__(cache_size)
         self.step_budget = step_budget  # None: no cap (stock behaviour)
         self.depth = depth
         self.merge = merge
+        # False under --mm-encoder-tp-mode data: the model then selects videos on the tower's output
+        self.videos_select_in_tower = videos_select_in_tower
         self._step_cost = 0  # committed by allocate() in the current step
         self._pending = 0  # approved by can_allocate() for the request being scheduled
         self._full_budget = 0  # largest placeholder budget the scheduler passed (its per-step budget)
@@ -116,8 +121,10 @@ class CivicEncoderCacheManager(EncoderCacheManager):
         scheduler_config = vllm_config.scheduler_config
         vision = vllm_config.model_config.hf_config.vision_config
         step_budget = int(scheduler_config.max_num_encoder_input_tokens)
+        multimodal = getattr(vllm_config.model_config, "multimodal_config", None)
         manager = cls(cache_size, step_budget=step_budget, depth=int(vision.depth),
-                      merge=int(vision.spatial_merge_size))
+                      merge=int(vision.spatial_merge_size),
+                      videos_select_in_tower=getattr(multimodal, "mm_encoder_tp_mode", "weights") != "data")
         vanilla, max_item = _vanilla_budget(vllm_config)
         logger.info(
             "CIVIC encoder budget per scheduler step: vanilla=%s placeholder tokens "
@@ -139,12 +146,14 @@ class CivicEncoderCacheManager(EncoderCacheManager):
         try:
             t, h, w = (int(v) for v in data[f"{feature.modality}_grid_thw"].data.flatten().tolist())
             num_tokens = t * h * w // (self.merge * self.merge)
-            if feature.modality == "video":  # the whole tower on every group, retention on its output
-                return num_tokens
-            exit_layer = self.depth
-            if EXIT_LAYER_KEY in data:
-                exit_layer = int(data[EXIT_LAYER_KEY].data)
-            context = EXIT_CONTEXT_KEY in data and bool(int(data[EXIT_CONTEXT_KEY].data))
+            exit_layer, context = self.depth, False
+            if feature.modality == "video":  # no exit context for videos
+                if VIDEO_EXIT_LAYER_KEY in data and self.videos_select_in_tower:
+                    exit_layer = int(data[VIDEO_EXIT_LAYER_KEY].data)
+            else:
+                if EXIT_LAYER_KEY in data:
+                    exit_layer = int(data[EXIT_LAYER_KEY].data)
+                context = EXIT_CONTEXT_KEY in data and bool(int(data[EXIT_CONTEXT_KEY].data))
             return image_encoder_cost(num_tokens, min(num_kept, num_tokens), exit_layer, self.depth, context)
         except Exception:
             # No processed data in this process (e.g. --mm-processor-cache-type shm), or data this

@@ -9,6 +9,7 @@ request, then ``allocate`` for the approved ones; ``get_freed_mm_hashes`` once p
 from __future__ import annotations
 
 import json
+import math
 import logging
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
 
 from civic_vllm.budget import num_retained
 from civic_vllm.cost import image_encoder_cost
-from civic_vllm.settings import EXIT_LAYER_KEY
+from civic_vllm.settings import EXIT_LAYER_KEY, VIDEO_EXIT_LAYER_KEY
 from civic_vllm.vllm_adapter import encoder_budget
 from civic_vllm.vllm_adapter.encoder_budget import (
     CivicEncoderCacheManager,
@@ -201,13 +202,35 @@ def test_a_step_starts_fresh_even_without_get_freed_mm_hashes():
     assert manager.can_allocate(second, 0, VLLM_BUDGET, 0)  # the scheduler's budget is full again: new step
 
 
-def test_videos_cost_every_frame_group():
-    """Retention picks on the tower's output, so a video costs N whatever K it keeps."""
-    manager = civic_manager(step_budget=512)
+def _video(exit_layer: int | None, kept: int = 88):
     data = {"video_grid_thw": SimpleNamespace(data=torch.tensor([4, 16, 16]))}
-    video = SimpleNamespace(identifier="v", modality="video", mm_position=PlaceholderRange(offset=0, length=88),
-                            data=data)
-    assert manager.encoder_cost(request("v", video), 0) == 256  # 4 groups of 8 x 8 merged tokens
+    if exit_layer is not None:
+        data[VIDEO_EXIT_LAYER_KEY] = SimpleNamespace(data=torch.tensor(exit_layer))
+    return request("v", SimpleNamespace(identifier="v", modality="video", data=data,
+                                        mm_position=PlaceholderRange(offset=0, length=kept)))
+
+
+def test_a_video_selecting_on_the_tower_output_costs_every_frame_group():
+    """Retention on the tower's output: a video costs N whatever K it keeps."""
+    manager = civic_manager(step_budget=512)
+    assert manager.encoder_cost(_video(None), 0) == 256  # 4 groups of 8 x 8 merged tokens
+    assert manager.encoder_cost(_video(4), 0) == 256  # the default exit layer: after the last block
+
+
+def test_a_video_with_an_exit_layer_costs_its_blocks_on_the_kept_tokens():
+    """civic_video_exit_layer 1 of 4: block 1 on all 256 tokens' patches, blocks 2-4 on the 88 kept."""
+    manager = civic_manager(step_budget=512)
+    assert manager.encoder_cost(_video(1), 0) == math.ceil(256 / 4 + 88 * 3 / 4) == 130
+    # under --mm-encoder-tp-mode data videos select on the output (civic_vllm.vllm_adapter.video)
+    data_parallel = CivicEncoderCacheManager(VLLM_BUDGET, step_budget=512, depth=4, videos_select_in_tower=False)
+    assert data_parallel.encoder_cost(_video(1), 0) == 256
+
+
+def test_the_scheduler_side_knows_when_videos_select_on_the_output(hooked):
+    config = fake_vllm_config(civic=True)
+    assert hooked.create_manager(cache_size=100, vllm_config=config).videos_select_in_tower
+    config.model_config.multimodal_config = SimpleNamespace(mm_encoder_tp_mode="data")
+    assert not hooked.create_manager(cache_size=100, vllm_config=config).videos_select_in_tower
 
 
 # ---- the hook that makes the scheduler build the CIVIC manager ----------------------------------
