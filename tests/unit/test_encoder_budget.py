@@ -9,8 +9,8 @@ request, then ``allocate`` for the approved ones; ``get_freed_mm_hashes`` once p
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
