@@ -83,11 +83,15 @@ class Contender:
     def ratio(self) -> float:
         return 1.0 if self.role == "reference" else GOAL_RATIO
 
-    def recipe_args(self, feature_weight: float = 0.0) -> tuple[str, ...]:
-        """Its whole ``civic distill`` recipe: the shared one, its own retention, and the protocol's
+    def own_args(self, feature_weight: float = 0.0) -> tuple[str, ...]:
+        """What its ``civic distill`` recipe adds to the shared one: its retention and the protocol's
         feature-distillation weight (downscale has no term: its image has other groups)."""
         feature = ("--feature-weight", str(feature_weight)) if feature_weight and self.method != "downscale" else ()
-        return (*COMMON_DISTILL, *self.distill_args, *feature)
+        return (*self.distill_args, *feature)
+
+    def recipe_args(self, feature_weight: float = 0.0) -> tuple[str, ...]:
+        """Its whole ``civic distill`` recipe."""
+        return (*COMMON_DISTILL, *self.own_args(feature_weight))
 
 
 CONTENDERS = (
@@ -435,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_minutes": spent, "recipe": list(COMMON_DISTILL), "feature_weight": args.feature_weight,
         "pieces": {c.name: same_recipe(students / c.name, teacher, c, args.feature_weight).get("pieces", [])
                    for c in contenders},
-        "contenders": {c.name: {"role": c.role, "distill_args": list(c.recipe_args(args.feature_weight)[
-                                    len(COMMON_DISTILL):]), "evaluated_as": c.method}
+        "contenders": {c.name: {"role": c.role, "distill_args": list(c.own_args(args.feature_weight)),
+                                "evaluated_as": c.method}
                        for c in CONTENDERS},
         "skipped": skipped, "candidates": [c.name for c in contenders if c.role == "civic"],
         "validation": {"seed": VAL_SEED, "n": len(val), "chosen": chosen, "worst_share": worst_share,

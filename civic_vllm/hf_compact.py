@@ -136,11 +136,16 @@ def build_compact_batch(
     )
 
 
+def concatenated_indices(kept: Sequence[torch.Tensor], num_tokens: Sequence[int]) -> torch.Tensor:
+    """Each item's kept indices (item i has ``num_tokens[i]`` tokens) as indices into the items' concatenation."""
+    starts = torch.tensor([0, *num_tokens[:-1]]).cumsum(0).tolist()
+    return torch.cat([k + s for k, s in zip(kept, starts)])
+
+
 def _keep_columns(keep: torch.Tensor, is_item_token: torch.Tensor, kept: Sequence[torch.Tensor],
                   num_tokens: Sequence[int]) -> None:
     """Inside the placeholder runs of one modality keep only the kept tokens' columns."""
-    starts = torch.tensor([0, *num_tokens[:-1]]).cumsum(0).tolist()
-    kept_global = torch.cat([k + s for k, s in zip(kept, starts)])
+    kept_global = concatenated_indices(kept, num_tokens)
     keep[is_item_token] = False
     keep[torch.nonzero(is_item_token).flatten()[kept_global]] = True
 

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from civic_vllm.budget import num_retained
-from civic_vllm.hf_compact import build_compact_batch
+from civic_vllm.hf_compact import build_compact_batch, concatenated_indices
 from civic_vllm.recipe import CivicRecipe, write_recipe
 from civic_vllm.retention.learned import ScorerConfig, TokenScorer, prior_score, saliency_loss
 from civic_vllm.retention.selection import GROUP_ROWS, ImageRetention
@@ -183,8 +183,7 @@ def feature_loss(teacher_levels: Sequence[torch.Tensor], batch, retentions: Sequ
     Relative, so levels of different scale weigh alike and the weight reads as a share of the
     targets' energy. Zero when the student is the teacher at full retention.
     """
-    starts = torch.tensor([0, *[p.num_tokens for p in retentions][:-1]]).cumsum(0).tolist()
-    groups = torch.cat([kept + start for kept, start in zip(batch.kept_indices, starts)])
+    groups = concatenated_indices(batch.kept_indices, [p.num_tokens for p in retentions])
     student_levels = [batch.inputs_embeds[0][batch.visual_pos_masks[0]], *batch.deepstack_embeds]
     losses = []
     for student_rows, teacher_rows in zip(student_levels, teacher_levels, strict=True):
