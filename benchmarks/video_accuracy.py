@@ -61,14 +61,14 @@ def colour(method: str, exit_methods: list[str]) -> str:
     return COLOURS.get(method) or EXIT_COLOURS[exit_methods.index(method) % len(EXIT_COLOURS)]
 
 
-def test_split(n_test: int) -> Path:
-    """The test split of ``n_test`` videos (written once, reused)."""
+def test_split(n_test: int, seed: int = TEST_SEED) -> Path:
+    """The test split of ``n_test`` videos drawn from ``seed`` (written once, reused)."""
     from civic_vllm.data.shapes_video import write_video_dataset
 
-    folder = DATA_ROOT / f"seed{TEST_SEED}-n{n_test}"
+    folder = DATA_ROOT / f"seed{seed}-n{n_test}"
     path = folder / "test.jsonl"
     if not path.exists():
-        write_video_dataset(folder, n_test * 10, seed=TEST_SEED, splits=["test"], progress=True)
+        write_video_dataset(folder, n_test * 10, seed=seed, splits=["test"], progress=True)
     return path
 
 
@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.video_accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--n-test", type=int, default=640, help="test videos (default 640, 160 per task)")
+    parser.add_argument("--test-seed", type=int, default=TEST_SEED,
+                        help=f"seed of the test split (default {TEST_SEED}); a fresh seed is a split no run has seen")
     parser.add_argument("--ratio", type=one_ratio, default=1 / 3,
                         help="kept fraction: of the span (civic), of video tokens (EVS), of frame groups (subsample)")
     parser.add_argument("--concurrency", type=int, default=4)
@@ -304,15 +306,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve EVS without benchmarks/evs_cpu (on vLLM's CPU backend it then fails at once)")
     args = parser.parse_args(argv)
 
-    data = test_split(args.n_test)
+    data = test_split(args.n_test, args.test_seed)
     samples = load_samples(data)
     start = time.monotonic()
-    results = run_methods(args.model, data, args.ratio, args.concurrency, DATA_ROOT / "results",
+    results = run_methods(args.model, data, args.ratio, args.concurrency, DATA_ROOT / "results" / data.parent.name,
                           cpu_evs_fix=not args.no_cpu_evs_fix, exit_layers=args.video_exit_layers,
                           civic_budget=args.civic_budget)
     model = Path(args.model).resolve()
     result = {"model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else args.model,
-              "data": str(data.relative_to(ROOT)), "test_seed": TEST_SEED, "n": len(samples),
+              "data": str(data.relative_to(ROOT)), "test_seed": args.test_seed, "n": len(samples),
               "ratio": args.ratio, "civic_budget": args.civic_budget, "wall_s": round(time.monotonic() - start, 1),
               "command": "python -m benchmarks.video_accuracy " + " ".join(sys.argv[1:] if argv is None else argv),
               **summarise(results, samples, args.ratio, args.video_exit_layers)}

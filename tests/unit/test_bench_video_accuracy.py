@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,12 @@ def test_civic_rows_at_evs_tokens_count_videos_above_evs(tmp_path: Path) -> None
     assert rows["civic"]["ratio"] == "EVS tokens" and rows["civic"]["videos_above_evs"] == 1
     assert "videos_above_evs" not in rows["subsample"]
     assert "| civic | EVS tokens |" in V.table({"model": "m", "n": 80, **V.summarise(results, samples, 1 / 3)})
+
+
+def test_a_fresh_test_seed_writes_its_own_split_of_other_videos(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(V, "DATA_ROOT", tmp_path)
+    default, fresh = V.test_split(4), V.test_split(4, seed=27182)
+    assert default.parent.name == f"seed{V.TEST_SEED}-n4" and fresh.parent.name == "seed27182-n4"
+    first = [json.loads(path.read_text().splitlines()[0])["video"] for path in (default, fresh)]
+    assert (default.parent / first[0]).read_bytes() != (fresh.parent / first[1]).read_bytes()  # other scenes
+    assert V.test_split(4, seed=27182).read_text() == fresh.read_text()  # written once, then reused

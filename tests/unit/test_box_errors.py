@@ -26,3 +26,16 @@ def test_errors_are_split_by_size_and_signed_for_size():
     assert small["acc"] == 0.0 and 0 < small["iou"] < 0.5
     assert middle["n"] == 0 and math.isnan(middle["abs_dcx"])
     assert (large["n"], large["iou"], large["acc"]) == (1, 1.0, 1.0)
+
+
+def test_errors_split_by_given_groups_such_as_the_image_aspect():
+    samples = {
+        "a": {"task": "ground", "box": [100, 100, 200, 200], "size": 50},
+        "b": {"task": "ground", "box": [100, 100, 200, 200], "size": 50},
+        "c": {"task": "ground", "box": [0, 0, 100, 100], "size": 30},
+    }
+    predictions = [{"id": "a", "output": "[100, 100, 200, 200]"}, {"id": "b", "output": "[100, 300, 200, 400]"},
+                   {"id": "c", "output": "?"}]
+    square, wide = box_errors(samples, predictions, groups={"a": "square", "b": "wide", "c": "wide"})
+    assert (square["group"], square["n"], square["acc"], square["abs_dcy"]) == ("square", 1, 1.0, 0.0)
+    assert (wide["group"], wide["n"], wide["unparseable"], wide["acc"], wide["abs_dcy"]) == ("wide", 1, 1, 0.0, 200.0)
