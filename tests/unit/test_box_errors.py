@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from benchmarks.box_errors import box_errors
+from benchmarks.box_errors import box_errors, row_thirds
 
 
 def test_errors_are_split_by_size_and_signed_for_size():
@@ -39,3 +39,16 @@ def test_errors_split_by_given_groups_such_as_the_image_aspect():
     square, wide = box_errors(samples, predictions, groups={"a": "square", "b": "wide", "c": "wide"})
     assert (square["group"], square["n"], square["acc"], square["abs_dcy"]) == ("square", 1, 1.0, 0.0)
     assert (wide["group"], wide["n"], wide["unparseable"], wide["acc"], wide["abs_dcy"]) == ("wide", 1, 1, 0.0, 200.0)
+
+
+def test_row_thirds_and_the_signed_bias():
+    samples = {"top": {"task": "ground", "box": [0, 0, 100, 100], "size": 40},
+               "low": {"task": "ground", "box": [0, 800, 100, 1000], "size": 40},
+               "low2": {"task": "ground", "box": [0, 700, 100, 900], "size": 40}}
+    predictions = [{"id": "top", "output": "[0, 20, 100, 120]"}, {"id": "low", "output": "[0, 700, 100, 900]"},
+                   {"id": "low2", "output": "[0, 640, 100, 840]"}]
+    groups = row_thirds(samples)
+    assert groups == {"top": "1 top", "low": "3 bottom", "low2": "3 bottom"}
+    top, bottom = box_errors(samples, predictions, groups)
+    assert (top["dcy"], top["abs_dcy"]) == (20.0, 20.0)  # + is down
+    assert (bottom["n"], bottom["dcy"], bottom["abs_dcy"], bottom["dcx"]) == (2, -80.0, 80.0, 0.0)
