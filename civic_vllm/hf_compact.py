@@ -284,14 +284,56 @@ def _straight_through_gate(surviving, selecting, scores, retentions) -> torch.Te
     return torch.cat(gates).repeat_interleave(GROUP_ROWS)
 
 
-def compact_logits(model, batch: CompactBatch) -> torch.Tensor:
-    """Logits [1, L, V] of the compact prompt (one full forward, no cache)."""
+def nearest_kept_counts(kept: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """[K] how many of the grid's cells have kept cell j as their nearest kept cell (Euclidean on
+    (row, col), ties to the earlier raster index; a kept cell counts itself): the tokens each kept
+    token stands for. Sums to h * w."""
+    h, w = grid_hw
+    cells = torch.arange(h * w, device=kept.device)
+    rows, cols = (cells // w).float(), (cells % w).float()
+    distance = (rows[:, None] - rows[kept][None]) ** 2 + (cols[:, None] - cols[kept][None]) ** 2
+    return torch.bincount(distance.argmin(dim=1), minlength=kept.numel())
+
+
+def proportional_key_bias(kept_indices: Sequence[torch.Tensor], grid_hws: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """[sum K] log of the tokens each kept visual token stands for, in prompt order: ToMe's
+    proportional attention. Added to the attention logits of those keys, it makes every softmax
+    weigh a kept token as if the dropped tokens nearest to it were still there, so the visual
+    block holds the full image's share of attention."""
+    return torch.cat([nearest_kept_counts(kept, hw).float().log() for kept, hw in zip(kept_indices, grid_hws)])
+
+
+def causal_mask_with_key_bias(batch: CompactBatch, key_bias: torch.Tensor) -> torch.Tensor:
+    """[1, 1, L, L] additive mask: causal, plus ``key_bias`` on the visual columns (HF uses a 4-D mask as given)."""
+    length, device, dtype = batch.inputs_embeds.shape[1], batch.inputs_embeds.device, batch.inputs_embeds.dtype
+    visual = int(batch.visual_pos_masks.sum())
+    if key_bias.numel() != visual:
+        raise ValueError(f"a key bias of {key_bias.numel()} entries for {visual} visual tokens (images only)")
+    mask = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu(1)
+    mask[:, batch.visual_pos_masks[0]] += key_bias.to(device=device, dtype=dtype)
+    return mask[None, None]
+
+
+def proportional_attention_mask(batch: CompactBatch, grid_hws: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The attention mask of proportional attention for a compact batch of images (merged grids ``grid_hws``)."""
+    return causal_mask_with_key_bias(batch, proportional_key_bias(batch.kept_indices, grid_hws))
+
+
+def compact_logits(model, batch: CompactBatch, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [1, L, V] of the compact prompt (one full forward, no cache).
+
+    ``key_bias`` [sum K]: added to every query's attention logit of each visual key
+    (:func:`proportional_key_bias`); needs an attention implementation that takes a float mask
+    (eager, sdpa) and full attention in every layer (Qwen3-VL and Qwen3-VL-MoE).
+    """
     # Qwen3.5's text model has no DeepStack inputs (its vision tower has no taps).
     deepstack = dict(visual_pos_masks=batch.visual_pos_masks, deepstack_visual_embeds=batch.deepstack_embeds)
+    mask = None if key_bias is None else causal_mask_with_key_bias(batch, key_bias)
     hidden = model.model.language_model(
         input_ids=None,
         inputs_embeds=batch.inputs_embeds,
         position_ids=batch.position_ids,
+        attention_mask=mask,
         **(deepstack if batch.deepstack_embeds else {}),
     ).last_hidden_state
     return model.lm_head(hidden)
@@ -300,7 +342,7 @@ def compact_logits(model, batch: CompactBatch) -> torch.Tensor:
 @torch.inference_mode()
 def compact_greedy(
     model, batch: CompactBatch, max_new_tokens: int, forced: list[int] | None = None,
-    best_logprobs: list[float] | None = None,
+    best_logprobs: list[float] | None = None, key_bias: torch.Tensor | None = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy decoding of the compact prompt for exactly ``max_new_tokens`` (EOS ignored).
 
@@ -308,13 +350,14 @@ def compact_greedy(
     KV cache): slow but obviously right, which is what a reference is for. Generated
     text continues after the highest prompt position, one position per token.
     ``forced``: feed these tokens instead of the argmax (teacher forcing, to score another
-    decoder's tokens); ``best_logprobs``, if given, receives each step's argmax logprob.
+    decoder's tokens); ``best_logprobs``, if given, receives each step's argmax logprob;
+    ``key_bias``: see :func:`compact_logits`.
     """
     tokens: list[int] = []
     logprobs: list[float] = []
     embed = model.model.get_input_embeddings()
     for step in range(max_new_tokens):
-        log_probs = torch.log_softmax(compact_logits(model, batch)[0, -1].float(), dim=-1)
+        log_probs = torch.log_softmax(compact_logits(model, batch, key_bias)[0, -1].float(), dim=-1)
         token = int(log_probs.argmax()) if forced is None else forced[step]
         if best_logprobs is not None:
             best_logprobs.append(float(log_probs.max()))

@@ -17,7 +17,8 @@ def recipe_from_args(args: argparse.Namespace) -> DistillRecipe:
                          lr=args.lr, ce_weight=args.ce_weight, temperature=args.temperature, seed=args.seed,
                          serve_ratio=args.serve_ratio, scorer_lr=args.scorer_lr, scorer_weight=args.scorer_weight,
                          scorer_sharpness=args.scorer_sharpness,
-                         straight_through=args.straight_through, feature_weight=args.feature_weight)
+                         straight_through=args.straight_through, feature_weight=args.feature_weight,
+                         proportional_attention=args.proportional_attention)
 
 
 def parse_recipe(argv: Sequence[str]) -> DistillRecipe:
@@ -61,6 +62,11 @@ def add_distill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--feature-weight", type=float, default=d.feature_weight,
                    help="weight of the kept groups' feature distillation: the student's merged rows (and "
                         "DeepStack rows) against the teacher's full-path rows of the same groups (0: off)")
+    p.add_argument("--proportional-attention", action="store_true",
+                   help="experimental, HF path only: the student's language model weighs each kept visual "
+                        "token by the tokens it stands for (ToMe's proportional attention); vLLM cannot serve "
+                        "it yet, so the checkpoint gets no CIVIC recipe (benchmarks.proportional_attention "
+                        "scores it)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="weight of the answers' cross-entropy")
     p.add_argument("--temperature", type=float, default=d.temperature)

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from civic_vllm.budget import num_retained
-from civic_vllm.hf_compact import build_compact_batch, concatenated_indices
+from civic_vllm.hf_compact import build_compact_batch, concatenated_indices, proportional_attention_mask
 from civic_vllm.recipe import CivicRecipe, write_recipe
 from civic_vllm.retention.learned import ScorerConfig, TokenScorer, prior_score, saliency_loss
 from civic_vllm.retention.selection import GROUP_ROWS, ImageRetention
@@ -87,6 +87,10 @@ class DistillRecipe:
     scorer_sharpness: float = 6.0  # learned policy: softmax sharpness of the late-saliency target
     straight_through: bool = False  # learned policy: let the KL/CE reach the scores through a gate
     feature_weight: float = 0.0  # weight of the kept groups' feature distillation (0: off)
+    # The student's language model weighs each kept key by the tokens it stands for (ToMe's
+    # proportional attention, hf_compact.proportional_key_bias). HF path only: vLLM's attention takes
+    # no per-key bias, so such a student gets no serving recipe.
+    proportional_attention: bool = False
     params: str = "merger"
     lr: float = 1e-4
     ce_weight: float = 0.0
@@ -221,8 +225,10 @@ def distill_losses(teacher, student, enc: tr.Encoded, ratio: float, recipe: Dist
     batch = build_compact_batch(student, s_enc.input_ids, s_enc.pixel_values, s_enc.image_grid_thw,
                                 s_enc.mm_token_type_ids, retentions, scorer=scorer,
                                 straight_through=recipe.straight_through and scorer is not None)
+    mask = (proportional_attention_mask(batch, [plan.grid_hw for plan in retentions])
+            if recipe.proportional_attention else None)
     s_hidden = student.model.language_model(
-        input_ids=None, inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids,
+        input_ids=None, inputs_embeds=batch.inputs_embeds, position_ids=batch.position_ids, attention_mask=mask,
         visual_pos_masks=batch.visual_pos_masks, deepstack_visual_embeds=batch.deepstack_embeds,
     ).last_hidden_state[0]
     # Text columns survive compaction in order: full text column j -> compact text column j.
@@ -364,7 +370,7 @@ def distill(
     path = tr.export_model(student, preset, out, info)
     (path / DISTILL_MARKER).write_text(json.dumps(info["distill"], indent=2) + "\n")
     shutil.move(log_path, path / CURVE_FILE)
-    if recipe.policy != "downscale" and min(recipe.ratios) < 1:
+    if recipe.policy != "downscale" and min(recipe.ratios) < 1 and not recipe.proportional_attention:
         served = CivicRecipe(ratio=recipe.serve_ratio, policy=recipe.policy, exit_layer=recipe.exit_layer,
                              exit_context=recipe.exit_context, scorer=scorer.config if scorer is not None else None)
         write_recipe(path, served, scorer)

@@ -120,6 +120,28 @@ def test_a_downscale_student_refuses_the_feature_loss(teacher_dir: Path, tmp_pat
         D.distill(teacher_dir, tmp_path / "ds", recipe=recipe, max_steps=1, progress=False)
 
 
+@pytest.mark.parametrize("kind", ["single", "multi"])
+def test_proportional_attention_changes_the_student_only_where_tokens_were_dropped(models, kind: str) -> None:
+    teacher, preset = models
+    enc, _ = _chat(preset, 7, kind)
+    merge = preset.vision.spatial_merge_size
+    plain, weighted = D.DistillRecipe(), D.DistillRecipe(proportional_attention=True)
+    for ratio, same in ((1.0, True), (0.25, False)):  # every token kept: each stands for itself, log 1 = 0
+        a = D.distill_losses(teacher, teacher, enc, ratio, plain, merge).kl.detach()
+        b = D.distill_losses(teacher, teacher, enc, ratio, weighted, merge).kl.detach()
+        assert torch.allclose(a, b, atol=1e-6) == same, (ratio, a, b)
+
+
+def test_a_proportional_attention_student_ships_no_serving_recipe(teacher_dir: Path, tmp_path: Path) -> None:
+    """vLLM's attention takes no per-key bias: a recipe would serve the student without what it learnt."""
+    from civic_vllm.recipe import read_recipe
+
+    recipe = D.DistillRecipe(ratios=[0.5], exit_layer=1, proportional_attention=True, data=T.Recipe(images_per_step=1))
+    out = D.distill(teacher_dir, tmp_path / "prop", recipe=recipe, max_steps=1, progress=False)
+    assert read_recipe(out) is None
+    assert json.loads((out / D.DISTILL_MARKER).read_text())["proportional_attention"] is True
+
+
 def test_learned_distillation_trains_the_scorer_and_ships_the_recipe(teacher_dir: Path, tmp_path: Path) -> None:
     from civic_vllm.recipe import load_scorer, read_recipe
 
