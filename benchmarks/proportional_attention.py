@@ -39,6 +39,7 @@ from benchmarks.bootstrap import Scored, bootstrap_indices, figure, paired
 from benchmarks.box_errors import ROW_THIRDS, box_errors, row_thirds
 
 VARIANTS = ("plain", "proportional")
+METRICS = ("overall", "small", "ground")
 MAX_TOKENS = 24
 
 
@@ -64,8 +65,9 @@ def retention_of(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def answer_both(model, encoder, image, question: str, retention: dict[str, Any]) -> dict[str, str]:
-    """The plain and the proportional-attention answer of one compact prompt."""
+def answers_of(model, encoder, image, question: str, retention: dict[str, Any],
+               variants: tuple[str, ...] = VARIANTS) -> dict[str, str]:
+    """The plain and/or the proportional-attention answer of one compact prompt."""
     from civic_vllm.budget import num_retained
     from civic_vllm.hf_compact import build_compact_batch, compact_greedy, proportional_key_bias
     from civic_vllm.retention.selection import ImageRetention
@@ -78,9 +80,9 @@ def answer_both(model, encoder, image, question: str, retention: dict[str, Any])
                             exit_context=retention["exit_context"]) for g in grids]
     batch = build_compact_batch(model, enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.mm_token_type_ids,
                                 plans)
-    biases = {"plain": None, "proportional": proportional_key_bias(batch.kept_indices, grids)}
     answers = {}
-    for variant, bias in biases.items():
+    for variant in variants:
+        bias = proportional_key_bias(batch.kept_indices, grids) if variant == "proportional" else None
         tokens, _ = compact_greedy(model, batch, MAX_TOKENS, key_bias=bias)
         if encoder.im_end in tokens:
             tokens = tokens[: tokens.index(encoder.im_end)]
@@ -100,23 +102,28 @@ def probe_model(model_dir: str, samples, args: argparse.Namespace) -> dict[str, 
     model.eval()
     encoder = ChatEncoder(preset)
     retention = retention_of(model_dir, args)
-    predictions: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    variants = args.variants
+    predictions: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for sample in tqdm(samples, desc=Path(model_dir).name, unit="question"):
         with Image.open(sample.image_path) as image:
-            answers = answer_both(model, encoder, image.convert("RGB"), sample.record["question"], retention)
+            answers = answers_of(model, encoder, image.convert("RGB"), sample.record["question"], retention,
+                                 variants)
         for variant, output in answers.items():
             predictions[variant].append({"id": sample.record["id"], "output": output,
                                          "correct": shapes.is_correct(sample.record, output)})
     idx = bootstrap_indices(len(samples))
-    scored = {v: Scored.from_predictions(samples, predictions[v]) for v in VARIANTS}
+    scored = {v: Scored.from_predictions(samples, predictions[v]) for v in variants}
+    metrics = [m for m in METRICS if scored[variants[0]].masks[m].any()]
     records = {s.record["id"]: s.record for s in samples}
     thirds = row_thirds(records)
     out: dict[str, Any] = {"model": _relative(model_dir), "retention": retention, "n": len(samples),
-                           "accuracy": {v: figure(scored[v], "overall", idx) for v in VARIANTS},
-                           "proportional_minus_plain": paired(scored["proportional"], scored["plain"], "overall", idx)}
+                           "accuracy": {v: {m: figure(scored[v], m, idx) for m in metrics} for v in variants}}
+    if set(variants) == set(VARIANTS):
+        out["proportional_minus_plain"] = {m: paired(scored["proportional"], scored["plain"], m, idx)
+                                           for m in metrics}
     if thirds:
         out["by_row_third"] = {v: [{k: _rounded(b[k]) for k in ("group", "n", "dcy", "abs_dcy", "acc")}
-                                   for b in box_errors(records, predictions[v], thirds)] for v in VARIANTS}
+                                   for b in box_errors(records, predictions[v], thirds)] for v in variants}
     out["predictions"] = predictions
     return out
 
@@ -130,29 +137,41 @@ def _relative(path: str) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
 
 
+def _figure(f: dict[str, Any] | None) -> str:
+    return "–" if f is None else f"{f['value']:.3f} ({f['ci95'][0]:.3f}–{f['ci95'][1]:.3f})"
+
+
+def _difference(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "–"
+    low, high = d["difference_ci95"]
+    return f"{100 * d['difference']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"
+
+
 def report(result: dict[str, Any]) -> str:
     lines = [f"# Proportional attention probe ({result['data']}, task {result['task']})", "",
-             "| model | retention | n | plain (95% CI) | proportional (95% CI) | difference (95% CI) |",
-             "|---|---|---|---|---|---|"]
+             "| model | retention | answered | n | " + " | ".join(METRICS) + " |", "|---|---|---|---|---|---|---|"]
     for m in result["models"]:
-        r, d = m["retention"], m["proportional_minus_plain"]
-        acc = [f"{m['accuracy'][v]['value']:.3f} ({m['accuracy'][v]['ci95'][0]:.3f}–{m['accuracy'][v]['ci95'][1]:.3f})"
-               for v in VARIANTS]
+        r = m["retention"]
         where = f"r = {ratio_label(r['ratio'])}, {r['policy']}, exit {r['exit_layer']}" + (
             " + context" if r["exit_context"] else "") + (
             ", trained with proportional attention" if r.get("trained_with_proportional_attention") else "") + (
             f" ({r['from']})")
-        lines.append(f"| {m['model']} | {where} | {m['n']} | {acc[0]} | {acc[1]} | "
-                     f"{100 * d['difference']:+.1f} ({100 * d['difference_ci95'][0]:+.1f} to "
-                     f"{100 * d['difference_ci95'][1]:+.1f}) |")
+        for variant, figures in m["accuracy"].items():
+            lines.append(f"| {m['model']} | {where} | {variant} | {m['n']} | "
+                         + " | ".join(_figure(figures.get(k)) for k in METRICS) + " |")
+        if "proportional_minus_plain" in m:
+            diff = m["proportional_minus_plain"]
+            lines.append(f"| {m['model']} | | proportional − plain (points) | {m['n']} | "
+                         + " | ".join(_difference(diff.get(k)) for k in METRICS) + " |")
     thirds = [m for m in result["models"] if "by_row_third" in m]
     if thirds:
         lines += ["", "Grounding by the third of the image height the object's centre is in: Acc@0.5 and the mean "
                   "centre-y error (+ is down, 0-1000 units).", "",
-                  "| model | variant | top | middle | bottom |", "|---|---|---|---|---|"]
+                  "| model | answered | top | middle | bottom |", "|---|---|---|---|---|"]
         for m in thirds:
-            for v in VARIANTS:
-                by_third = {b["group"]: b for b in m["by_row_third"][v]}
+            for v, bands in m["by_row_third"].items():
+                by_third = {b["group"]: b for b in bands}
                 cells = [f"{by_third[t]['acc']:.3f}, {by_third[t]['dcy']:+.0f}" if t in by_third else "–"
                          for t in ROW_THIRDS]
                 lines.append(f"| {m['model']} | {v} | " + " | ".join(cells) + " |")
@@ -174,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="without a checkpoint recipe")
     parser.add_argument("--exit-layer", type=int, default=1, help="without a checkpoint recipe")
     parser.add_argument("--exit-context", action="store_true", help="without a checkpoint recipe")
+    parser.add_argument("--variants", type=_variants, default=VARIANTS,
+                        help="which answers: plain, proportional or both (default plain,proportional)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "proportional_attention.json"))
     args = parser.parse_args(argv)
@@ -195,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(md)
     print(md)
     return 0
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    chosen = tuple(v for v in VARIANTS if v in text.split(","))
+    if not chosen or set(text.split(",")) - set(VARIANTS):
+        raise argparse.ArgumentTypeError(f"variants are {', '.join(VARIANTS)}, got {text!r}")
+    return chosen
 
 
 if __name__ == "__main__":
