@@ -144,3 +144,12 @@ def render_video_accuracy(name: str = "video_accuracy.json") -> str:
     if d.get("evs_error"):
         lines.append("EVS: not measured, the EVS server failed on this backend (error in the JSON's `evs_error`).")
     return "\n".join(lines + ["", command_line(d.get("command"), name, "python -m benchmarks.video_accuracy")])
+
+
+def render_proportional(name: str) -> str:
+    """The proportional-attention probe's tables (benchmarks/proportional_attention.py writes the same Markdown)."""
+    from benchmarks.proportional_attention import report
+
+    d = load(name)
+    body = report(d).split("\n", 2)[2]  # without the title line and the blank line after it
+    return body.rsplit("Written by", 1)[0] + command_line(d["command"], name)

@@ -25,6 +25,8 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "accuracy-feature": partial(accuracy.render_accuracy, "accuracy_feature.json"),
     "accuracy-readout": accuracy.render_accuracy_readout,
     "object-recall": accuracy.render_object_recall,
+    "proportional": partial(accuracy.render_proportional, "proportional_attention.json"),
+    "proportional-student": partial(accuracy.render_proportional, "proportional_attention_student.json"),
     "distill-params": partial(accuracy.render_distill, "distill_params.json"),
     "distill-ce": partial(accuracy.render_distill, "distill_ce.json"),
     "distill-soup": accuracy.render_distill_soup,
