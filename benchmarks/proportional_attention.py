@@ -68,16 +68,14 @@ def retention_of(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
 def answers_of(model, encoder, image, question: str, retention: dict[str, Any],
                variants: tuple[str, ...] = VARIANTS) -> dict[str, str]:
     """The plain and/or the proportional-attention answer of one compact prompt."""
-    from civic_vllm.budget import num_retained
     from civic_vllm.hf_compact import build_compact_batch, compact_greedy, proportional_key_bias
-    from civic_vllm.retention.selection import ImageRetention
+    from civic_vllm.training.distill import DistillRecipe, student_retentions
 
     enc = encoder.encode(image, [question], None)
-    merge = model.config.vision_config.spatial_merge_size
-    grids = [(h // merge, w // merge) for _, h, w in enc.image_grid_thw.tolist()]
-    plans = [ImageRetention(grid_hw=g, num_kept=num_retained(g[0] * g[1], retention["ratio"]),
-                            policy=retention["policy"], exit_layer=retention["exit_layer"],
-                            exit_context=retention["exit_context"]) for g in grids]
+    plans = student_retentions(enc, model.config.vision_config.spatial_merge_size, retention["ratio"],
+                               DistillRecipe(policy=retention["policy"], exit_layer=retention["exit_layer"],
+                                             exit_context=retention["exit_context"]))
+    grids = [plan.grid_hw for plan in plans]
     batch = build_compact_batch(model, enc.input_ids, enc.pixel_values, enc.image_grid_thw, enc.mm_token_type_ids,
                                 plans)
     answers = {}
