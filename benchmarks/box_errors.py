@@ -55,7 +55,7 @@ def box_errors(samples: dict[str, dict], predictions: list[dict],
     names = list(bands) if groups is None else sorted({*labels, *unparseable})
     out = []
     for name in names:
-        band = table[of == name] if len(labels) else table
+        band = table[of == name]
         mean = band.mean(axis=0) if len(band) else np.full(7, np.nan)
         out.append({"group": name, **({"size": list(bands[name])} if groups is None else {}),
                     "n": len(band), "unparseable": unparseable.count(name),
