@@ -42,6 +42,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "video-accuracy": accuracy.render_video_accuracy,
     "video-accuracy-span": partial(accuracy.render_video_accuracy, "video_accuracy_span.json"),
     "video-accuracy-2560": partial(accuracy.render_video_accuracy, "video_accuracy_2560.json"),
+    "video-accuracy-long": partial(accuracy.render_video_accuracy, "video_accuracy_long.json"),
 }
 
 
