@@ -20,7 +20,8 @@ def plot(state: dict, report: dict, path: Path) -> None:
 
     labels = [c["label"] for c in state["contenders"]]
     colours = dict(zip(labels, ["#777777", "#d62728", "#1f77b4", "#2ca02c"]))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    rounds = report.get("load_rounds") or []
+    fig, axes = plt.subplots(1, 4 if rounds else 3, figsize=(20 if rounds else 15, 4.2))
     ax = axes[0]
     medians = [statistics.median([r["client_ttft_s"] for r in state["probe"] if r["config"] == x] or [math.nan])
                for x in labels]
@@ -56,11 +57,31 @@ def plot(state: dict, report: dict, path: Path) -> None:
     ax.set_title("tokens and KV blocks")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize=7, loc="upper right")
+    if rounds:
+        plot_load_rounds(axes[3], rounds, report["load_summary"])
     fig.suptitle(f"Video serving, {state['preset']} ({state['dtype']}), {state['spec']['frames']} frames of "
                  f"{state['spec']['width']}x{state['spec']['height']}" + (" (QUICK)" if state["quick"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_load_rounds(ax, rounds: list[dict], summary: dict) -> None:
+    """Each paired load round's civic/EVS output tok/s (by who went first), the geometric mean and its CI."""
+    for first, marker in (("civic", "o"), ("evs", "s")):
+        shown = [r for r in rounds if r["first"] == first]
+        ax.scatter([r["round"] for r in shown], [r["ratio"] for r in shown], marker=marker, s=22,
+                   label=f"{first} burst first")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(summary["paired_geomean"], color="#1f77b4", lw=1.2,
+               label=f"geometric mean {summary['paired_geomean']:.3f}")
+    if summary["paired_geomean_ci95"]:
+        ax.axhspan(*summary["paired_geomean_ci95"], color="#1f77b4", alpha=0.15, label="its 95% CI")
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("civic / EVS output tok/s (burst)")
+    ax.set_title(f"paired load, {len(rounds)} rounds")
+    ax.legend(fontsize=7)
 
 
 def markdown(state: dict, report: dict) -> str:
@@ -117,6 +138,13 @@ def markdown(state: dict, report: dict) -> str:
                          f"{fmt(r.get('input_tokens_per_request'), '.0f')} | "
                          f"{fmt(r.get('output_throughput'), '.1f')} | {fmt(r.get('request_throughput'))} | "
                          f"{fmt(r.get('median_ttft_ms'), '.0f')} |")
+    if report.get("load_rounds"):
+        lines += ["", "## Paired load rounds (civic vs EVS, bursts run back to back)", "",
+                  "| round | first | civic burst s | EVS burst s | civic tok/s | EVS tok/s | civic/EVS |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['round']} | {r['first']} | {r['civic_wall_s']:.1f} | {r['evs_wall_s']:.1f} | "
+                  f"{r['civic_output_tok_per_s']:.1f} | {r['evs_output_tok_per_s']:.1f} | {r['ratio']:.3f} |"
+                  for r in report["load_rounds"]]
     lines += ["", "## Acceptance (issue 19, serving)", ""]
     for c in report["acceptance"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[c["pass"]]
