@@ -91,8 +91,9 @@ def check(name: str, value: float | None, goal: str, passed: bool | None, detail
     return {"name": name, "value": value, "goal": goal, "pass": passed, "detail": detail}
 
 
-def acceptance(state: dict, ratios: list[dict]) -> list[dict]:
-    """Issue 19's serving checks, from the measurements."""
+def acceptance(state: dict, ratios: list[dict], load: dict | None = None) -> list[dict]:
+    """Issue 19's serving checks, from the measurements (``load``: the paired load's output tok/s,
+    :func:`load_summary`)."""
     by_pair = {r["pair"]: r for r in ratios}
     tokens = token_summary(state)
     names = labels_by_name(state)
@@ -125,10 +126,9 @@ def acceptance(state: dict, ratios: list[dict]) -> list[dict]:
         checks.append(check("civic faster than EVS under load (output tok/s, every concurrency >= 8)", worst,
                             "civic/EVS > 1", None if worst is None or None in values else worst > 1.0,
                             f"concurrency {loaded}: {[fmt(v) for v in values]}"))
-        if state.get("load"):
+        if load:
             # The round's two bursts run back to back: judged on the per-round ratios (geometric mean),
             # the ratio of medians across rounds shown beside it.
-            load = paired_ratio(state["load"], names["civic"], names["evs"], "output_tok_per_s")
             users = state["load"][0]["users"]
             ci95 = load.get("paired_geomean_ci95")
             checks.append(check(f"civic faster than EVS under load, paired bursts of {users} (output tok/s)",
@@ -196,14 +196,19 @@ def load_rounds(state: dict) -> list[dict]:
     return rows
 
 
+def load_summary(state: dict) -> dict | None:
+    """The paired load's civic/EVS output tok/s (:func:`paired_ratio`), if the run had paired load."""
+    names = labels_by_name(state)
+    if not state.get("load") or "evs" not in names:
+        return None
+    return paired_ratio(state["load"], names["civic"], names["evs"], "output_tok_per_s")
+
+
 def analyse(state: dict) -> dict:
     ratios = ratio_table(state)
-    rounds = load_rounds(state)
-    names = labels_by_name(state)
+    load = load_summary(state)
     return {"tokens": token_summary(state), "kv_blocks_from_metrics_c1": metrics_blocks(state), "ratios": ratios,
-            "acceptance": acceptance(state, ratios), "load_rounds": rounds,
-            "load_summary": paired_ratio(state["load"], names["civic"], names["evs"], "output_tok_per_s")
-            if rounds else None}
+            "acceptance": acceptance(state, ratios, load), "load_rounds": load_rounds(state), "load_summary": load}
 
 
 def fmt_paired(r: dict) -> str:
