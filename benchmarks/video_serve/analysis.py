@@ -32,14 +32,21 @@ def token_summary(state: dict) -> dict[str, dict]:
     return out
 
 
+def rows_by_round(rows: list[dict], key: str | None = None) -> dict[int, dict[str, dict]]:
+    """Probe or load rows grouped round -> config -> row (with its ``order`` in the run), skipping rows
+    without ``key``."""
+    by_round: dict[int, dict[str, dict]] = {}
+    for order, row in enumerate(rows):
+        if key is None or row.get(key) is not None:
+            by_round.setdefault(row["round"], {})[row["config"]] = {**row, "order": order}
+    return by_round
+
+
 def paired_ratio(probe: list[dict], num: str, den: str, key: str = "client_ttft_s") -> dict:
     """Ratio of medians num/den of ``key`` over the probe rounds both have, with the paired bootstrap CI."""
-    by_round: dict[int, dict[str, float]] = {}
-    for row in probe:
-        if row.get(key) is not None:
-            by_round.setdefault(row["round"], {})[row["config"]] = row[key]
+    by_round = rows_by_round(probe, key)
     rounds = sorted(r for r, v in by_round.items() if num in v and den in v)
-    a, b = [by_round[r][num] for r in rounds], [by_round[r][den] for r in rounds]
+    a, b = [by_round[r][num][key] for r in rounds], [by_round[r][den][key] for r in rounds]
     if not rounds:
         return {"ratio": None, "ci95": None, "rounds": 0}
     geomean, geomean_ci = bootstrap_geomean_ci(a, b)
@@ -175,17 +182,20 @@ def metrics_blocks(state: dict) -> dict[str, int | None]:
     return out
 
 
+def load_labels(state: dict) -> dict[str, str] | None:
+    """Contender labels by name, or None when the run has no paired civic/EVS load."""
+    names = labels_by_name(state)
+    return names if state.get("load") and "evs" in names else None
+
+
 def load_rounds(state: dict) -> list[dict]:
     """Paired load, one row per round both civic and EVS ran: who went first, each burst's wall time and
     output tok/s, and the round's civic/EVS ratio."""
-    names = labels_by_name(state)
-    if not state.get("load") or "evs" not in names:
+    names = load_labels(state)
+    if names is None:
         return []
-    by_round: dict[int, dict[str, dict]] = {}
-    for order, row in enumerate(state["load"]):
-        by_round.setdefault(row["round"], {})[row["config"]] = {**row, "order": order}
     rows = []
-    for rnd, bursts in sorted(by_round.items()):
+    for rnd, bursts in sorted(rows_by_round(state["load"]).items()):
         civic, evs = bursts.get(names["civic"]), bursts.get(names["evs"])
         if civic and evs:
             rows.append({"round": rnd, "first": "civic" if civic["order"] < evs["order"] else "evs",
@@ -198,8 +208,8 @@ def load_rounds(state: dict) -> list[dict]:
 
 def load_summary(state: dict) -> dict | None:
     """The paired load's civic/EVS output tok/s (:func:`paired_ratio`), if the run had paired load."""
-    names = labels_by_name(state)
-    if not state.get("load") or "evs" not in names:
+    names = load_labels(state)
+    if names is None:
         return None
     return paired_ratio(state["load"], names["civic"], names["evs"], "output_tok_per_s")
 
