@@ -40,6 +40,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "video-serve-load": partial(serve.render_video_serve, "video_serve_load.json"),
     "video-serve-load30": partial(serve.render_video_serve, "video_serve_load30.json"),
     "video-serve-load40": partial(serve.render_video_serve, "video_serve_load40.json"),
+    "video-serve-load448": partial(serve.render_video_serve, "video_serve_load448.json"),
     "video-accuracy": accuracy.render_video_accuracy,
     "video-accuracy-span": partial(accuracy.render_video_accuracy, "video_accuracy_span.json"),
     "video-accuracy-2560": partial(accuracy.render_video_accuracy, "video_accuracy_2560.json"),
