@@ -299,8 +299,24 @@ class VllmServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    # vLLM 0.32 serves one registry at two routes. GET /metrics is prometheus-fastapi-
+    # instrumentator's sync endpoint, which FastAPI runs in a worker thread: it can render the KV
+    # usage gauge before the output handler's record() of an engine step and the token counters
+    # after it (a fresh-clone CI saw a decode sample one block short at a block boundary). GET
+    # /metrics/ reaches the prometheus ASGI app vLLM mounts, which renders in the event loop that
+    # runs record(), so every value in one scrape is from the same engine step.
+    METRICS_SNAPSHOT_PATH = "/metrics/"
+
+    @property
+    def metrics_url(self) -> str:
+        """Where one scrape is a consistent snapshot of the registry (see METRICS_SNAPSHOT_PATH)."""
+        return self.url + self.METRICS_SNAPSHOT_PATH
+
     def metrics(self) -> str:
-        return requests.get(self.url + "/metrics", headers=self.config.auth_headers(), timeout=10).text
+        """One consistent scrape of the server's Prometheus registry."""
+        response = requests.get(self.metrics_url, headers=self.config.auth_headers(), timeout=10)
+        response.raise_for_status()
+        return response.text
 
     IDLE_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 

@@ -110,14 +110,14 @@ async def probe_blocks(server: VllmServer, body: dict, pool: dict, bounds: Bound
     state = StreamState()
     samples: list[dict] = []
     async with _client(4, bounds.probe_timeout_s) as client:
-        before = (await client.get(server.url + "/metrics")).text
+        before = (await client.get(server.metrics_url)).text
         last = before
         task = asyncio.create_task(stream_chat(client, server.url, body, state))
         deadline = time.monotonic() + bounds.probe_timeout_s
         try:
             for _ in range(bounds.max_samples):
                 lo = state.completion_tokens
-                last = (await client.get(server.url + "/metrics")).text
+                last = (await client.get(server.metrics_url)).text
                 hi = state.completion_tokens
                 snap = Snapshot.parse(last)
                 window = _window(state.prompt_tokens, block_size) if state.prompt_tokens else (1, 0)
@@ -168,7 +168,7 @@ async def measure_residency(server: VllmServer, body: dict, fired: int, bounds: 
     """
     trace: list[list[float]] = []
     async with _client(8, bounds.deadline_s + 60) as client:
-        first = Snapshot.parse((await client.get(server.url + "/metrics")).text)
+        first = Snapshot.parse((await client.get(server.metrics_url)).text)
         task = asyncio.create_task(post_chat(client, server.url, body))
         start = time.monotonic()
         peak, peak_at, first_wait = 0, None, None
@@ -177,7 +177,7 @@ async def measure_residency(server: VllmServer, body: dict, fired: int, bounds: 
         try:
             for _ in range(bounds.max_samples):
                 now = time.monotonic() - start
-                snap = last = Snapshot.parse((await client.get(server.url + "/metrics")).text)
+                snap = last = Snapshot.parse((await client.get(server.metrics_url)).text)
                 if not trace or trace[-1][1:] != [snap.running, snap.waiting, snap.usage]:
                     trace.append([round(now, 3), snap.running, snap.waiting, snap.usage])
                 max_running = max(max_running, snap.running)

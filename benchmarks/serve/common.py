@@ -242,10 +242,10 @@ def scalar_delta(after: dict, before: dict, name: str) -> float:
 
 
 class MetricsSampler:
-    """Polls a server's /metrics every ``poll_s`` in a thread; keeps (wall time, parsed) samples."""
+    """Polls ``metrics_url`` every ``poll_s`` in a thread; keeps (wall time, parsed) samples."""
 
-    def __init__(self, url: str, poll_s: float, max_samples: int):
-        self.url, self.poll_s, self.max_samples = url, poll_s, max_samples
+    def __init__(self, metrics_url: str, poll_s: float, max_samples: int):
+        self.metrics_url, self.poll_s, self.max_samples = metrics_url, poll_s, max_samples
         self.samples: list[tuple[float, dict]] = []
         self.errors = 0
         self._stop = threading.Event()
@@ -255,7 +255,7 @@ class MetricsSampler:
         session = requests.Session()
         for _ in range(self.max_samples):
             try:
-                text = session.get(self.url + "/metrics", timeout=5).text
+                text = session.get(self.metrics_url, timeout=5).text
                 self.samples.append((time.time(), parse_metrics(text)))
             except requests.RequestException:
                 self.errors += 1

@@ -173,7 +173,7 @@ def run_point(run: Run, server: VllmServer, spec: WorkloadSpec, config: Config, 
     b = run.bounds
     max_samples = int((max(b.warmup_s, b.warmup_max_s) + b.duration_s + b.stop_timeout_s + b.locust_grace_s + 30)
                       / b.poll_s) + 10
-    with MetricsSampler(server.url, run.bounds.poll_s, max_samples) as sampler:
+    with MetricsSampler(server.metrics_url, run.bounds.poll_s, max_samples) as sampler:
         window = run_locust(server.url, run.served_model, wl, users, run.bounds, prefix, records, run.client_cpus)
         time.sleep(min(2 * run.bounds.poll_s, 2.0))  # one more sample after the window closed
     if len(sampler.samples) < 2:

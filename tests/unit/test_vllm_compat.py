@@ -113,3 +113,30 @@ def test_every_vllm_method_the_adapter_reaches_exists(cls, node):
     missing_self = sorted(name for name in via_self if not hasattr(cls, name))
     assert not missing_super, f"{cls.__name__}: super().{missing_super} not on {[k.__name__ for k in stock]}"
     assert not missing_self, f"{cls.__name__}: self.{missing_self} not found"
+
+
+def test_the_metrics_snapshot_route_renders_in_the_event_loop(monkeypatch):
+    """``VllmServer.metrics()`` reads /metrics/ for a scrape no engine step can interleave with.
+
+    On vLLM's app, /metrics is a sync FastAPI endpoint (run in a worker thread, so a scrape can
+    straddle an output handler's ``record()``), while /metrics/ falls through to the mounted
+    prometheus ASGI app, a coroutine run on the event loop itself.
+    """
+    from fastapi import FastAPI
+    from prometheus_client import CollectorRegistry
+    from starlette.routing import Match, Mount
+    from vllm.entrypoints.serve.instrumentator import metrics
+
+    from civic_vllm.serving import VllmServer
+
+    monkeypatch.setattr(metrics, "get_prometheus_registry", CollectorRegistry)  # no clash with the global one
+    app = FastAPI()
+    metrics.attach_router(app)
+
+    def route_of(path: str):
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": ""}
+        return next(route for route in app.router.routes if route.matches(scope)[0] == Match.FULL)
+
+    snapshot = route_of(VllmServer.METRICS_SNAPSHOT_PATH)
+    assert isinstance(snapshot, Mount) and inspect.iscoroutinefunction(snapshot.app)
+    assert not inspect.iscoroutinefunction(route_of("/metrics").endpoint)  # why /metrics can tear
