@@ -300,8 +300,8 @@ def blocks_during_decode(server, images, question: str, ratio: float, max_tokens
     in the same scrape as ``vllm:kv_cache_usage_perc``: vLLM sets both in one ``record()`` per
     engine step, and ``server.metrics()`` scrapes on the event loop that runs it (not /metrics's
     worker thread, see ``VllmServer.METRICS_SNAPSHOT_PATH``), so every sample pairs a step's
-    blocks with that step's g exactly. Blocks in use
-    = usage x (pool blocks - 1): the null block is in neither side of vLLM's usage fraction.
+    blocks with that step's g exactly. Blocks in use = usage x (pool blocks - 1): the null
+    block is in neither side of vLLM's usage fraction.
 
     On a busy 2-core machine one scrape can outlast the whole decode, so a request may yield no
     sample; it is then sent again, up to ``attempts`` times (the caller asserts samples exist).

@@ -101,10 +101,9 @@ def test_kv_blocks_of_a_request_held_in_decode(civic_server, pool, sizes, ratio)
     read in the same scrape as ``vllm:kv_cache_usage_perc``: vLLM sets both in one ``record()``
     per engine step and the scrape runs on the same event loop (``civic_server.metrics()``), so
     every sample pairs a step's blocks with that step's g exactly (no window for how far the
-    client lags). The request decodes up to
-    max_model_len; the test needs samples at two block counts (decode crossed a block
-    boundary). A scrape can take seconds while the engine holds both cores, so the request is
-    sent again (at most 3 times) until it has them.
+    client lags). The request decodes up to max_model_len; the test needs samples at two
+    block counts (decode crossed a block boundary). A scrape can take seconds while the
+    engine holds both cores, so the request is sent again (at most 3 times) until it has them.
     """
     model = planner.load_model(civic_server.config.model)
     parser = plan_cli.add_plan_parser(argparse.ArgumentParser().add_subparsers())
